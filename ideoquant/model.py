@@ -1,0 +1,118 @@
+"""Everything ideoquant knows about Ideogram 4's module names and checkpoint layouts.
+
+The canonical view of a backbone is the diffusers state dict of `Ideogram4Transformer2DModel`.
+The original (single-file, ComfyUI / stable-diffusion.cpp) layout differs only in attention:
+`attention.qkv` holds the rows of `to_q`, `to_k`, `to_v` stacked, and `attention.o` is `to_out.0`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+DEFAULT_SOURCE = "ideogram-ai/ideogram-4-fp8"
+COMPONENTS = ("transformer", "unconditional_transformer")
+MODEL_CLASS = "Ideogram4Transformer2DModel"
+PIPELINE_CLASS = "Ideogram4Pipeline"
+
+# Prefixes seen in original single-file checkpoints; the conditional backbone is the pipeline's `transformer`.
+ORIGINAL_PREFIXES = {
+    "model.diffusion_model.": "transformer",
+    "diffusion_model.": "transformer",
+    "conditional_transformer.": "transformer",
+    "unconditional_transformer.": "unconditional_transformer",
+}
+
+_QKV = re.compile(r"^(layers\.\d+\.attention)\.qkv\.(weight)$")
+_O = re.compile(r"^(layers\.\d+\.attention)\.o\.(weight)$")
+_SPLIT = re.compile(r"^(layers\.\d+\.attention)\.to_([qkv])\.weight$")
+_OUT = re.compile(r"^(layers\.\d+\.attention)\.to_out\.0\.weight$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The diffusers state dict of one backbone: names in registration order, shapes, linear modules."""
+
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+    linear_modules: frozenset[str]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def is_linear_weight(self, name: str) -> bool:
+        return name.endswith(".weight") and name[: -len(".weight")] in self.linear_modules
+
+
+def _config_key(config: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()
+                        if not k.startswith("_") and k != "quantization_config"))
+
+
+def model_spec(config: dict) -> ModelSpec:
+    """Build the model on the meta device from its config: no memory, and the class itself says what is linear."""
+    return _model_spec(_config_key(config))
+
+
+@lru_cache(maxsize=8)
+def _model_spec(key: tuple) -> ModelSpec:
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in key}
+    with torch.device("meta"):
+        model = Ideogram4Transformer2DModel.from_config(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    linears = frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    return ModelSpec(config=dict(model.config), shapes=shapes, linear_modules=linears)
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Recover the constructor arguments from diffusers-named tensor shapes (for single files without a config)."""
+    try:
+        hidden, in_channels = shapes["input_proj.weight"]
+        _, llm_features_dim = shapes["llm_cond_proj.weight"]
+        adaln_dim, _ = shapes["adaln_proj.weight"]
+        intermediate_size, _ = shapes["layers.0.feed_forward.w1.weight"]
+        (head_dim,) = shapes["layers.0.attention.norm_q.weight"]
+    except KeyError as e:
+        raise KeyError(f"missing {e.args[0]}") from None
+    num_layers = 1 + max(int(n.split(".")[1]) for n in shapes if n.startswith("layers."))
+    return {
+        "in_channels": in_channels,
+        "num_layers": num_layers,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "intermediate_size": intermediate_size,
+        "adaln_dim": adaln_dim,
+        "llm_features_dim": llm_features_dim,
+    }
+
+
+def is_original_layout(names) -> bool:
+    return any(_QKV.match(n) or _O.match(n) for n in names)
+
+
+def original_to_diffusers(name: str) -> list[tuple[str, int]]:
+    """Diffusers names that one original-layout tensor holds, with their row-block index (qkv: 0, 1, 2)."""
+    if m := _QKV.match(name):
+        return [(f"{m[1]}.to_{p}.weight", i) for i, p in enumerate("qkv")]
+    if m := _O.match(name):
+        return [(f"{m[1]}.to_out.0.weight", 0)]
+    return [(name, 0)]
+
+
+def diffusers_to_original(name: str) -> tuple[str, int]:
+    """The original-layout name a diffusers tensor goes into, and its row-block index within it."""
+    if m := _SPLIT.match(name):
+        return f"{m[1]}.qkv.weight", "qkv".index(m[2])
+    if m := _OUT.match(name):
+        return f"{m[1]}.o.weight", 0
+    return name, 0
+
+
+def module_of(name: str) -> str:
+    """`layers.0.feed_forward.w2.weight` -> `layers.0.feed_forward.w2` (recipes speak in module names)."""
+    return name.rsplit(".", 1)[0]

@@ -1,0 +1,314 @@
+"""Source: what is there to quantize.
+
+Resolves a Hub repo id or a local path into components (`transformer`, `unconditional_transformer`).
+Each component exposes its diffusers config and a lazy, canonical (diffusers-named) list of tensors,
+built from the safetensors headers alone. Reading a tensor touches only that tensor's bytes.
+The original fused-qkv layout and the FP8 per-row format are resolved here, so that everything
+downstream sees one view: diffusers names, float tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import model
+from .errors import IdeoquantError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+FP8_DTYPES = {"F8_E4M3"}
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor as the file holds it."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES.get(self.dtype, 1)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor under its diffusers name: possibly a row block of a fused tensor, possibly FP8 with a row scale."""
+
+    name: str
+    shape: tuple[int, ...]
+    stored: _Stored
+    rows: tuple[int, int] | None = None  # row block of a fused original-layout tensor
+    scale: _Stored | None = None  # FP8 per-row `weight_scale`
+
+    @property
+    def dtype(self) -> str:
+        return self.stored.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from the source for this tensor (its share of a fused tensor, plus its FP8 scale)."""
+        share = (self.rows[1] - self.rows[0]) / self.stored.shape[0] if self.rows else 1.0
+        scale = self.scale.nbytes if self.scale is not None else 0
+        return int((self.stored.nbytes + scale) * share)
+
+    def read(self) -> torch.Tensor:
+        """The tensor in its stored float dtype (bf16/fp16/fp32); FP8 is dequantized exactly in float32."""
+        try:
+            t = _read_rows(self.stored, self.rows)
+            if self.scale is not None:
+                from diffusers.quantizers.bfl.utils import dequantize_fp8r
+
+                s = _read_rows(self.scale, self.rows if self.scale.shape and self.scale.shape[0] > 1 else None)
+                s = s.to(torch.float32).reshape(-1)
+                if s.numel() == 1:
+                    s = s.expand(t.shape[0])
+                t = dequantize_fp8r(t, s)
+        except SafetensorError as e:
+            raise IdeoquantError(f"cannot read {self.stored.key} from {self.stored.file}: {e}") from None
+        if tuple(t.shape) != self.shape:
+            raise IdeoquantError(f"{self.name}: read shape {tuple(t.shape)}, expected {self.shape}")
+        return t
+
+
+def _read_rows(stored: _Stored, rows: tuple[int, int] | None) -> torch.Tensor:
+    with safe_open(stored.file, framework="pt") as f:
+        if rows is None:
+            return f.get_tensor(stored.key)
+        return f.get_slice(stored.key)[rows[0] : rows[1]]
+
+
+@dataclass
+class Component:
+    """One backbone: its config, its canonical tensors (in the model's registration order) and its files."""
+
+    name: str
+    config: dict
+    tensors: dict[str, SourceTensor]
+    files: list[Path]
+    layout: str  # "diffusers" or "original"
+    fp8: bool
+
+    @property
+    def spec(self) -> model.ModelSpec:
+        return model.model_spec(self.config)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass
+class Source:
+    """What the user pointed at, resolved."""
+
+    spec: str
+    kind: str  # "hub", "folder" or "file"
+    path: Path
+    components: dict[str, Component]
+    model_index: dict | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    file_hashes: dict[str, str] = field(default_factory=dict)  # known without reading (Hub LFS etags)
+
+    def describe(self) -> dict:
+        d = {"spec": self.spec, "kind": self.kind}
+        if self.repo_id:
+            d.update(repo_id=self.repo_id, revision=self.revision, commit=self.commit)
+        else:
+            d["path"] = str(self.path.resolve())
+        return d
+
+
+def open_source(
+    spec: str | os.PathLike | None = None,
+    components: list[str] | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+) -> Source:
+    """Resolve SOURCE: a local pipeline folder, component folder or .safetensors file, or a Hub repo id."""
+    spec = str(spec or model.DEFAULT_SOURCE)
+    for c in components or ():
+        if c not in model.COMPONENTS:
+            raise IdeoquantError(f"unknown component '{c}': choose from {', '.join(model.COMPONENTS)}")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            found = _single_file(path)
+            kind = "file"
+            source = Source(spec=spec, kind=kind, path=path, components={})
+        else:
+            found, model_index = _folder(path)
+            source = Source(spec=spec, kind="folder", path=path, components={}, model_index=model_index)
+    elif _looks_like_repo_id(spec):
+        from . import hub
+
+        snapshot, commit, hashes = hub.download_source(spec, revision=revision, token=token, components=components)
+        found, model_index = _folder(snapshot)
+        source = Source(spec=spec, kind="hub", path=snapshot, components={}, model_index=model_index,
+                        repo_id=spec, revision=revision or "main", commit=commit, file_hashes=hashes)
+    else:
+        raise IdeoquantError(f"source not found: '{spec}' is neither a local path nor a Hub repo id (ORG/NAME)")
+
+    wanted = list(components or [c for c in model.COMPONENTS if c in found] or model.COMPONENTS)
+    for c in wanted:
+        if c not in found:
+            have = ", ".join(found) or "none"
+            raise IdeoquantError(f"missing component '{c}' in {spec} (found: {have})")
+    source.components = {c: found[c]() for c in wanted}
+    return source
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _folder(path: Path):
+    """A pipeline folder (model_index.json with component subfolders) or a single component folder."""
+    index_file = path / "model_index.json"
+    if index_file.is_file():
+        model_index = _read_json(index_file)
+        found = {}
+        for c in model.COMPONENTS:
+            if (path / c).is_dir():
+                found[c] = (lambda c=c: _component_folder(c, path / c))
+        return found, model_index
+    if (path / "config.json").is_file() or list(path.glob("*.safetensors")):
+        name = path.name if path.name in model.COMPONENTS else "transformer"
+        return {name: lambda: _component_folder(name, path)}, None
+    _refuse_pickles(path)
+    raise IdeoquantError(f"not an Ideogram 4 checkpoint: {path} has no model_index.json, config.json or .safetensors")
+
+
+def _component_folder(name: str, path: Path) -> Component:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        _refuse_pickles(path)
+        raise IdeoquantError(f"missing component '{name}': no .safetensors weights in {path}")
+    config = None
+    if (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        cls = config.get("_class_name")
+        if cls != model.MODEL_CLASS:
+            raise IdeoquantError(f"not an Ideogram 4 checkpoint: {path / 'config.json'} is a {cls}, "
+                                 f"not an {model.MODEL_CLASS}")
+        if config.get("quantization_config"):
+            raise IdeoquantError(f"{path} is already quantized ({config['quantization_config'].get('quant_method')}); "
+                                 "point ideoquant at the bf16 or FP8 release")
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        # Only the shards the index names: a folder may hold stale files from an older download.
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = [path / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise IdeoquantError(f"truncated checkpoint: shard {f.name} named in {index.name} is missing")
+    stored = _headers(files)
+    return _component(name, stored, files, config)
+
+
+def _single_file(path: Path):
+    if path.suffix != ".safetensors":
+        if path.suffix in PICKLE_SUFFIXES:
+            raise IdeoquantError(f"refusing pickle checkpoint {path.name}: ideoquant never unpickles; "
+                                 "convert it to .safetensors first")
+        raise IdeoquantError(f"not an Ideogram 4 checkpoint: {path.name} is not a .safetensors file")
+    stored = _headers([path])
+    groups: dict[str, dict[str, _Stored]] = {}
+    for key, s in stored.items():
+        for prefix, comp in model.ORIGINAL_PREFIXES.items():
+            if key.startswith(prefix):
+                groups.setdefault(comp, {})[key[len(prefix):]] = s
+                break
+        else:
+            groups.setdefault("transformer", {})[key] = s
+    return {c: (lambda c=c, g=g: _component(c, g, [path], None)) for c, g in groups.items()}
+
+
+def _refuse_pickles(path: Path) -> None:
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise IdeoquantError(f"refusing pickle-only checkpoint in {path} ({pickles[0]}): ideoquant never unpickles; "
+                             "convert it to .safetensors first")
+
+
+def _headers(files: list[Path]) -> dict[str, _Stored]:
+    """Read only the safetensors headers: names, dtypes, shapes. Checks that each file is complete."""
+    stored: dict[str, _Stored] = {}
+    for f in files:
+        try:
+            size = f.stat().st_size
+            with safe_open(f, framework="pt") as h:
+                for key in h.keys():
+                    sl = h.get_slice(key)
+                    stored[key] = _Stored(f, key, sl.get_dtype(), tuple(sl.get_shape()))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise IdeoquantError(f"corrupt or truncated safetensors file {f.name}: {str(e).splitlines()[0]}") from None
+        if size < 8:
+            raise IdeoquantError(f"corrupt or truncated safetensors file {f.name}")
+    return stored
+
+
+def _component(name: str, stored: dict[str, _Stored], files: list[Path], config: dict | None) -> Component:
+    """Map stored keys to the canonical diffusers view and check them against the model's own state dict."""
+    scales = {k[: -len("_scale")]: s for k, s in stored.items() if k.endswith(".weight_scale")}
+    if any(k.endswith(".weight_scale_2") for k in stored):
+        raise IdeoquantError(f"{name}: NVFP4 checkpoints are not supported; use the bf16 or FP8 release")
+    original = model.is_original_layout(stored)
+    tensors: dict[str, SourceTensor] = {}
+    for key, s in stored.items():
+        if key.endswith((".weight_scale", ".input_scale")):
+            continue  # consumed with their weight; activation scales of the FP8 release are not used
+        if s.dtype not in FLOAT_DTYPES and s.dtype not in FP8_DTYPES:
+            raise IdeoquantError(f"{name}: tensor {key} has unsupported dtype {s.dtype}")
+        scale = scales.get(key)
+        if s.dtype in FP8_DTYPES and scale is None:
+            raise IdeoquantError(f"{name}: FP8 tensor {key} has no {key}_scale")
+        parts = model.original_to_diffusers(key)
+        if len(parts) == 1:
+            tensors[parts[0][0]] = SourceTensor(parts[0][0], s.shape, s, None, scale)
+        else:
+            n = s.shape[0] // len(parts)
+            if n * len(parts) != s.shape[0]:
+                raise IdeoquantError(f"{name}: fused tensor {key} has {s.shape[0]} rows, not divisible by {len(parts)}")
+            for new, i in parts:
+                tensors[new] = SourceTensor(new, (n, *s.shape[1:]), s, (i * n, (i + 1) * n), scale)
+    if config is None:
+        try:
+            config = {"_class_name": model.MODEL_CLASS, **model.infer_config({k: t.shape for k, t in tensors.items()})}
+        except (KeyError, ValueError) as e:
+            raise IdeoquantError(f"not an Ideogram 4 checkpoint: {name} lacks {e}") from None
+    spec = model.model_spec(config)
+    extra = [k for k in tensors if k not in spec.shapes]
+    missing = [k for k in spec.shapes if k not in tensors]
+    if extra or missing:
+        what = f"unexpected tensor {extra[0]}" if extra else f"missing tensor {missing[0]}"
+        raise IdeoquantError(f"not an Ideogram 4 checkpoint ({name}): {what} "
+                             f"({len(extra)} unexpected, {len(missing)} missing)")
+    for k, shape in spec.shapes.items():
+        if tensors[k].shape != shape:
+            raise IdeoquantError(f"{name}: {k} has shape {tensors[k].shape}, the config implies {shape}")
+    ordered = {k: tensors[k] for k in spec.shapes}
+    fp8 = any(t.scale is not None for t in ordered.values())
+    return Component(name, config, ordered, files, "original" if original else "diffusers", fp8)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise IdeoquantError(f"cannot read {path}: {e}") from None
