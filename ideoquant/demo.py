@@ -161,17 +161,3 @@ def velocity(transformer: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
 
     out = transformer(**inputs, return_dict=False)[0].float()
     return out[inputs["indicator"] == OUTPUT_IMAGE_INDICATOR]
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB; inf when identical."""
-    ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    import math
-
-    return 10 * math.log10(signal / noise)

@@ -64,23 +64,39 @@ class SourceTensor:
         scale = self.scale.nbytes if self.scale is not None else 0
         return int((self.stored.nbytes + scale) * share)
 
-    def read(self) -> torch.Tensor:
-        """The tensor in its stored float dtype (bf16/fp16/fp32); FP8 is dequantized exactly in float32."""
+    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [a, b) of it) in its stored float dtype; FP8 is dequantized exactly in float32."""
+        if rows is None:
+            rows = (0, self.shape[0]) if self.shape else None
+        if rows is not None and self.rows is not None:
+            rows = (self.rows[0] + rows[0], self.rows[0] + rows[1])
+        full = rows is not None and rows == (0, self.stored.shape[0])
         try:
-            t = _read_rows(self.stored, self.rows)
+            t = _read_rows(self.stored, None if full else rows)
             if self.scale is not None:
                 from diffusers.quantizers.bfl.utils import dequantize_fp8r
 
-                s = _read_rows(self.scale, self.rows if self.scale.shape and self.scale.shape[0] > 1 else None)
-                s = s.to(torch.float32).reshape(-1)
-                if s.numel() == 1:
-                    s = s.expand(t.shape[0])
-                t = dequantize_fp8r(t, s)
+                per_row = bool(self.scale.shape) and self.scale.shape[0] == self.stored.shape[0]
+                s = _read_rows(self.scale, rows if per_row and not full else None).to(torch.float32).reshape(-1)
+                t = dequantize_fp8r(t, s.expand(t.shape[0]) if s.numel() == 1 else s)
         except SafetensorError as e:
             raise IdeoquantError(f"cannot read {self.stored.key} from {self.stored.file}: {e}") from None
-        if tuple(t.shape) != self.shape:
-            raise IdeoquantError(f"{self.name}: read shape {tuple(t.shape)}, expected {self.shape}")
+        expected = (rows[1] - rows[0], *self.shape[1:]) if rows is not None else self.shape
+        if tuple(t.shape) != tuple(expected):
+            raise IdeoquantError(f"{self.name}: read shape {tuple(t.shape)}, expected {tuple(expected)}")
         return t
+
+    def row_blocks(self, max_elements: int = 4 << 20):
+        """Yield (first_row, block) covering the tensor, each block holding about max_elements: bounded memory."""
+        if len(self.shape) < 2:
+            yield 0, self.read()
+            return
+        per_row = 1
+        for d in self.shape[1:]:
+            per_row *= d
+        step = max(1, max_elements // per_row)
+        for start in range(0, self.shape[0], step):
+            yield start, self.read((start, min(start + step, self.shape[0])))
 
 
 def _read_rows(stored: _Stored, rows: tuple[int, int] | None) -> torch.Tensor:

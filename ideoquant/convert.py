@@ -1,0 +1,259 @@
+"""The job, end to end: source -> plan -> encode -> write -> manifest.
+
+`convert` writes an INT8 W8A8 checkpoint in torchao's safetensors format (stock diffusers loads it);
+`convert_gguf` writes one GGUF file per backbone. Both stream one tensor (one block of rows) at a time,
+write into a staging folder that replaces OUT only when complete, and finish with the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from . import manifest, model
+from .encode import int8
+from .errors import IdeoquantError
+from .metrics import ErrorStats
+from .plan import ComponentPlan, TensorPlan, plan_gguf, plan_int8
+from .recipe import Recipe, load_recipe, parse_type_rule
+from .source import Source, open_source
+from .write.safetensors import ShardWriter, Slot, parse_size, shard_groups
+from .write.staging import check_free_space, sha256_file, staged_output
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+BLOCK_ELEMENTS = 4 << 20  # rows read, quantized and written at a time: bounds memory, keeps caches warm
+
+
+class Reporter:
+    """Progress hooks; the CLI renders them with Rich. The default does nothing."""
+
+    def start(self, component: str, total_bytes: int) -> None: ...
+
+    def advance(self, component: str, nbytes: int) -> None: ...
+
+    def finish(self, component: str) -> None: ...
+
+
+def check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise IdeoquantError(f"unknown device '{device}' (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IdeoquantError("--device cuda: no CUDA device is available to this torch build")
+    if dev.type not in ("cpu", "cuda"):
+        raise IdeoquantError(f"unsupported device '{device}' (use cpu or cuda)")
+    return str(dev)
+
+
+def resolve_recipe(recipe: str | Recipe, protect=(), no_protect=(), qtype=None, type_rules=()) -> Recipe:
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return r.with_overrides(protect=protect, no_protect=no_protect, type=qtype,
+                            rules=[parse_type_rule(x) for x in type_rules])
+
+
+def prepare(source, recipe: Recipe, *, components=None, revision=None, token=None, layout="original"):
+    """Open the source and plan every component. Used by convert, convert_gguf and inspect."""
+    src = open_source(source, components=components, revision=revision, token=token)
+    if recipe.format == "int8":
+        plans = {name: plan_int8(c, recipe) for name, c in src.components.items()}
+    else:
+        plans = {name: plan_gguf(c, recipe, layout) for name, c in src.components.items()}
+    return src, plans
+
+
+def _check_finite(name: str, block: torch.Tensor) -> None:
+    if not torch.isfinite(block).all():
+        raise IdeoquantError(f"tensor {name} contains NaN or Inf; the source checkpoint is damaged")
+
+
+class _Hasher:
+    """sha256 of finished files on a background thread, overlapping with the next tensor's work."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ideoquant-hash")
+        self._jobs: dict[str, tuple[Path, Future]] = {}
+
+    def add(self, key: str, path: Path) -> None:
+        self._jobs[key] = (path, self._pool.submit(sha256_file, path))
+
+    def results(self) -> dict[str, dict]:
+        out = {k: {"size": p.stat().st_size, "sha256": f.result()} for k, (p, f) in self._jobs.items()}
+        self._pool.shutdown()
+        return out
+
+    def cancel(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _source_files(src: Source) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    if src.kind == "file":
+        return {src.path.name: src.path}
+    if (src.path / "model_index.json").is_file():
+        files["model_index.json"] = src.path / "model_index.json"
+    for c in src.components.values():
+        folder = c.files[0].parent
+        for f in [*c.files, folder / "config.json", folder / f"{WEIGHTS_NAME}.safetensors.index.json"]:
+            if f.is_file():
+                files[str(f.relative_to(src.path))] = f
+    return files
+
+
+def _run(kind: str, src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, overwrite: bool,
+         write_component, reporter: Reporter | None, extra_files=None) -> dict:
+    reporter = reporter or Reporter()
+    out = Path(out)
+    check_free_space(out.parent if out.parent != Path("") else Path("."),
+                     sum(p.bytes_out for p in plans.values()))
+    hasher = _Hasher()
+    source_files = _source_files(src)
+    for rel, path in source_files.items():
+        if rel not in src.file_hashes:
+            hasher.add("source:" + rel, path)
+    try:
+        with staged_output(out, overwrite) as staging:
+            records = {}
+            for name, plan in plans.items():
+                t0 = time.perf_counter()
+                reporter.start(name, plan.bytes_in)
+                tensors, files = write_component(plan, staging, hasher, reporter)
+                reporter.finish(name)
+                records[name] = manifest.component_record(plan, tensors, files, time.perf_counter() - t0)
+            for rel, content in (extra_files(src, plans) if extra_files else {}).items():
+                (staging / rel).write_text(content)
+                hasher.add(rel, staging / rel)
+            hashes = hasher.results()
+            outputs = {k: v for k, v in sorted(hashes.items()) if not k.startswith("source:")}
+            source = src.describe()
+            source["files"] = {rel: {"size": p.stat().st_size,
+                                     "sha256": src.file_hashes.get(rel) or hashes["source:" + rel]["sha256"]}
+                               for rel, p in source_files.items()}
+            m = manifest.build(kind, recipe.to_dict(), source, records, outputs)
+            manifest.write(staging, m)
+    except BaseException:
+        hasher.cancel()
+        raise
+    return m
+
+
+def _model_index(src: Source, plans) -> dict[str, str]:
+    import diffusers
+
+    index = dict(src.model_index or {"_class_name": model.PIPELINE_CLASS, "_diffusers_version": diffusers.__version__})
+    for c in model.COMPONENTS:
+        index.setdefault(c, ["diffusers", model.MODEL_CLASS])
+    return {"model_index.json": json.dumps(index, indent=2) + "\n"}
+
+
+# ---------------------------------------------------------------- INT8
+
+
+def convert(
+    source: str | None = None,
+    out: str | Path = "ideogram4-int8",
+    *,
+    recipe: str | Recipe = "int8-w8a8",
+    protect=(),
+    no_protect=(),
+    components: list[str] | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    max_shard_size: str | int = "5GB",
+    reporter: Reporter | None = None,
+) -> dict:
+    """Quantize both Ideogram 4 backbones to INT8 W8A8 in torchao's safetensors format. Returns the manifest."""
+    r = resolve_recipe(recipe, protect, no_protect)
+    device = check_device(device)
+    shard_bytes = parse_size(max_shard_size)
+    src, plans = prepare(source, r, components=components, revision=revision, token=token)
+
+    def write_component(plan, staging, hasher, reporter):
+        return _write_int8_component(plan, staging, shard_bytes, device, hasher, reporter)
+
+    return _run("int8", src, r, plans, out, overwrite, write_component, reporter, _model_index)
+
+
+def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, device: str, hasher, reporter):
+    name = plan.component.name
+    folder = staging / name
+    folder.mkdir()
+    plain = int8.plain_metadata()
+    slots: dict[str, dict[str, Slot]] = {}
+    metadata: dict[str, str] = {}
+    for t in plan.tensors:
+        if t.quantize:
+            lay = int8.layout(t.name, t.shape)
+            slots[t.name] = {k: Slot(dt, sh) for k, (dt, sh) in lay.keys.items()}
+            metadata[t.name] = lay.metadata
+        else:
+            slots[t.name] = {t.name: Slot(torch.bfloat16, t.shape)}
+            metadata[t.name] = plain
+    # diffusers merges shard metadata with dict.update: every shard must carry every name, or weights
+    # silently stay random at load time.
+    metadata["tensor_names"] = json.dumps([t.name for t in plan.tensors])
+    groups = shard_groups([(t.name, sum(s.nbytes for s in slots[t.name].values())) for t in plan.tensors],
+                          shard_bytes)
+    if len(groups) == 1:
+        filenames = [f"{WEIGHTS_NAME}.safetensors"]
+    else:
+        filenames = [f"{WEIGHTS_NAME}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    by_name = {t.name: t for t in plan.tensors}
+    records, weight_map = [], {}
+    for group, filename in zip(groups, filenames):
+        writer = ShardWriter(folder / filename, {k: s for n in group for k, s in slots[n].items()},
+                             {"format": "pt", **metadata})
+        try:
+            for n in group:
+                records.append(_write_int8_tensor(by_name[n], writer, device, reporter, name))
+                weight_map.update({k: filename for k in slots[n]})
+        finally:
+            writer.close()
+        hasher.add(f"{name}/{filename}", folder / filename)
+    files = [f"{name}/{f}" for f in filenames]
+    if len(groups) > 1:
+        total = sum(s.nbytes for d in slots.values() for s in d.values())
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / f"{WEIGHTS_NAME}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        files.append(f"{name}/{WEIGHTS_NAME}.safetensors.index.json")
+    config = {k: v for k, v in plan.component.config.items() if k != "_name_or_path"}
+    config["_class_name"] = model.MODEL_CLASS
+    config["quantization_config"] = int8.quantization_config(plan.protected)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files.append(f"{name}/config.json")
+    for f in files[len(filenames):]:
+        hasher.add(f, staging / f)
+    return records, files
+
+
+def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter: Reporter, component: str) -> dict:
+    src = t.sources[0]
+    stats = ErrorStats()
+    if t.quantize:
+        cols = t.shape[1]
+        for start, block in src.row_blocks(BLOCK_ELEMENTS):
+            _check_finite(t.name, block)
+            qdata, scale, zero_point = int8.quantize(block, device)
+            stats.add(block, int8.dequantize(qdata, scale))
+            module = model.module_of(t.name)
+            writer.write(f"{module}._weight_qdata", qdata, start * cols)
+            writer.write(f"{module}._weight_scale", scale, start * 4)
+            writer.write(f"{module}._weight_zero_point", zero_point, start)
+            reporter.advance(component, src.nbytes * block.shape[0] // t.shape[0])
+    else:
+        row_bytes = 2
+        for d in t.shape[1:]:
+            row_bytes *= d
+        for start, block in src.row_blocks(BLOCK_ELEMENTS):
+            _check_finite(t.name, block)
+            kept = block.to(torch.bfloat16)
+            stats.add(block, kept)
+            writer.write(t.name, kept, start * row_bytes)
+            reporter.advance(component, src.nbytes * (block.shape[0] if block.ndim else 1) // max(t.shape[0] if t.shape else 1, 1))
+    return manifest.tensor_record(t, stats.sqnr_db)

@@ -1,0 +1,637 @@
+"""Bit-exact, vectorised numpy ports of ggml's reference quantizers.
+
+Formats: ``Q8_0``, ``Q4_K``, ``Q5_K`` and ``Q6_K``.  The encoders reproduce,
+byte for byte, what ggml's ``quantize_row_*_ref`` functions (the path taken by
+``ggml_quantize_chunk`` / ``llama-quantize`` *without* an importance matrix)
+produce on a build with strict IEEE float32 arithmetic and no FMA contraction.
+Decoding is delegated to gguf-py (``gguf.quants.dequantize``).
+
+How exactness is kept while vectorising:
+
+* every value is computed in float32, never float64 (numpy float32 ufuncs
+  round every single operation, exactly like the C code; ``a*b + c`` is two
+  roundings, i.e. no FMA);
+* every running sum of the C code is added up sequentially in index order.
+  Sub-block data is laid out transposed, ``[positions, sub-blocks]``, and
+  summed with ``np.add.reduce(axis=0)``, which for a C-contiguous array adds
+  the rows one after another (verified by the tests, which also compare with
+  an explicit loop);
+* ``nearest_int`` (the ``x + 12582912.f`` bit trick) is round-half-to-even
+  while ``|x| <= 4194303``; the fast path uses ``np.rint`` and every search
+  step checks, per sub-block and from the extreme inputs only, that it is in
+  that range; otherwise the bit trick itself is emulated on the int32 view;
+* ``roundf`` (Q8_0) rounds half away from zero: ``trunc(v + copysign(0.5-ulp, v))``;
+* fp32 -> fp16 is round-to-nearest-even including subnormals
+  (``astype(np.float16)``);
+* ggml's quirks are kept: the quants of Q8_0 use the float32 ``1/d``; in the
+  K-quants a sub-block whose final scale is 0 (e.g. fp16 underflow on tiny
+  rows) keeps the quants found by the scale search; the 6-bit sub-scales are
+  truncated to ``uint8`` before ``MIN(63, .)``; ``make_qkx2_quants`` feeds
+  the best ``min`` found so far into the following search steps.
+
+Public API::
+
+    quantize(x, qtype, threads=None) -> uint8 [..., bytes_per_row]
+    dequantize(q, qtype)             -> float32 [..., cols]
+    type_size(qtype)                 -> (block_size, bytes_per_block)
+    can_quantize(qtype, row_length)  -> bool
+    QTYPES                           -> ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
+    Q8_0 / Q4_K / Q5_K / Q6_K        .quantize_blocks(blocks) / .dequantize_blocks(q)
+
+Inputs are expected to be finite.  NaN/Inf give deterministic but unspecified
+bytes (ggml itself has undefined behaviour there).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+import gguf
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+__all__ = [
+    "QTYPES",
+    "Q8_0",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "quantize",
+    "dequantize",
+    "type_size",
+    "can_quantize",
+    "normalize_qtype",
+]
+
+QTYPES: tuple[str, ...] = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+_f32 = np.float32
+_MAGIC = _f32(12582912.0)  # 1.5 * 2**23, ggml's nearest_int constant
+_NI_MAX = _f32(4194303.0)  # ggml asserts |x| <= this in nearest_int
+_GROUP_MAX_EPS = _f32(1e-15)
+# largest float32 below 0.5: trunc(v + copysign(_HALF_DOWN, v)) == roundf(v)
+_HALF_DOWN = np.nextafter(_f32(0.5), _f32(0.0))
+
+
+# --------------------------------------------------------------------------
+# type handling
+# --------------------------------------------------------------------------
+
+def normalize_qtype(qtype: Any) -> str:
+    """Return the canonical name ("Q8_0", "Q4_K", ...) of a supported type.
+
+    Accepts a case-insensitive string or a ``gguf.GGMLQuantizationType``
+    (or its integer id).  Raises ``ValueError`` for anything else.
+    """
+    name: str | None = None
+    if isinstance(qtype, GGMLQuantizationType):
+        name = qtype.name
+    elif isinstance(qtype, (int, np.integer)) and not isinstance(qtype, bool):
+        try:
+            name = GGMLQuantizationType(int(qtype)).name
+        except ValueError:
+            name = None
+    elif isinstance(qtype, str):
+        name = qtype.strip().upper()
+    if name is None or name not in QTYPES:
+        raise ValueError(
+            f"unsupported ggml quantization type {qtype!r}; supported: {', '.join(QTYPES)}"
+        )
+    return name
+
+
+def type_size(qtype: Any) -> tuple[int, int]:
+    """``(block_size, bytes_per_block)`` of a supported type (from gguf-py)."""
+    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[normalize_qtype(qtype)]]
+    return int(bs), int(ts)
+
+
+def can_quantize(qtype: Any, row_length: int) -> bool:
+    """True if rows of ``row_length`` elements can be stored as ``qtype``.
+
+    Raises ``ValueError`` for an unsupported type.
+    """
+    bs, _ = type_size(qtype)
+    row_length = int(row_length)
+    return row_length > 0 and row_length % bs == 0
+
+
+# --------------------------------------------------------------------------
+# exact scalar helpers, vectorised
+# --------------------------------------------------------------------------
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int`` bit for bit (also outside its asserted range).
+
+    ``v`` float32 -> int32: ``bits(v + 12582912.f) & 0x7fffff) - 0x400000``.
+    """
+    t = np.add(v, _MAGIC, dtype=np.float32)
+    i = t.view(np.int32)
+    np.bitwise_and(i, 0x007FFFFF, out=i)
+    np.subtract(i, 0x00400000, out=i)
+    return i
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    """float32 [n] -> uint8 [n, 2], round-to-nearest-even fp16, little endian."""
+    return v.astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _as_f32(h: np.ndarray) -> np.ndarray:
+    return h.astype(np.float16).astype(np.float32)
+
+
+class _Workspace:
+    """Scratch arrays for one chunk; reused across the search steps."""
+
+    __slots__ = ("a", "b", "c")
+
+    def __init__(self, shape: tuple[int, int]):
+        self.a = np.empty(shape, np.float32)
+        self.b = np.empty(shape, np.float32)
+        self.c = np.empty(shape, np.float32)
+
+
+def _quant_affine(X, mn, isc, xlo, xhi, nmax, out, tmp):
+    """out = clamp(nearest_int(isc * (X - mn)), 0, nmax) as float32.
+
+    X [P, n]; mn, isc, xlo (= min over P of X), xhi (= max) [n].
+    """
+    np.subtract(X, mn, out=tmp)
+    np.multiply(tmp, isc, out=tmp)
+    # isc*(x - mn) is monotone in x, so its extremes are at the extreme x.
+    vlo = (xlo - mn) * isc
+    vhi = (xhi - mn) * isc
+    np.abs(vlo, out=vlo)
+    np.abs(vhi, out=vhi)
+    np.maximum(vlo, vhi, out=vlo)
+    if bool((vlo <= _NI_MAX).all()):  # NaN fails this test, too
+        np.rint(tmp, out=tmp)
+        np.clip(tmp, 0, nmax, out=out)
+    else:  # rare: emulate the bit trick exactly
+        li = _nearest_int(tmp)
+        np.clip(li, 0, nmax, out=li)
+        out[...] = li
+
+
+# --------------------------------------------------------------------------
+# make_qkx2_quants (Q4_K, Q5_K), vectorised over sub-blocks
+# --------------------------------------------------------------------------
+
+def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep, ws):
+    """Vectorised ``make_qkx2_quants(n=P, nmax, x, w, ..., use_mad=false)``.
+
+    ``X``, ``W``: float32 ``[P, n]`` (position-major: column ``k`` is one
+    sub-block).  Returns ``(scale, the_min, best_isc, best_mn)``, each ``[n]``
+    float32; the quants chosen for sub-block ``k`` are
+    ``clamp(nearest_int(best_isc*(x - best_mn)), 0, nmax)`` (0 where
+    ``best_isc`` is 0).
+    """
+    f = _f32
+    nmax_f = f(nmax)
+    L, T, E = ws.a, ws.b, ws.c
+    add_r = np.add.reduce
+
+    xlo = np.minimum.reduce(X, axis=0)
+    xhi = np.maximum.reduce(X, axis=0)
+    mn = np.minimum(xlo, f(0))  # if (min > 0) min = 0
+    sum_w = add_r(W, axis=0)
+    np.multiply(W, X, out=T)
+    sum_x = add_r(T, axis=0)  # w0*x0 + w1*x1 + ... in order
+
+    valid = xhi != mn  # max == min -> all-zero quants, scale 0
+    all_valid = bool(valid.all())
+    rng = xhi - mn
+    if not all_valid:
+        rng[~valid] = f(1)
+    isc = nmax_f / rng
+    scale = f(1) / isc
+    _quant_affine(X, mn, isc, xlo, xhi, nmax_f, L, T)
+    np.multiply(L, scale, out=E)
+    np.add(E, mn, out=E)
+    np.subtract(E, X, out=E)
+    np.multiply(E, E, out=E)
+    np.multiply(E, W, out=E)
+    best = add_r(E, axis=0)
+    best_isc = isc
+    best_mn = mn.copy()
+
+    WL = ws.c  # E and WL share storage: WL is dead before E is written
+    for step in range(nstep + 1):
+        c = f(rmin) + f(rdelta) * f(step) + nmax_f  # (rmin + rdelta*is) + nmax
+        np.subtract(xhi, mn, out=rng)
+        if not all_valid:
+            rng[~valid] = f(1)
+        isc = c / rng
+        _quant_affine(X, mn, isc, xlo, xhi, nmax_f, L, T)
+        np.multiply(W, L, out=WL)
+        sum_l = add_r(WL, axis=0)
+        np.multiply(WL, L, out=T)
+        sum_l2 = add_r(T, axis=0)
+        np.multiply(WL, X, out=T)
+        sum_xl = add_r(T, axis=0)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        if pos.any():
+            this_min[pos] = f(0)
+            this_scale[pos] = sum_xl[pos] / sum_l2[pos]
+        np.multiply(L, this_scale, out=E)
+        np.add(E, this_min, out=E)
+        np.subtract(E, X, out=E)
+        np.multiply(E, E, out=E)
+        np.multiply(E, W, out=E)
+        cur = add_r(E, axis=0)
+        imp = cur < best
+        imp &= D > 0
+        if not all_valid:
+            imp &= valid
+        if imp.any():
+            best[imp] = cur[imp]
+            scale[imp] = this_scale[imp]
+            best_isc[imp] = isc[imp]
+            best_mn[imp] = mn[imp]
+            mn[imp] = this_min[imp]
+    if not all_valid:
+        inv = ~valid
+        scale[inv] = f(0)
+        best_isc[inv] = f(0)
+    return scale, -mn, best_isc, best_mn
+
+
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """6-bit scales/mins [nb, 8] uint8 -> the 12-byte ``scales`` field."""
+    out = np.empty((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _to_subblocks(blocks: np.ndarray, sub: int) -> np.ndarray:
+    """[nb, 256] -> position-major [sub, nb*256/sub] (C-contiguous copy)."""
+    return np.ascontiguousarray(blocks.reshape(-1, sub).T)
+
+
+def _from_subblocks(Lq: np.ndarray, nb: int) -> np.ndarray:
+    """position-major [sub, n] uint8 -> [nb, 256]."""
+    return np.ascontiguousarray(Lq.T).reshape(nb, 256)
+
+
+# --------------------------------------------------------------------------
+# format classes
+# --------------------------------------------------------------------------
+
+class _Quant:
+    qtype: GGMLQuantizationType
+    block_size: int
+    type_size: int
+    # blocks per work item: keeps the working set in L2 / small L3 share
+    chunk_blocks: int = 256
+
+    def __init_subclass__(cls, qtype: GGMLQuantizationType, **kw):
+        super().__init_subclass__(**kw)
+        cls.qtype = qtype
+        cls.block_size, cls.type_size = (int(v) for v in GGML_QUANT_SIZES[qtype])
+
+    @classmethod
+    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        """float32 ``[n, block_size]`` -> uint8 ``[n, bytes_per_block]``."""
+        blocks = np.ascontiguousarray(blocks, dtype=np.float32)
+        if blocks.ndim != 2 or blocks.shape[1] != cls.block_size:
+            raise ValueError(
+                f"{cls.qtype.name}.quantize_blocks expects shape (n, {cls.block_size}), "
+                f"got {blocks.shape}"
+            )
+        n = blocks.shape[0]
+        out = np.empty((n, cls.type_size), np.uint8)
+        for s in range(0, n, cls.chunk_blocks):
+            e = min(n, s + cls.chunk_blocks)
+            out[s:e] = cls._quantize_chunk(blocks[s:e])
+        return out
+
+    @classmethod
+    def dequantize_blocks(cls, q: np.ndarray) -> np.ndarray:
+        """uint8 ``[n, bytes_per_block]`` -> float32 ``[n, block_size]`` (gguf-py)."""
+        q = np.ascontiguousarray(q, dtype=np.uint8).reshape(-1, cls.type_size)
+        return gguf.quants.dequantize(q, cls.qtype).reshape(-1, cls.block_size)
+
+
+class Q8_0(_Quant, qtype=GGMLQuantizationType.Q8_0):
+    """``block_q8_0``: fp16 d, int8 qs[32]; ``quantize_row_q8_0_ref``."""
+
+    chunk_blocks = 8192
+
+    @classmethod
+    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+        n = blocks.shape[0]
+        a = np.abs(blocks)
+        # max over the 32 lanes by halving (max is order-independent)
+        m = np.maximum(a[:, :16], a[:, 16:])
+        m = np.maximum(m[:, :8], m[:, 8:])
+        m = np.maximum(m[:, :4], m[:, 4:])
+        m = np.maximum(m[:, :2], m[:, 2:])
+        amax = np.maximum(m[:, 0], m[:, 1])
+        d = amax / _f32(127)
+        nz = d != 0
+        idv = np.zeros_like(d)
+        np.divide(_f32(1), d, out=idv, where=nz)
+        v = np.multiply(blocks, idv[:, None], out=a)
+        # roundf: half away from zero; astype truncates toward zero
+        v += np.copysign(_HALF_DOWN, v)
+        out = np.empty((n, 34), np.uint8)
+        out[:, 0:2] = _fp16_bytes(d)
+        out[:, 2:] = v.astype(np.int8).view(np.uint8)
+        return out
+
+
+class _QKx2(_Quant, qtype=GGMLQuantizationType.Q4_K):  # shared by Q4_K/Q5_K
+    nmax: int
+    rmin: float
+    rdelta: float
+    nstep: int
+
+    @classmethod
+    def _scales_and_quants(cls, blocks: np.ndarray):
+        f = _f32
+        nb = blocks.shape[0]
+        X = _to_subblocks(blocks, 32)  # [32, nb*8]
+        n = X.shape[1]
+        ws = _Workspace(X.shape)
+        W = ws.b
+        np.multiply(X, X, out=W)
+        sum_x2 = np.add.reduce(W, axis=0)  # sequential over the 32 positions
+        av_x = np.sqrt(sum_x2 / f(32))
+        W = np.abs(X)
+        np.add(W, av_x, out=W)  # weights = av_x + |x|
+        scale, the_min, best_isc, best_mn = _make_qkx2_quants(
+            X, W, cls.nmax, cls.rmin, cls.rdelta, cls.nstep, ws
+        )
+        S = scale.reshape(nb, 8)
+        M = the_min.reshape(nb, 8)
+        # C: ``max = 0; if (v > max) max = v`` -> +0.0 unless something is > 0
+        max_scale = np.fmax.reduce(S, axis=1)
+        max_scale = np.where(max_scale > 0, max_scale, f(0))
+        max_min = np.fmax.reduce(M, axis=1)
+        max_min = np.where(max_min > 0, max_min, f(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, f(63) / max_scale, f(0))
+            inv_min = np.where(max_min > 0, f(63) / max_min, f(0))
+        ls = np.minimum(_nearest_int(inv_scale[:, None] * S) & 0xFF, 63).astype(np.uint8)
+        lm = np.minimum(_nearest_int(inv_min[:, None] * M) & 0xFF, 63).astype(np.uint8)
+        d16 = (max_scale / f(63)).astype(np.float16)
+        dmin16 = (max_min / f(63)).astype(np.float16)
+        dj = (d16.astype(f)[:, None] * ls.astype(f)).reshape(n)
+        dmj = (dmin16.astype(f)[:, None] * lm.astype(f)).reshape(n)
+        # re-quantize with the fp16-rounded d / dmin
+        V = ws.a
+        np.add(X, dmj, out=V)
+        np.divide(V, dj, out=V)
+        Li = _nearest_int(V)
+        np.clip(Li, 0, cls.nmax, out=Li)
+        zero = dj == 0
+        if zero.any():  # keep the quants of the scale search
+            k = np.flatnonzero(zero)
+            Xk = X[:, k]
+            Vk = np.multiply(Xk - best_mn[k], best_isc[k])
+            Lk = _nearest_int(Vk)
+            np.clip(Lk, 0, cls.nmax, out=Lk)
+            Li[:, k] = Lk
+        L = _from_subblocks(Li.astype(np.uint8), nb)
+        head = np.empty((nb, 16), np.uint8)
+        head[:, 0:2] = _fp16_bytes(d16.astype(f))
+        head[:, 2:4] = _fp16_bytes(dmin16.astype(f))
+        head[:, 4:16] = _pack_scale_min_k4(ls, lm)
+        return head, L
+
+
+class Q4_K(_QKx2, qtype=GGMLQuantizationType.Q4_K):
+    """``block_q4_K``: d, dmin, scales[12], qs[128]; ``quantize_row_q4_K_ref``."""
+
+    nmax, rmin, rdelta, nstep = 15, -1.0, 0.1, 20
+
+    @classmethod
+    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            head, L = cls._scales_and_quants(blocks)
+        nb = blocks.shape[0]
+        L = L.reshape(nb, 4, 2, 32)
+        out = np.empty((nb, 144), np.uint8)
+        out[:, :16] = head
+        out[:, 16:].reshape(nb, 4, 32)[...] = L[:, :, 0, :] | (L[:, :, 1, :] << 4)
+        return out
+
+
+class Q5_K(_QKx2, qtype=GGMLQuantizationType.Q5_K):
+    """``block_q5_K``: d, dmin, scales[12], qh[32], qs[128]; ``quantize_row_q5_K_ref``."""
+
+    nmax, rmin, rdelta, nstep = 31, -0.5, 0.1, 15
+
+    @classmethod
+    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            head, L = cls._scales_and_quants(blocks)
+        nb = blocks.shape[0]
+        L = L.reshape(nb, 8, 32)
+        hi = L >> 4
+        qh = np.zeros((nb, 32), np.uint8)
+        for s in range(8):
+            qh |= hi[:, s, :] << s
+        lo = (L & 0xF).reshape(nb, 4, 2, 32)
+        out = np.empty((nb, 176), np.uint8)
+        out[:, :16] = head
+        out[:, 16:48] = qh
+        out[:, 48:].reshape(nb, 4, 32)[...] = lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)
+        return out
+
+
+class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
+    """``block_q6_K``: ql[128], qh[64], int8 scales[16], d; ``quantize_row_q6_K_ref``."""
+
+    chunk_blocks = 512
+
+    @classmethod
+    def _make_qx_quants(cls, X: np.ndarray):
+        """Vectorised ``make_qx_quants(16, 32, x, L, rmse_type=1, NULL)``.
+
+        X float32 [16, n].  Returns (scale [n], best_isc [n], zero [n]).
+        """
+        f = _f32
+        n = X.shape[1]
+        cols = np.arange(n)
+        A = np.abs(X)
+        idx = np.argmax(A, axis=0)  # first index of the largest |x|
+        amax = A[idx, cols]
+        mx = X[idx, cols]
+        zero = amax < _GROUP_MAX_EPS
+        if zero.any():
+            mx = np.where(zero, f(1), mx)
+        W = np.multiply(X, X)
+        WX = np.multiply(W, X)
+        V = A  # reuse
+        T = np.empty_like(X)
+        add_r = np.add.reduce
+
+        def sums(isc):
+            np.multiply(X, isc, out=V)
+            np.rint(V, out=V)  # |isc*x| <= ~33: nearest_int == rint here
+            np.clip(V, -32, 31, out=V)
+            np.multiply(WX, V, out=T)
+            sumlx = add_r(T, axis=0)
+            np.multiply(W, V, out=T)
+            np.multiply(T, V, out=T)
+            suml2 = add_r(T, axis=0)
+            return sumlx, suml2
+
+        isc = f(-32) / mx
+        sumlx, suml2 = sums(isc)
+        scale = np.where(suml2 != 0, sumlx / suml2, f(0))
+        best = scale * sumlx
+        best_isc = isc
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            c = f(32) + f(0.1) * f(step)
+            isc = (-c) / mx
+            sumlx, suml2 = sums(isc)
+            imp = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if imp.any():
+                s_new = sumlx[imp] / suml2[imp]
+                scale[imp] = s_new
+                best[imp] = s_new * sumlx[imp]
+                best_isc[imp] = isc[imp]
+        if zero.any():
+            scale[zero] = f(0)
+        return scale, best_isc, zero
+
+    @classmethod
+    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+        f = _f32
+        nb = blocks.shape[0]
+        with np.errstate(all="ignore"):
+            X = _to_subblocks(blocks, 16)  # [16, nb*16]
+            n = X.shape[1]
+            scale, best_isc, zero = cls._make_qx_quants(X)
+            S = scale.reshape(nb, 16)
+            absS = np.abs(S)
+            j = np.argmax(absS, axis=1)
+            rows = np.arange(nb)
+            max_abs = absS[rows, j]
+            max_scale = S[rows, j]
+            zblk = max_abs < _GROUP_MAX_EPS
+            iscale = f(-128) / np.where(zblk, f(1), max_scale)
+            d16 = (f(1) / iscale).astype(np.float16)
+            sc = np.minimum(_nearest_int(iscale[:, None] * S), 127).astype(np.int8)
+            dj = (d16.astype(f)[:, None] * sc.astype(f)).reshape(n)
+            V = np.divide(X, dj)
+            Li = _nearest_int(V)
+            np.clip(Li, -32, 31, out=Li)
+            Li += 32
+            zd = dj == 0
+            if zd.any():  # keep make_qx_quants' quants (0 for an all-zero sub-block)
+                k = np.flatnonzero(zd)
+                Lk = _nearest_int(X[:, k] * best_isc[k])
+                np.clip(Lk, -32, 31, out=Lk)
+                Lk += 32
+                Lk[:, zero[k]] = 0
+                Li[:, k] = Lk
+        L = _from_subblocks(Li.astype(np.uint8), nb).reshape(nb, 2, 4, 32)
+        lo = L & 0xF
+        hi = L >> 4
+        out = np.empty((nb, 210), np.uint8)
+        ql = out[:, 0:128].reshape(nb, 2, 2, 32)
+        ql[:, :, 0, :] = lo[:, :, 0, :] | (lo[:, :, 2, :] << 4)
+        ql[:, :, 1, :] = lo[:, :, 1, :] | (lo[:, :, 3, :] << 4)
+        out[:, 128:192].reshape(nb, 2, 32)[...] = (
+            hi[:, :, 0, :] | (hi[:, :, 1, :] << 2) | (hi[:, :, 2, :] << 4) | (hi[:, :, 3, :] << 6)
+        )
+        out[:, 192:208] = sc.view(np.uint8)
+        out[:, 208:210] = _fp16_bytes(d16.astype(f))
+        if zblk.any():
+            out[zblk] = 0
+        return out
+
+
+_CLASSES: dict[str, type[_Quant]] = {"Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
+
+
+# --------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------
+
+def _to_float32(x: Any) -> np.ndarray:
+    mod = type(x).__module__
+    if mod.startswith("torch") and hasattr(x, "detach"):  # torch tensor, any dtype
+        import torch  # already imported by the caller
+
+        x = x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def quantize(x: Any, qtype: Any, threads: int | None = None) -> np.ndarray:
+    """Quantize rows of ``x`` exactly like ggml's reference quantizer.
+
+    ``x``: float array ``[..., cols]`` (float32/float16/bfloat16 torch
+    tensors are accepted; everything is converted to float32 first).
+    Returns uint8 ``[..., cols // block_size * bytes_per_block]``, the ggml
+    blocks of each row laid end to end as in a GGUF tensor.
+
+    ``threads``: worker threads (default ``os.cpu_count()``).  The blocks are
+    split into independent chunks; the bytes do not depend on ``threads``.
+    """
+    name = normalize_qtype(qtype)
+    cls = _CLASSES[name]
+    arr = _to_float32(x)
+    if arr.ndim < 1:
+        raise ValueError("quantize expects an array with at least one dimension")
+    cols = arr.shape[-1]
+    bs, ts = cls.block_size, cls.type_size
+    if cols == 0 or cols % bs != 0:
+        raise ValueError(
+            f"{name}: row length {cols} is not a positive multiple of the block size {bs}"
+        )
+    out_shape = (*arr.shape[:-1], cols // bs * ts)
+    blocks = arr.reshape(-1, bs)
+    n = blocks.shape[0]
+    out = np.empty((n, ts), np.uint8)
+    if n == 0:
+        return out.reshape(out_shape)
+    step = cls.chunk_blocks
+    ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
+    if threads is None:
+        threads = os.cpu_count() or 1
+    threads = max(1, min(int(threads), len(ranges)))
+
+    def work(r: tuple[int, int]) -> None:
+        s, e = r
+        out[s:e] = cls._quantize_chunk(blocks[s:e])
+
+    if threads == 1:
+        for r in ranges:
+            work(r)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for _ in pool.map(work, ranges):
+                pass
+    return out.reshape(out_shape)
+
+
+def dequantize(q: Any, qtype: Any) -> np.ndarray:
+    """Decode ggml bytes ``[..., bytes_per_row]`` to float32 ``[..., cols]``.
+
+    Delegates to ``gguf.quants.dequantize``.
+    """
+    name = normalize_qtype(qtype)
+    q = np.ascontiguousarray(np.asarray(q, dtype=np.uint8))
+    _, ts = type_size(name)
+    if q.ndim < 1 or q.shape[-1] % ts != 0:
+        raise ValueError(f"{name}: last dimension {q.shape[-1:]} is not a multiple of {ts} bytes")
+    return np.asarray(gguf.quants.dequantize(q, GGMLQuantizationType[name]), dtype=np.float32)

@@ -1,0 +1,40 @@
+"""How close an approximation is: SQNR in dB, accumulated over streamed blocks when needed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ErrorStats:
+    """Running signal and noise energies, so a streamed tensor's SQNR needs no second pass."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, reference: torch.Tensor, approx: torch.Tensor) -> None:
+        ref = torch.as_tensor(reference).to(torch.float32)
+        diff = ref - torch.as_tensor(approx).to(ref.device, torch.float32).reshape(ref.shape)
+        self.signal += float(ref.square().sum(dtype=torch.float64))
+        self.noise += float(diff.square().sum(dtype=torch.float64))
+
+    @property
+    def sqnr_db(self) -> float | None:
+        """None when the approximation is exact (infinite SQNR, which JSON cannot hold)."""
+        return _db(self.signal, self.noise)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float | None:
+    s = ErrorStats()
+    s.add(reference, approx)
+    return s.sqnr_db
+
+
+def _db(signal: float, noise: float) -> float | None:
+    if noise == 0:
+        return None
+    if signal == 0:
+        return float("-inf")
+    return round(10 * math.log10(signal / noise), 3)

@@ -1,0 +1,143 @@
+"""Recipes: which tensors are quantized, to what, and which stay in high precision.
+
+A recipe is a TOML file (see `recipes/`). Protect patterns are globs over module names
+(`layers.*.feed_forward.w2`, `*` matches across dots); GGUF type rules are regular expressions over
+tensor names, as in stable-diffusion.cpp's `--tensor-type-rules`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from .errors import IdeoquantError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+FORMATS = ("int8", "gguf")
+_KEYS = {"name", "format", "description", "source", "protect", "type", "rules"}
+_GGUF_ONLY = {"type", "rules"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    format: str
+    description: str
+    source: str
+    protect: tuple[str, ...] = ()
+    no_protect: tuple[str, ...] = ()
+    type: str | None = None  # GGUF: the type for every quantized linear weight
+    rules: tuple[tuple[str, str], ...] = ()  # GGUF: (regex, type), first match wins
+    path: str | None = None
+
+    def with_overrides(self, protect=(), no_protect=(), type=None, rules=()) -> "Recipe":
+        """CLI overrides: extra protect / no-protect patterns, another base type, extra rules (take precedence)."""
+        for regex, _ in rules:
+            _check_regex(regex)
+        return replace(
+            self,
+            protect=self.protect + tuple(_module_pattern(p) for p in protect),
+            no_protect=self.no_protect + tuple(_module_pattern(p) for p in no_protect),
+            type=type.upper() if type else self.type,
+            rules=tuple((r, t.upper()) for r, t in rules) + self.rules,
+        )
+
+    def protected_modules(self, modules: list[str]) -> list[str]:
+        """The modules this recipe keeps in high precision; a pattern that matches nothing is an error."""
+        for pattern in self.protect + self.no_protect:
+            if not any(fnmatchcase(m, pattern) for m in modules):
+                raise IdeoquantError(f"recipe '{self.name}': pattern '{pattern}' matches no module of the model")
+        return [m for m in modules
+                if any(fnmatchcase(m, p) for p in self.protect) and not any(fnmatchcase(m, p) for p in self.no_protect)]
+
+    def type_for(self, *names: str) -> tuple[str, str]:
+        """GGUF: (type, why) for a quantized linear weight known under these names (output and diffusers)."""
+        for regex, qtype in self.rules:
+            if any(re.search(regex, n) for n in names):
+                return qtype, f"rule {regex}={qtype}"
+        return self.type, f"recipe type {self.type}"
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "format": self.format, "description": self.description, "source": self.source,
+             "protect": list(self.protect)}
+        if self.no_protect:
+            d["no_protect"] = list(self.no_protect)
+        if self.format == "gguf":
+            d["type"] = self.type
+            d["rules"] = {r: t for r, t in self.rules}
+        if self.path:
+            d["path"] = self.path
+        return d
+
+
+def _module_pattern(pattern: str) -> str:
+    pattern = pattern.strip()
+    if not pattern:
+        raise IdeoquantError("empty protect pattern")
+    return pattern[: -len(".weight")] if pattern.endswith(".weight") else pattern
+
+
+def _check_regex(regex: str) -> None:
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise IdeoquantError(f"bad type rule regex '{regex}': {e}") from None
+
+
+def parse_type_rule(rule: str) -> tuple[str, str]:
+    """`REGEX=TYPE` (the last `=` separates them, so a regex may contain `=`)."""
+    regex, sep, qtype = rule.rpartition("=")
+    if not sep or not regex or not qtype:
+        raise IdeoquantError(f"bad --type-rule '{rule}': expected REGEX=TYPE, e.g. 'attention\\.o\\.weight$=Q8_0'")
+    _check_regex(regex)
+    return regex, qtype.strip().upper()
+
+
+def list_recipes() -> list[Recipe]:
+    return [load_recipe(p) for p in sorted(RECIPE_DIR.glob("*.toml"))]
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by name (from the packaged `recipes/`) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidate = RECIPE_DIR / f"{name_or_path}.toml"
+        if not candidate.is_file():
+            names = ", ".join(p.stem for p in sorted(RECIPE_DIR.glob("*.toml")))
+            raise IdeoquantError(f"unknown recipe '{name_or_path}' (available: {names}; or give a path to a .toml)")
+        path = candidate
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise IdeoquantError(f"recipe {path.name} does not parse: {e}") from None
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise IdeoquantError(f"recipe {path.name}: unknown key(s) {', '.join(sorted(unknown))} "
+                             f"(allowed: {', '.join(sorted(_KEYS))})")
+    for key in ("name", "format", "description", "source"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise IdeoquantError(f"recipe {path.name}: '{key}' must be a non-empty string")
+    fmt = data["format"]
+    if fmt not in FORMATS:
+        raise IdeoquantError(f"recipe {path.name}: format must be one of {', '.join(FORMATS)}, not '{fmt}'")
+    protect = data.get("protect", [])
+    if not isinstance(protect, list) or not all(isinstance(p, str) for p in protect):
+        raise IdeoquantError(f"recipe {path.name}: 'protect' must be a list of strings")
+    if fmt != "gguf" and _GGUF_ONLY & set(data):
+        raise IdeoquantError(f"recipe {path.name}: 'type' and 'rules' apply to gguf recipes only")
+    rules = data.get("rules", {})
+    if not isinstance(rules, dict) or not all(isinstance(v, str) for v in rules.values()):
+        raise IdeoquantError(f"recipe {path.name}: 'rules' must be a table of REGEX = \"TYPE\"")
+    for regex in rules:
+        _check_regex(regex)
+    qtype = data.get("type")
+    if fmt == "gguf" and not isinstance(qtype, str):
+        raise IdeoquantError(f"recipe {path.name}: a gguf recipe needs 'type'")
+    return Recipe(
+        name=data["name"], format=fmt, description=data["description"].strip(), source=data["source"].strip(),
+        protect=tuple(_module_pattern(p) for p in protect), type=qtype.upper() if qtype else None,
+        rules=tuple((r, t.upper()) for r, t in rules.items()), path=str(path.resolve()),
+    )

@@ -1,0 +1,98 @@
+"""A streaming writer for (sharded) safetensors files.
+
+safetensors itself only writes a whole in-memory dict; a backbone does not fit the memory budget. But
+the header can be planned from shapes alone, so each shard is laid out up front (same order as
+safetensors: larger dtypes first, then by name, which keeps every tensor aligned) and tensors are
+written into their slots as they are produced. safe_open reads the result like any other file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8",
+}
+
+
+@dataclass(frozen=True)
+class Slot:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ShardWriter:
+    """One safetensors file whose header is fixed at creation; `write` fills slots in any order."""
+
+    def __init__(self, path: Path, slots: dict[str, Slot], metadata: dict[str, str]):
+        self.path = Path(path)
+        order = sorted(slots, key=lambda k: (-slots[k].dtype.itemsize, k))
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        self.offsets: dict[str, tuple[int, int]] = {}
+        for k in order:
+            s = slots[k]
+            header[k] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            self.offsets[k] = (offset, s.nbytes)
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes so the data region is aligned
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + offset
+        self._written = 0
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, len(raw).to_bytes(8, "little") + raw, 0)
+        os.ftruncate(self._fd, self.size)
+
+    def write(self, key: str, tensor: torch.Tensor, row_offset_bytes: int = 0) -> None:
+        """Write a tensor (or a block of its leading rows, at `row_offset_bytes` into the slot)."""
+        start, length = self.offsets[key]
+        data = tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
+        if row_offset_bytes + data.nbytes > length:
+            raise ValueError(f"{key}: write past the end of its slot")
+        os.pwrite(self._fd, memoryview(data), self.data_start + start + row_offset_bytes)
+        self._written += data.nbytes
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            if self._written != self.size - self.data_start:
+                raise RuntimeError(f"{self.path.name}: wrote {self._written} of {self.size - self.data_start} bytes")
+
+
+def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in order: a new shard starts when the next tensor would overflow the current one."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes:
+        if groups[-1] and used + n > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += n
+    return groups
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '2MiB' or a number of bytes (decimal units as diffusers' max_shard_size uses them)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
