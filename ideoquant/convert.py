@@ -257,3 +257,146 @@ def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter
             writer.write(t.name, kept, start * row_bytes)
             reporter.advance(component, src.nbytes * (block.shape[0] if block.ndim else 1) // max(t.shape[0] if t.shape else 1, 1))
     return manifest.tensor_record(t, stats.sqnr_db)
+
+
+# ---------------------------------------------------------------- GGUF
+
+GGUF_TYPES = ("q8_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
+_FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_K": "MOSTLY_Q4_K_S", "Q4_K_M": "MOSTLY_Q4_K_M",
+               "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K"}
+
+
+def gguf_recipe(qtype: str = "q4_k", recipe: str | Recipe | None = None, type_rules=(), protect=(),
+                no_protect=()) -> tuple[Recipe, str]:
+    """`--type` is shorthand: q8_0/q4_k/q5_k/q6_k set the base type of recipe `gguf`; q4_k_m is recipe `gguf-q4_k_m`.
+
+    Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...).
+    """
+    q = qtype.strip().lower()
+    if q not in GGUF_TYPES:
+        raise IdeoquantError(f"unknown --type '{qtype}': choose from {', '.join(GGUF_TYPES)}")
+    if q == "q4_k_m":
+        if recipe is not None and getattr(recipe, "name", recipe) != "gguf-q4_k_m":
+            raise IdeoquantError("--type q4_k_m is the recipe gguf-q4_k_m; give --recipe or --type q4_k_m, not both")
+        return resolve_recipe("gguf-q4_k_m", protect, no_protect, None, type_rules), "Q4_K_M"
+    return resolve_recipe(recipe or "gguf", protect, no_protect, q, type_rules), q.upper()
+
+
+def convert_gguf(
+    source: str | None = None,
+    out: str | Path = "ideogram4-gguf",
+    *,
+    qtype: str = "q4_k",
+    recipe: str | Recipe | None = None,
+    type_rules=(),
+    protect=(),
+    no_protect=(),
+    layout: str = "original",
+    components: list[str] | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest."""
+    r, label = gguf_recipe(qtype, recipe, type_rules, protect, no_protect)
+    src, plans = prepare(source, r, components=components, revision=revision, token=token, layout=layout)
+
+    def write_component(plan, staging, hasher, reporter):
+        return _write_gguf_component(plan, staging, src, r, label, threads, hasher, reporter)
+
+    return _run("gguf", src, r, plans, out, overwrite, write_component, reporter, _model_index)
+
+
+def _gguf_kv(plan: ComponentPlan, src: Source, recipe: Recipe, label: str) -> dict:
+    import gguf as ggufpy
+
+    from . import __version__
+    from .gguf import KEY_COMPONENT, KEY_CONFIG, KEY_LAYOUT, KEY_RECIPE, KEY_VERSION
+
+    name = plan.component.name
+    config = {k: v for k, v in plan.component.config.items() if k not in ("_name_or_path", "quantization_config")}
+    kv = {
+        "general.name": f"Ideogram 4 {name} {label}",
+        "general.quantization_version": ggufpy.GGML_QUANT_VERSION,
+        "general.file_type": int(ggufpy.LlamaFileType[_FILE_TYPES[label]]),
+        "general.quantized_by": f"ideoquant {__version__}",
+    }
+    if src.repo_id:
+        org, repo = src.repo_id.split("/", 1)
+        kv.update({
+            "general.base_model.count": 1,
+            "general.base_model.0.name": repo,
+            "general.base_model.0.organization": org,
+            "general.base_model.0.repo_url": f"https://huggingface.co/{src.repo_id}",
+        })
+        if src.commit:
+            kv["general.base_model.0.version"] = src.commit
+    kv.update({KEY_COMPONENT: name, KEY_LAYOUT: plan.layout, KEY_CONFIG: json.dumps(config, sort_keys=True),
+               KEY_RECIPE: recipe.name, KEY_VERSION: __version__})
+    return kv
+
+
+def _write_gguf_component(plan: ComponentPlan, staging: Path, src: Source, recipe: Recipe, label: str,
+                          threads, hasher, reporter):
+    from .gguf import gguf_filename
+    from .write.gguf import GGUFFile
+
+    name = plan.component.name
+    filename = gguf_filename(name, label)
+    f = GGUFFile(staging / filename, "ideogram4", _gguf_kv(plan, src, recipe, label),
+                 [(t.name, t.shape, t.dtype) for t in plan.tensors])
+    records = []
+    try:
+        for t in plan.tensors:
+            data, sqnr = _encode_gguf_tensor(t, threads, reporter, name)
+            f.write(t.name, data)
+            records.append(manifest.tensor_record(t, sqnr))
+        f.close()
+    except BaseException:
+        f.abort()
+        raise
+    hasher.add(filename, staging / filename)
+    folder = staging / name
+    folder.mkdir()
+    config = {k: v for k, v in plan.component.config.items() if k not in ("_name_or_path", "quantization_config")}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    hasher.add(f"{name}/config.json", folder / "config.json")
+    return records, [filename, f"{name}/config.json"]
+
+
+def _encode_gguf_tensor(t: TensorPlan, threads, reporter: Reporter, component: str):
+    """Encode one planned tensor (every row block of every source, e.g. q, k, v of a fused qkv) to GGUF bytes.
+
+    Returns the bytes (flat uint8, preallocated: the output of one tensor is the memory bound) and the SQNR.
+    """
+    import numpy as np
+
+    stats = ErrorStats()
+    out = np.empty(t.bytes_out, np.uint8)
+    pos = 0
+    for src in t.sources:
+        numel = max(1, int(np.prod(src.shape)))
+        for _, block in src.row_blocks(BLOCK_ELEMENTS):
+            _check_finite(t.name, block)
+            data, approx = _encode_block(block, t.dtype, threads)
+            stats.add(block, approx)
+            out[pos : pos + data.size] = data
+            pos += data.size
+            reporter.advance(component, src.nbytes * block.numel() // numel)
+    if pos != out.size:
+        raise RuntimeError(f"{t.name}: encoded {pos} bytes, planned {out.size}")
+    return out, stats.sqnr_db
+
+
+def _encode_block(block: torch.Tensor, dtype: str, threads):
+    """(flat uint8 bytes, the float values they decode to) for one block of rows."""
+    from .encode import ggml
+
+    if dtype in ggml.QTYPES:
+        rows = block.reshape(-1, block.shape[-1]).to(torch.float32).numpy()
+        q = ggml.quantize(rows, dtype, threads=threads)
+        return q.reshape(-1), torch.from_numpy(ggml.dequantize(q, dtype))
+    kept = block.to(torch.bfloat16 if dtype == "BF16" else torch.float32).contiguous()
+    return kept.reshape(-1).view(torch.uint8).numpy(), kept

@@ -1,0 +1,160 @@
+"""The Hugging Face Hub: download exactly what a conversion reads, upload a verified output in one commit.
+
+Both sides go through `huggingface_hub` unchanged: the normal cache (resumable, shared with diffusers), the
+token from the argument, `HF_TOKEN` or `hf auth login`. The token is handed to the client and nothing else:
+it never appears in a message, the manifest or the card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from pathlib import Path
+
+from . import model
+from .errors import IdeoquantError
+
+# What a conversion reads from a pipeline repo, per backbone; nothing else (text encoder, VAE) is fetched.
+COMPONENT_PATTERNS = ("{c}/config.json", "{c}/*.safetensors", "{c}/*.safetensors.index.json")
+
+
+def allow_patterns(components: list[str] | None) -> list[str]:
+    return ["model_index.json"] + [p.format(c=c) for c in (components or model.COMPONENTS) for p in COMPONENT_PATTERNS]
+
+
+def _hub_url(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
+
+
+def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str) -> IdeoquantError:
+    """One clear line for each way the Hub can say no. Order matters: GatedRepoError is a RepositoryNotFoundError."""
+    import httpx2
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    local = "or give a local path to the checkpoint instead"
+    if isinstance(e, GatedRepoError):
+        return IdeoquantError(f"{repo_id} is gated: accept its licence at {_hub_url(repo_id)}, then log in with "
+                              "`hf auth login` or set HF_TOKEN to a token of that account")
+    if isinstance(e, RepositoryNotFoundError):
+        return IdeoquantError(f"Hub repo {repo_id} does not exist or you have no access "
+                              "(check the name; for a private repo log in with `hf auth login` or set HF_TOKEN)")
+    if isinstance(e, RevisionNotFoundError):
+        return IdeoquantError(f"revision '{revision}' not found in Hub repo {repo_id} (a branch, tag or commit sha)")
+    if isinstance(e, OfflineModeIsEnabled) or (isinstance(e, LocalEntryNotFoundError)
+                                               and isinstance(e.__cause__, OfflineModeIsEnabled)):
+        return IdeoquantError(f"cannot {doing} {repo_id}: HF_HUB_OFFLINE is set and the files are not in the "
+                              f"Hugging Face cache; unset HF_HUB_OFFLINE, {local}")
+    if isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 403):
+        return IdeoquantError(f"cannot {doing} {repo_id}: the Hub refused the request "
+                              f"({e.response.status_code}); log in with `hf auth login` or set HF_TOKEN to a token "
+                              "with access (write access to upload)")
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else "?"
+        detail = (e.server_message or "").strip().splitlines()
+        return IdeoquantError(f"cannot {doing} {repo_id}: the Hub answered {status}"
+                              + (f" ({detail[0]})" if detail else ""))
+    if isinstance(e, (httpx2.TransportError, LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+        return IdeoquantError(f"cannot {doing} {repo_id}: the Hub is unreachable ({type(e).__name__}); "
+                              f"check the network, {local}")
+    return IdeoquantError(f"cannot {doing} {repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _hub_exceptions() -> tuple[type[BaseException], ...]:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    return (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError, FileNotFoundError, HFValidationError)
+
+
+def download_source(repo_id: str, revision: str | None, token: str | None,
+                    components: list[str] | None) -> tuple[Path, str, dict[str, str]]:
+    """Fetch model_index.json and the backbone files of `repo_id` at `revision` into the HF cache.
+
+    Returns (snapshot folder, commit sha, {relative path: sha256} for LFS files, as the Hub reports them).
+    The revision is resolved to a commit first, so the files and the recorded commit always agree; a second
+    run finds everything in the cache and downloads nothing.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    patterns = allow_patterns(components)
+    try:
+        if constants.HF_HUB_OFFLINE:
+            # Offline: the cache (refs/<revision> -> snapshot) is all there is; the client checks completeness.
+            # Hashes are unknown here, so convert computes them from the files.
+            snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token))
+            return snapshot, snapshot.name, {}
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=token)
+        snapshot = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns, token=token))
+    except _hub_exceptions() as e:
+        raise _hub_error(e, repo_id, revision, "download") from None
+    hashes = {s.rfilename: s.lfs.sha256 for s in info.siblings or ()
+              if s.lfs is not None and s.lfs.sha256 and any(fnmatch.fnmatchcase(s.rfilename, p) for p in patterns)}
+    return snapshot, info.sha, hashes
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
+
+
+def upload(folder, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
+           commit_message: str | None = None, dry_run: bool = False, keep_card: bool = False,
+           token: str | None = None, progress: bool = True) -> dict:
+    """Verify `folder`, then push exactly the files its manifest lists, the manifest and a model card in ONE commit.
+
+    Nothing is sent when verification fails or with dry_run. The card is generated in memory (the verified folder
+    is never modified); with keep_card an existing README.md in the folder is uploaded instead.
+    """
+    from . import card, manifest
+    from .verify import verify
+
+    folder = Path(folder)
+    result = verify(folder)
+    if not result.ok:
+        shown = "; ".join(result.problems[:3]) + (f"; and {len(result.problems) - 3} more"
+                                                  if len(result.problems) > 3 else "")
+        raise IdeoquantError(f"refusing to upload {folder}: verification failed: {shown}")
+    m = manifest.read(folder)
+    own = folder / "README.md"
+    card_text = own.read_text() if keep_card and own.is_file() else card.model_card(m, repo_id)
+    paths = sorted(m["files"]) + [manifest.MANIFEST]
+    files = [{"path": p, "size": (folder / p).stat().st_size} for p in paths]
+    files.append({"path": "README.md", "size": len(card_text.encode())})
+    message = commit_message or f"Upload {m['kind'].upper()} quantization of {_base_name(m)} (ideoquant)"
+    plan = {"repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr, "private": private,
+            "commit_message": message, "files": files, "card": card_text, "dry_run": dry_run,
+            "commit_url": None, "pr_url": None}
+    if dry_run:
+        return plan
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in paths]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
+    api = HfApi(token=token)
+    try:
+        with _progress_bars(progress):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.create_commit(repo_id, ops, commit_message=message, revision=revision, create_pr=create_pr)
+    except _hub_exceptions() as e:
+        raise _hub_error(e, repo_id, revision, "upload to") from None
+    plan.update(commit_url=info.commit_url, pr_url=info.pr_url, commit=info.oid)
+    return plan
+
+
+def _base_name(m: dict) -> str:
+    return m.get("source", {}).get("repo_id") or "Ideogram 4"
