@@ -128,11 +128,15 @@ def model_card(manifest: dict, repo_id: str) -> str:
                 + (", rules: " + ", ".join(f"`{r}` → {t}" for r, t in recipe.get("rules", {}).items())
                    if recipe.get("rules") else "") + ".", ""]
     patterns = list(recipe.get("protect", []))
-    counts = ", ".join(f"{len(c['protected_modules'])} in `{n}`" for n, c in comps.items())
+    counts = {n: len(c["protected_modules"]) for n, c in comps.items()}
+    if len(set(counts.values())) == 1:
+        counted = f"{next(iter(counts.values()))} linear modules per backbone"
+    else:
+        counted = ", ".join(f"{k} linear modules in `{n}`" for n, k in counts.items())
     if patterns:
         out.append("Protected layers (kept in BF16): " + ", ".join(f"`{p}`" for p in patterns)
                    + (" except " + ", ".join(f"`{p}`" for p in recipe["no_protect"]) if recipe.get("no_protect") else "")
-                   + f" — {counts} linear modules.")
+                   + f": {counted}.")
     else:
         out.append("No linear layers are protected.")
     out.append("Norms, biases and embeddings are never quantized.")

@@ -154,7 +154,7 @@ def gguf(
 @app.command()
 def inspect(
     source: Optional[str] = typer.Argument(None, help=SOURCE_HELP + " [default: ideogram-ai/ideogram-4-fp8]"),
-    recipe: str = typer.Option("int8-w8a8", help="Recipe whose plan to show."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe whose plan to show [default: int8-w8a8, or gguf with --type]."),
     qtype: Optional[str] = typer.Option(None, "--type", help="GGUF recipes: base type override."),
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
     components: List[str] = typer.Option([], help="Only this backbone (repeatable)."),
@@ -189,6 +189,10 @@ def inspect(
     verdict = "[green]fits[/green]" if g["fits"] else "[red]does not fit[/red]"
     out_console.print(f"GPU weights for both backbones: {g['weights_gib']:.2f} GiB, estimated peak "
                       f"{g['estimated_peak_gib']:.2f} GiB ({g['note']}) → {verdict} in {GPU_BUDGET_GB} GB")
+    if not g["fits"]:
+        verdict = "[green]fits[/green]" if g["fits_with_offload"] else "[red]does not fit[/red]"
+        out_console.print(f"one backbone at a time (pipe.enable_model_cpu_offload()): "
+                          f"{g['offload_peak_gib']:.2f} GiB → {verdict}")
 
 
 @app.command()

@@ -161,3 +161,58 @@ def velocity(transformer: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
 
     out = transformer(**inputs, return_dict=False)[0].float()
     return out[inputs["indicator"] == OUTPUT_IMAGE_INDICATOR]
+
+
+def run_demo(out: str | Path = "ideoquant-demo", reporter=None) -> dict:
+    """The whole job on a tiny checkpoint: build it, convert to INT8 and GGUF, load each result, compare outputs."""
+    import shutil
+
+    from diffusers import Ideogram4Transformer2DModel
+
+    from .convert import convert, convert_gguf
+    from .load import load_transformer
+    from .metrics import sqnr_db
+
+    out = Path(out)
+    if out.exists():
+        if not (out / ".ideoquant-demo").exists():
+            from .errors import IdeoquantError
+
+            raise IdeoquantError(f"{out} exists and is not an ideoquant demo folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / ".ideoquant-demo").write_text("made by `ideoquant demo`; safe to delete\n")
+    source = build_checkpoint(out / "source", fmt="bf16")
+    runs = [
+        ("int8-w8a8", lambda: convert(source, out / "int8", reporter=reporter)),
+        ("gguf q8_0", lambda: convert_gguf(source, out / "gguf-q8_0", qtype="q8_0", reporter=reporter)),
+        ("gguf q4_k", lambda: convert_gguf(source, out / "gguf-q4_k", qtype="q4_k", reporter=reporter)),
+        ("gguf q4_k_m", lambda: convert_gguf(source, out / "gguf-q4_k_m", qtype="q4_k_m", reporter=reporter)),
+    ]
+    variants = []
+    refs = {c: Ideogram4Transformer2DModel.from_pretrained(source / c, torch_dtype=torch.bfloat16)
+            for c in model.COMPONENTS}
+    inputs = sample_inputs(TINY_CONFIG)
+    ref_v = torch.cat([velocity(refs[c], inputs) for c in model.COMPONENTS])
+    source_bytes = sum(f.stat().st_size for c in model.COMPONENTS for f in (source / c).glob("*.safetensors"))
+    params = sum(p.numel() for p in refs["transformer"].parameters())
+    for name, run in runs:
+        m = run()
+        target = out / ("int8" if name.startswith("int8") else f"gguf-{name.split()[1]}")
+        quant_v = []
+        for c in model.COMPONENTS:
+            files = m["components"][c]["files"]
+            weights = next(f for f in files if f.endswith((".gguf", ".safetensors")))
+            path = target / weights if weights.endswith(".gguf") else target / c
+            quant_v.append(velocity(load_transformer(path), inputs))
+        v = torch.cat(quant_v)
+        weight_bytes = sum(info["size"] for rel, info in m["files"].items() if rel.endswith((".gguf", ".safetensors")))
+        variants.append({
+            "name": name,
+            "files": target.name + "/",
+            "bytes": weight_bytes,
+            "ratio": weight_bytes / source_bytes,
+            "sqnr_db": sqnr_db(ref_v, v),
+            "cosine": float(torch.nn.functional.cosine_similarity(ref_v.flatten(), v.flatten(), dim=0)),
+        })
+    return {"source": str(source), "params": params, "source_bytes": source_bytes, "variants": variants}

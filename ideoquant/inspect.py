@@ -1,0 +1,79 @@
+"""`inspect`: what a source holds and what a recipe would do to it, from headers alone (nothing is read)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .convert import gguf_recipe, prepare, resolve_recipe
+from .recipe import load_recipe
+
+GIB = 1 << 30
+# Beyond the weights, a 1024x1024 generation on the real model needs activations, the attention working set and
+# the CUDA context; measured figures for the bf16 pipeline put this at roughly 2-3 GiB with the text encoder and
+# VAE offloaded. Said as an estimate, not a promise.
+ACTIVATION_OVERHEAD_GIB = 3.0
+GPU_BUDGET_GIB = 24 * 1e9 / GIB
+
+
+def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None, revision=None, components=None,
+            token=None) -> dict:
+    """The plan for `recipe` (default int8-w8a8; a GGUF plan when `qtype` is given or the recipe is a gguf one)."""
+    base = load_recipe(recipe) if recipe else None
+    if qtype or (base and base.format == "gguf"):
+        r, _ = gguf_recipe(qtype or base.type.lower(), recipe)
+    else:
+        r = resolve_recipe(base or "int8-w8a8")
+    src, plans = prepare(source, r, components=components, revision=revision, token=token)
+    comps = {}
+    decisions: Counter = Counter()
+    sizes: Counter = Counter()
+    for name, plan in plans.items():
+        c = plan.component
+        params = sum(_numel(t.shape) for t in c.tensors.values())
+        comps[name] = {
+            "layout": c.layout,
+            "params": params,
+            "dtypes": sorted({"FP8 e4m3 + row scale" if t.scale is not None else t.dtype for t in c.tensors.values()}),
+            "quantized": sum(t.quantize for t in plan.tensors),
+            "kept": sum(not t.quantize for t in plan.tensors),
+            "bytes_in": plan.bytes_in,
+            "bytes_out": plan.bytes_out,
+            "protected_modules": plan.protected,
+        }
+        for t in plan.tensors:
+            key = (t.dtype, _reason_group(t.reason))
+            decisions[key] += 1
+            sizes[key] += t.bytes_out
+    weights = sum(c["bytes_out"] for c in comps.values()) / GIB
+    largest = max(c["bytes_out"] for c in comps.values()) / GIB
+    peak = weights + ACTIVATION_OVERHEAD_GIB
+    offload_peak = largest + ACTIVATION_OVERHEAD_GIB
+    return {
+        "source": src.describe(),
+        "recipe": r.to_dict(),
+        "components": comps,
+        "decisions": [{"dtype": d, "reason": why, "tensors": n, "bytes": sizes[(d, why)]}
+                      for (d, why), n in sorted(decisions.items(), key=lambda kv: -sizes[kv[0]])],
+        "gpu": {
+            "weights_gib": round(weights, 3),
+            "estimated_peak_gib": round(peak, 3),
+            "budget_gib": round(GPU_BUDGET_GIB, 2),
+            "fits": peak <= GPU_BUDGET_GIB,
+            # With pipe.enable_model_cpu_offload() only one backbone is on the GPU at a time.
+            "offload_peak_gib": round(offload_peak, 3),
+            "fits_with_offload": offload_peak <= GPU_BUDGET_GIB,
+            "note": f"weights of {len(comps)} backbone(s) resident + ~{ACTIVATION_OVERHEAD_GIB:.0f} GiB activations; "
+                    "text encoder and VAE offloaded",
+        },
+    }
+
+
+def _reason_group(reason: str) -> str:
+    return reason.split(";")[0]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
