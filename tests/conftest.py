@@ -1,0 +1,42 @@
+pytest_plugins = ["tests.conftest_hub"]
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ideoquant import demo  # noqa: E402
+
+# torchao's optional CUDA kernels and torch's pytree notices log at import; they are not test output.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def bf16_source(tmp_path_factory):
+    """Tiny Ideogram 4 pipeline folder, both backbones, bf16, sharded into several files."""
+    return demo.build_checkpoint(tmp_path_factory.mktemp("src") / "bf16", fmt="bf16", max_shard_size="1MB")
+
+
+@pytest.fixture(scope="session")
+def fp8_source(tmp_path_factory):
+    """The same model in the FP8 per-row format (float8_e4m3fn weight + float32 weight_scale)."""
+    return demo.build_checkpoint(tmp_path_factory.mktemp("src") / "fp8", fmt="fp8")
+
+
+@pytest.fixture(scope="session")
+def original_source(tmp_path_factory):
+    """One .safetensors file in the original layout: fused qkv, attention.o, per-backbone prefixes."""
+    return demo.build_checkpoint(tmp_path_factory.mktemp("src") / "orig", fmt="bf16", layout="original")
+
+
+@pytest.fixture(scope="session")
+def inputs():
+    return demo.sample_inputs(demo.TINY_CONFIG)
+
+
+def load_reference(folder, component="transformer"):
+    """Source model loaded the way users load it (never build + .to(bf16): the rotary buffer would differ)."""
+    from diffusers import Ideogram4Transformer2DModel
+
+    return Ideogram4Transformer2DModel.from_pretrained(folder, subfolder=component, torch_dtype=torch.bfloat16)

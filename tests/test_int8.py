@@ -1,0 +1,174 @@
+"""INT8 W8A8: bit-identical to diffusers + torchao, loadable by stock diffusers, close to the source."""
+
+import json
+
+import pytest
+import torch
+from diffusers import Ideogram4Transformer2DModel, TorchAoConfig
+from safetensors import safe_open
+
+import ideoquant
+from ideoquant import demo, model
+from ideoquant.encode import int8
+from ideoquant.metrics import sqnr_db
+from tests.conftest import load_reference
+
+INT8_FORWARD_FLOOR_DB = 38.0  # measured 43.5-44.2 dB on the tiny model
+
+
+@pytest.fixture(scope="module")
+def int8_out(bf16_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "out"
+    m = ideoquant.convert(str(bf16_source), out, max_shard_size="1MB")
+    return out, m
+
+
+@pytest.fixture(scope="module")
+def stock_out(bf16_source, int8_out, tmp_path_factory):
+    """The stock route: diffusers + torchao quantize at load, then save_pretrained, with the same protected modules."""
+    out = tmp_path_factory.mktemp("stock")
+    for c in model.COMPONENTS:
+        protected = int8_out[1]["components"][c]["protected_modules"]
+        q = Ideogram4Transformer2DModel.from_pretrained(
+            bf16_source, subfolder=c, torch_dtype=torch.bfloat16,
+            quantization_config=TorchAoConfig(int8.config(), modules_to_not_convert=protected))
+        q.save_pretrained(out / c, max_shard_size="1MB")
+    return out
+
+
+def _tensors_and_metadata(folder):
+    tensors, metadata = {}, {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            md = h.metadata()
+            names = json.loads(md["tensor_names"])
+            metadata[f.name] = md
+            for k in h.keys():
+                tensors[k] = h.get_tensor(k)
+    return tensors, metadata, names
+
+
+@pytest.mark.parametrize("component", model.COMPONENTS)
+def test_bytes_and_metadata_identical_to_diffusers_torchao(int8_out, stock_out, component):
+    ours, our_md, our_names = _tensors_and_metadata(int8_out[0] / component)
+    stock, stock_md, stock_names = _tensors_and_metadata(stock_out / component)
+    assert ours.keys() == stock.keys()
+    for k in stock:
+        assert ours[k].dtype == stock[k].dtype and torch.equal(ours[k], stock[k]), k
+    assert sum(k.endswith("._weight_qdata") for k in ours) == 20  # 2 layers x 8 linears + 4 non-block, minus protected
+    assert set(our_names) == set(stock_names)
+    # Every shard carries the complete torchao metadata (diffusers merges shards with dict.update).
+    reference = next(iter(stock_md.values()))
+    for md in our_md.values():
+        assert set(json.loads(md["tensor_names"])) == set(our_names)
+        assert md["format"] == "pt"
+        for name in our_names:
+            assert md[name] == reference[name], name
+    ours_cfg = json.loads((int8_out[0] / component / "config.json").read_text())
+    stock_cfg = json.loads((stock_out / component / "config.json").read_text())
+    assert ours_cfg["quantization_config"] == stock_cfg["quantization_config"]
+
+
+@pytest.mark.parametrize("component", model.COMPONENTS)
+def test_stock_diffusers_loads_and_matches_source(int8_out, bf16_source, inputs, component):
+    q = Ideogram4Transformer2DModel.from_pretrained(int8_out[0], subfolder=component, torch_dtype=torch.bfloat16)
+    weights = dict(q.named_parameters())
+    assert type(weights["layers.0.feed_forward.w1.weight"]).__name__ == "Int8Tensor"
+    assert type(weights["layers.0.feed_forward.w2.weight"]).__name__ == "Parameter"
+    ref = load_reference(bf16_source, component)
+    sq = sqnr_db(demo.velocity(ref, inputs), demo.velocity(q, inputs))
+    assert sq > INT8_FORWARD_FLOOR_DB, sq
+
+
+def test_protected_tensors_bit_identical_to_source(int8_out, bf16_source):
+    out, m = int8_out
+    for c in model.COMPONENTS:
+        src = {}
+        for f in (bf16_source / c).glob("*.safetensors"):
+            with safe_open(f, "pt") as h:
+                src.update({k: h.get_tensor(k) for k in h.keys()})
+        ours = {}
+        for f in (out / c).glob("*.safetensors"):
+            with safe_open(f, "pt") as h:
+                ours.update({k: h.get_tensor(k) for k in h.keys()})
+        kept = [t for t in m["components"][c]["tensors"] if t["decision"] == "kept"]
+        assert any(t["name"] == "layers.1.feed_forward.w2.weight" for t in kept)
+        for t in kept:
+            assert torch.equal(ours[t["name"]], src[t["name"]]), t["name"]
+            assert t["sqnr_db"] is None  # exact
+
+
+def test_manifest_records_everything(int8_out, bf16_source):
+    out, m = int8_out
+    on_disk = json.loads((out / "ideoquant.json").read_text())
+    assert on_disk == m
+    assert m["kind"] == "int8" and m["recipe"]["name"] == "int8-w8a8"
+    assert m["tool"]["torchao"] and m["tool"]["diffusers"]
+    assert m["source"]["kind"] == "folder" and m["source"]["files"]
+    for rel, info in m["source"]["files"].items():
+        assert (bf16_source / rel).stat().st_size == info["size"] and len(info["sha256"]) == 64
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"ideoquant.json"}
+    assert files == set(m["files"])
+    import hashlib
+    for rel, info in m["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == info["sha256"]
+    t = {r["name"]: r for r in m["components"]["transformer"]["tensors"]}
+    w1 = t["layers.0.feed_forward.w1.weight"]
+    assert w1["decision"] == "quantized" and w1["dtype_in"] == "BF16" and w1["dtype_out"] == "int8"
+    assert 30 < w1["sqnr_db"] < 60 and w1["bytes_out"] < w1["bytes_in"]
+    assert t["layers.0.feed_forward.w2.weight"]["reason"].startswith("protected by recipe pattern")
+    assert "not a linear weight" in t["embed_image_indicator.weight"]["reason"]
+
+
+def test_fp8_source(fp8_source, bf16_source, inputs, tmp_path):
+    m = ideoquant.convert(str(fp8_source), tmp_path / "out")
+    assert m["components"]["transformer"]["source_format"] == "fp8-per-row"
+    q = Ideogram4Transformer2DModel.from_pretrained(tmp_path / "out", subfolder="transformer",
+                                                    torch_dtype=torch.bfloat16)
+    # The FP8 source is itself an approximation of the bf16 model: compare with the FP8 model dequantized.
+    from ideoquant.source import open_source
+    comp = open_source(str(fp8_source)).components["transformer"]
+    ref = Ideogram4Transformer2DModel.from_pretrained(bf16_source, subfolder="transformer", torch_dtype=torch.bfloat16)
+    ref.load_state_dict({k: t.read().to(torch.bfloat16) for k, t in comp.tensors.items()})
+    sq = sqnr_db(demo.velocity(ref, inputs), demo.velocity(q, inputs))
+    assert sq > INT8_FORWARD_FLOOR_DB, sq
+    # Dequantized exactly in float32: quantizing that float32 weight with torchao gives the stored int8.
+    w = comp.tensors["layers.0.feed_forward.w1.weight"].read()
+    assert w.dtype == torch.float32
+    qdata, scale, _ = int8.quantize(w)
+    with safe_open(tmp_path / "out/transformer/diffusion_pytorch_model.safetensors", "pt") as h:
+        assert torch.equal(h.get_tensor("layers.0.feed_forward.w1._weight_qdata"), qdata)
+        assert torch.equal(h.get_tensor("layers.0.feed_forward.w1._weight_scale"), scale)
+
+
+def test_original_layout_single_file_gives_same_weights(original_source, int8_out, tmp_path):
+    m = ideoquant.convert(str(original_source), tmp_path / "out")
+    assert m["components"]["transformer"]["source_layout"] == "original"
+    for c in model.COMPONENTS:
+        ours, _, _ = _tensors_and_metadata(tmp_path / "out" / c)
+        ref, _, _ = _tensors_and_metadata(int8_out[0] / c)
+        assert ours.keys() == ref.keys()
+        assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_components_option_and_safe_recipe(bf16_source, tmp_path):
+    m = ideoquant.convert(str(bf16_source), tmp_path / "out", recipe="int8-w8a8-safe", components=["transformer"])
+    assert list(m["components"]) == ["transformer"]
+    assert not (tmp_path / "out" / "unconditional_transformer").exists()
+    protected = m["components"]["transformer"]["protected_modules"]
+    assert "layers.0.adaln_modulation" in protected and "final_layer.adaln_modulation" in protected
+    cfg = json.loads((tmp_path / "out/transformer/config.json").read_text())
+    assert cfg["quantization_config"]["modules_to_not_convert"] == protected
+
+
+def test_pipeline_quantization_config_matches_recipe():
+    from diffusers import PipelineQuantizationConfig
+
+    cfg = ideoquant.pipeline_quantization_config("int8-w8a8")
+    assert isinstance(cfg, PipelineQuantizationConfig)
+    assert set(cfg.quant_mapping) == set(model.COMPONENTS)
+    protected = cfg.quant_mapping["transformer"].modules_to_not_convert
+    assert len(protected) == 35 and "layers.33.feed_forward.w2" in protected and "final_layer.linear" in protected
+    tiny = ideoquant.pipeline_quantization_config("int8-w8a8", config=demo.TINY_CONFIG)
+    assert tiny.quant_mapping["transformer"].modules_to_not_convert == [
+        "final_layer.linear", "layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
