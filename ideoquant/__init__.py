@@ -10,7 +10,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-from .convert import convert, convert_gguf  # noqa: E402
+from .job import convert, convert_gguf  # noqa: E402
 from .errors import IdeoquantError  # noqa: E402
 from .load import load_pipeline, load_transformer  # noqa: E402
 from .quant_config import pipeline_quantization_config  # noqa: E402

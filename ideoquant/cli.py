@@ -117,7 +117,7 @@ def convert(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of tables."),
 ):
     """Quantize both backbones to INT8 W8A8 (torchao format: stock diffusers loads it)."""
-    from . import convert as api
+    from . import job as api
 
     m = _run(lambda rep: api.convert(source, out, recipe=recipe, protect=protect, no_protect=no_protect,
                                      components=components or None, revision=revision, overwrite=overwrite,
@@ -142,7 +142,7 @@ def gguf(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of tables."),
 ):
     """Write one GGUF per backbone, bit-exact with ggml's quantizers."""
-    from . import convert as api
+    from . import job as api
 
     m = _run(lambda rep: api.convert_gguf(source, out, qtype=qtype, recipe=recipe, type_rules=type_rule,
                                           protect=protect, no_protect=no_protect, layout=layout,

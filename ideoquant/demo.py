@@ -169,7 +169,7 @@ def run_demo(out: str | Path = "ideoquant-demo", reporter=None) -> dict:
 
     from diffusers import Ideogram4Transformer2DModel
 
-    from .convert import convert, convert_gguf
+    from .job import convert, convert_gguf
     from .load import load_transformer
     from .metrics import sqnr_db
 

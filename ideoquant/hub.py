@@ -32,7 +32,7 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str)
     """One clear line for each way the Hub can say no. Order matters: GatedRepoError is a RepositoryNotFoundError."""
     import httpx2
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+                                        RepositoryNotFoundError, RevisionNotFoundError, RevisionResolutionError)
 
     local = "or give a local path to the checkpoint instead"
     if isinstance(e, GatedRepoError):
@@ -43,8 +43,7 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str)
                               "(check the name; for a private repo log in with `hf auth login` or set HF_TOKEN)")
     if isinstance(e, RevisionNotFoundError):
         return IdeoquantError(f"revision '{revision}' not found in Hub repo {repo_id} (a branch, tag or commit sha)")
-    if isinstance(e, OfflineModeIsEnabled) or (isinstance(e, LocalEntryNotFoundError)
-                                               and isinstance(e.__cause__, OfflineModeIsEnabled)):
+    if isinstance(e, OfflineModeIsEnabled) or isinstance(e.__cause__, OfflineModeIsEnabled):
         return IdeoquantError(f"cannot {doing} {repo_id}: HF_HUB_OFFLINE is set and the files are not in the "
                               f"Hugging Face cache; unset HF_HUB_OFFLINE, {local}")
     if isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 403):
@@ -56,7 +55,8 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str)
         detail = (e.server_message or "").strip().splitlines()
         return IdeoquantError(f"cannot {doing} {repo_id}: the Hub answered {status}"
                               + (f" ({detail[0]})" if detail else ""))
-    if isinstance(e, (httpx2.TransportError, LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+    if isinstance(e, (httpx2.TransportError, LocalEntryNotFoundError, RevisionResolutionError, ConnectionError,
+                      TimeoutError)):
         return IdeoquantError(f"cannot {doing} {repo_id}: the Hub is unreachable ({type(e).__name__}); "
                               f"check the network, {local}")
     return IdeoquantError(f"cannot {doing} {repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -64,9 +64,10 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str)
 
 def _hub_exceptions() -> tuple[type[BaseException], ...]:
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RevisionResolutionError
 
-    return (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError, FileNotFoundError, HFValidationError)
+    return (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError, FileNotFoundError, HFValidationError,
+            RevisionResolutionError)
 
 
 def download_source(repo_id: str, revision: str | None, token: str | None,
@@ -74,25 +75,31 @@ def download_source(repo_id: str, revision: str | None, token: str | None,
     """Fetch model_index.json and the backbone files of `repo_id` at `revision` into the HF cache.
 
     Returns (snapshot folder, commit sha, {relative path: sha256} for LFS files, as the Hub reports them).
-    The revision is resolved to a commit first, so the files and the recorded commit always agree; a second
-    run finds everything in the cache and downloads nothing.
+    The revision is resolved to a commit first (and the mapping cached), so the files and the recorded commit
+    always agree; a second run finds everything in the cache and downloads nothing, and offline
+    (`HF_HUB_OFFLINE=1`, or the Hub unreachable) a cached snapshot is used as is.
     """
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
+    api = HfApi()
     patterns = allow_patterns(components)
     try:
-        if constants.HF_HUB_OFFLINE:
-            # Offline: the cache (refs/<revision> -> snapshot) is all there is; the client checks completeness.
-            # Hashes are unknown here, so convert computes them from the files.
-            snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token))
-            return snapshot, snapshot.name, {}
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=token)
-        snapshot = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns, token=token))
+        rev = api.resolve_revision(repo_id, revision=revision, token=token)
+        snapshot = Path(snapshot_download(repo_id, revision=rev, allow_patterns=patterns, token=token))
     except _hub_exceptions() as e:
         raise _hub_error(e, repo_id, revision, "download") from None
-    hashes = {s.rfilename: s.lfs.sha256 for s in info.siblings or ()
-              if s.lfs is not None and s.lfs.sha256 and any(fnmatch.fnmatchcase(s.rfilename, p) for p in patterns)}
-    return snapshot, info.sha, hashes
+    return snapshot, rev.resolved, _lfs_hashes(api, repo_id, rev.resolved, patterns, token)
+
+
+def _lfs_hashes(api, repo_id: str, commit: str, patterns: list[str], token: str | None) -> dict[str, str]:
+    """sha256 of the LFS files as the Hub records them, so convert need not hash gigabytes it just downloaded.
+    Best effort: offline or on any Hub error the result is empty and convert hashes the files itself."""
+    try:
+        info = api.model_info(repo_id, revision=commit, files_metadata=True, token=token)
+    except _hub_exceptions():
+        return {}
+    return {s.rfilename: s.lfs.sha256 for s in info.siblings or ()
+            if s.lfs is not None and s.lfs.sha256 and any(fnmatch.fnmatchcase(s.rfilename, p) for p in patterns)}
 
 
 @contextlib.contextmanager

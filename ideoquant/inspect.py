@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .convert import gguf_recipe, prepare, resolve_recipe
+from .job import gguf_recipe, prepare, resolve_recipe
 from .recipe import load_recipe
 
 GIB = 1 << 30

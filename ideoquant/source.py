@@ -179,7 +179,10 @@ def open_source(
     else:
         raise IdeoquantError(f"source not found: '{spec}' is neither a local path nor a Hub repo id (ORG/NAME)")
 
-    wanted = list(components or [c for c in model.COMPONENTS if c in found] or model.COMPONENTS)
+    # A pipeline (folder with model_index.json, or a Hub repo) must hold both backbones; a component folder or a
+    # single file holds what it holds.
+    default = model.COMPONENTS if source.model_index is not None or source.kind == "hub" else list(found)
+    wanted = list(components or default)
     for c in wanted:
         if c not in found:
             have = ", ".join(found) or "none"

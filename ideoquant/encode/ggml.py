@@ -345,7 +345,8 @@ class _Quant:
         cls.block_size, cls.type_size = (int(v) for v in GGML_QUANT_SIZES[qtype])
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:  # pragma: no cover
+    def _quantize_chunk(cls, blocks: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+        """Quantize float32 ``[n, block_size]`` into ``out`` (uint8 ``[n, type_size]``)."""
         raise NotImplementedError
 
     @classmethod
@@ -361,7 +362,7 @@ class _Quant:
         out = np.empty((n, cls.type_size), np.uint8)
         for s in range(0, n, cls.chunk_blocks):
             e = min(n, s + cls.chunk_blocks)
-            out[s:e] = cls._quantize_chunk(blocks[s:e])
+            cls._quantize_chunk(blocks[s:e], out[s:e])
         return out
 
     @classmethod
@@ -377,26 +378,23 @@ class Q8_0(_Quant, qtype=GGMLQuantizationType.Q8_0):
     chunk_blocks = 8192
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+    def _quantize_chunk(cls, blocks: np.ndarray, out: np.ndarray) -> None:
         n = blocks.shape[0]
         a = np.abs(blocks)
-        # max over the 32 lanes by halving (max is order-independent)
-        m = np.maximum(a[:, :16], a[:, 16:])
-        m = np.maximum(m[:, :8], m[:, 8:])
-        m = np.maximum(m[:, :4], m[:, 4:])
-        m = np.maximum(m[:, :2], m[:, 2:])
-        amax = np.maximum(m[:, 0], m[:, 1])
-        d = amax / _f32(127)
-        nz = d != 0
+        # amax of each run of 32: pairwise maxima over the flat array (long
+        # strided loops are much faster than n short reductions; max is exact
+        # in any order)
+        m = a.reshape(-1)
+        while m.size > n:
+            m = np.maximum(m[0::2], m[1::2])
+        d = m / _f32(127)
         idv = np.zeros_like(d)
-        np.divide(_f32(1), d, out=idv, where=nz)
+        np.divide(_f32(1), d, out=idv, where=d != 0)
         v = np.multiply(blocks, idv[:, None], out=a)
-        # roundf: half away from zero; astype truncates toward zero
-        v += np.copysign(_HALF_DOWN, v)
-        out = np.empty((n, 34), np.uint8)
+        # roundf: half away from zero; the int8 cast truncates toward zero
+        v += np.copysign(_HALF_DOWN, v, out=np.empty_like(v))
         out[:, 0:2] = _fp16_bytes(d)
         out[:, 2:] = v.astype(np.int8).view(np.uint8)
-        return out
 
 
 class _QKx2(_Quant, qtype=GGMLQuantizationType.Q4_K):  # shared by Q4_K/Q5_K
@@ -463,15 +461,13 @@ class Q4_K(_QKx2, qtype=GGMLQuantizationType.Q4_K):
     nmax, rmin, rdelta, nstep = 15, -1.0, 0.1, 20
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+    def _quantize_chunk(cls, blocks: np.ndarray, out: np.ndarray) -> None:
         with np.errstate(all="ignore"):
             head, L = cls._scales_and_quants(blocks)
         nb = blocks.shape[0]
         L = L.reshape(nb, 4, 2, 32)
-        out = np.empty((nb, 144), np.uint8)
         out[:, :16] = head
         out[:, 16:].reshape(nb, 4, 32)[...] = L[:, :, 0, :] | (L[:, :, 1, :] << 4)
-        return out
 
 
 class Q5_K(_QKx2, qtype=GGMLQuantizationType.Q5_K):
@@ -480,7 +476,7 @@ class Q5_K(_QKx2, qtype=GGMLQuantizationType.Q5_K):
     nmax, rmin, rdelta, nstep = 31, -0.5, 0.1, 15
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+    def _quantize_chunk(cls, blocks: np.ndarray, out: np.ndarray) -> None:
         with np.errstate(all="ignore"):
             head, L = cls._scales_and_quants(blocks)
         nb = blocks.shape[0]
@@ -490,11 +486,9 @@ class Q5_K(_QKx2, qtype=GGMLQuantizationType.Q5_K):
         for s in range(8):
             qh |= hi[:, s, :] << s
         lo = (L & 0xF).reshape(nb, 4, 2, 32)
-        out = np.empty((nb, 176), np.uint8)
         out[:, :16] = head
         out[:, 16:48] = qh
         out[:, 48:].reshape(nb, 4, 32)[...] = lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)
-        return out
 
 
 class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
@@ -553,7 +547,7 @@ class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
         return scale, best_isc, zero
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray) -> np.ndarray:
+    def _quantize_chunk(cls, blocks: np.ndarray, out: np.ndarray) -> None:
         f = _f32
         nb = blocks.shape[0]
         with np.errstate(all="ignore"):
@@ -586,7 +580,6 @@ class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
         L = _from_subblocks(Li.astype(np.uint8), nb).reshape(nb, 2, 4, 32)
         lo = L & 0xF
         hi = L >> 4
-        out = np.empty((nb, 210), np.uint8)
         ql = out[:, 0:128].reshape(nb, 2, 2, 32)
         ql[:, :, 0, :] = lo[:, :, 0, :] | (lo[:, :, 2, :] << 4)
         ql[:, :, 1, :] = lo[:, :, 1, :] | (lo[:, :, 3, :] << 4)
@@ -597,7 +590,6 @@ class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
         out[:, 208:210] = _fp16_bytes(d16.astype(f))
         if zblk.any():
             out[zblk] = 0
-        return out
 
 
 _CLASSES: dict[str, type[_Quant]] = {"Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
@@ -652,7 +644,7 @@ def quantize(x: Any, qtype: Any, threads: int | None = None) -> np.ndarray:
 
     def work(r: tuple[int, int]) -> None:
         s, e = r
-        out[s:e] = cls._quantize_chunk(blocks[s:e])
+        cls._quantize_chunk(blocks[s:e], out[s:e])
 
     if threads == 1:
         for r in ranges:

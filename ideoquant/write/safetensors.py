@@ -65,6 +65,12 @@ class ShardWriter:
         os.pwrite(self._fd, memoryview(data), self.data_start + start + row_offset_bytes)
         self._written += data.nbytes
 
+    def abort(self) -> None:
+        """Close without the completeness check (the staging folder is about to be removed)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

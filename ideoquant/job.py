@@ -213,8 +213,10 @@ def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, 
             for n in group:
                 records.append(_write_int8_tensor(by_name[n], writer, device, reporter, name))
                 weight_map.update({k: filename for k in slots[n]})
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         hasher.add(f"{name}/{filename}", folder / filename)
     files = [f"{name}/{f}" for f in filenames]
     if len(groups) > 1:
