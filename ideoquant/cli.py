@@ -95,7 +95,7 @@ def _summary(m: dict, out: Path) -> None:
                   _fmt_bytes(c["bytes_out"]), f"{c['bytes_out'] / c['bytes_in']:.2f}x",
                   "exact" if sq is None else f"{sq:.1f} dB", f"{c['seconds']:.1f} s")
     out_console.print(t)
-    out_console.print(f"manifest: {out / 'ideoquant.json'}")
+    out_console.print(f"manifest: {out / 'ideoquant.json'}", soft_wrap=True, highlight=False)
 
 
 def _print_json(obj) -> None:

@@ -395,9 +395,13 @@ class Q8_0(_Quant, qtype=GGMLQuantizationType.Q8_0):
         v += np.copysign(_HALF_DOWN, v, out=np.empty_like(v))
         out[:, 0:2] = _fp16_bytes(d)
         out[:, 2:] = v.astype(np.int8).view(np.uint8)
+        huge = np.isinf(idv)  # d is subnormal and 1/d overflowed: x*id is +-inf or NaN
+        if huge.any():  # ggml's float->int8 conversion of those yields 0 on x86
+            out[huge, 2:] = 0
 
 
 class _QKx2(_Quant, qtype=GGMLQuantizationType.Q4_K):  # shared by Q4_K/Q5_K
+    chunk_blocks = 1024
     nmax: int
     rmin: float
     rdelta: float
@@ -556,7 +560,8 @@ class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
             scale, best_isc, zero = cls._make_qx_quants(X)
             S = scale.reshape(nb, 16)
             absS = np.abs(S)
-            j = np.argmax(absS, axis=1)
+            # C keeps the first strictly larger |scale|, so NaN never wins
+            j = np.argmax(np.where(np.isnan(absS), f(-1), absS), axis=1)
             rows = np.arange(nb)
             max_abs = absS[rows, j]
             max_scale = S[rows, j]

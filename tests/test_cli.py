@@ -1,0 +1,55 @@
+"""The CLI is a thin layer: each command runs the API and renders it."""
+
+import json
+
+from typer.testing import CliRunner
+
+from ideoquant.cli import app
+
+runner = CliRunner()
+
+
+def test_convert_and_inspect_and_recipes(bf16_source, tmp_path):
+    out = tmp_path / "int8"
+    r = runner.invoke(app, ["convert", str(bf16_source), "--out", str(out), "--max-shard-size", "1MB"])
+    assert r.exit_code == 0, r.output
+    assert "transformer" in r.output and "ideoquant.json" in r.output
+    assert (out / "transformer" / "config.json").exists()
+
+    r = runner.invoke(app, ["convert", str(bf16_source), "--out", str(out), "--json", "--overwrite",
+                            "--components", "transformer"])
+    assert r.exit_code == 0, r.output
+    assert list(json.loads(r.stdout)["components"]) == ["transformer"]
+
+    r = runner.invoke(app, ["inspect", str(bf16_source), "--json"])
+    report = json.loads(r.stdout)
+    assert report["components"]["transformer"]["quantized"] == 20
+    assert report["gpu"]["fits"] is True
+    r = runner.invoke(app, ["inspect", str(bf16_source), "--type", "q4_k_m"])
+    assert r.exit_code == 0 and "Q6_K" in r.output and "fits" in r.output
+
+    r = runner.invoke(app, ["recipes", "--json"])
+    assert {x["name"] for x in json.loads(r.stdout)} >= {"int8-w8a8", "gguf"}
+
+
+def test_gguf_command(bf16_source, tmp_path):
+    out = tmp_path / "g"
+    r = runner.invoke(app, ["gguf", str(bf16_source), "--out", str(out), "--type", "q8_0", "--layout", "diffusers"])
+    assert r.exit_code == 0, r.output
+    assert (out / "ideogram4-transformer-Q8_0.gguf").exists()
+    assert (out / "ideogram4-unconditional_transformer-Q8_0.gguf").exists()
+
+
+def test_demo(tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["int8-w8a8", "gguf q8_0", "gguf q4_k", "gguf q4_k_m"]
+    by = {v["name"]: v for v in report["variants"]}
+    assert by["gguf q8_0"]["sqnr_db"] > by["gguf q4_k"]["sqnr_db"] > 30
+    assert by["gguf q4_k"]["bytes"] < by["int8-w8a8"]["bytes"] < report["source_bytes"]
+    # A folder that is not a demo folder is never deleted.
+    (tmp_path / "mine").mkdir()
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "mine")])
+    assert r.exit_code == 2 and "not an ideoquant demo folder" in r.output
