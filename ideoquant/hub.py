@@ -122,10 +122,12 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
     """Verify `folder`, then push exactly the files its manifest lists, the manifest and a model card in ONE commit.
 
     Nothing is sent when verification fails or with dry_run. The card is generated in memory (the verified folder
-    is never modified); with keep_card an existing README.md in the folder is uploaded instead.
+    is never modified); with keep_card an existing README.md in the folder is uploaded instead. Weight and config
+    files already in the repo (at that revision) that this upload does not replace are deleted in the same commit,
+    so a loader never mixes two uploads; other files (docs, images) stay.
     """
     from . import card, manifest
-    from .verify import verify
+    from .verify import LOADABLE_SUFFIXES, verify
 
     folder = Path(folder)
     result = verify(folder)
@@ -142,11 +144,11 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
     message = commit_message or f"Upload {m['kind'].upper()} quantization of {_base_name(m)} (ideoquant)"
     plan = {"repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr, "private": private,
             "commit_message": message, "files": files, "card": card_text, "dry_run": dry_run,
-            "commit_url": None, "pr_url": None}
+            "commit_url": None, "pr_url": None, "deleted": None}  # deleted: only known once the repo is listed
     if dry_run:
         return plan
 
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in paths]
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
@@ -156,10 +158,16 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
+            # Weights or configs of an earlier upload that this one does not replace (other shard names, a stale
+            # index.json) would be loaded next to the new files: delete them in the same commit.
+            stale = sorted(f for f in api.list_repo_files(repo_id, revision=revision)
+                           if f not in m["files"] and f.endswith(LOADABLE_SUFFIXES)
+                           and f not in (manifest.MANIFEST, "README.md"))
+            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
             info = api.create_commit(repo_id, ops, commit_message=message, revision=revision, create_pr=create_pr)
     except _hub_exceptions() as e:
         raise _hub_error(e, repo_id, revision, "upload to") from None
-    plan.update(commit_url=info.commit_url, pr_url=info.pr_url, commit=info.oid)
+    plan.update(commit_url=info.commit_url, pr_url=info.pr_url, commit=info.oid, deleted=stale)
     return plan
 
 

@@ -145,6 +145,9 @@ def test_killed_process_leaves_no_out(tmp_path):
     proc.wait()
     assert staged, "the conversion finished before it could be killed"
     assert not out.exists()
+    # The next run cleans up the dead run's staging folder and succeeds.
+    ideoquant.convert_gguf(str(src), out, qtype="q8_0", components=["transformer"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 
 
 @pytest.mark.parametrize("args,message", [

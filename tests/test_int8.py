@@ -172,3 +172,23 @@ def test_pipeline_quantization_config_matches_recipe():
     tiny = ideoquant.pipeline_quantization_config("int8-w8a8", config=demo.TINY_CONFIG)
     assert tiny.quant_mapping["transformer"].modules_to_not_convert == [
         "final_layer.linear", "layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
+
+
+def test_load_pipeline_passes_both_quantized_backbones(int8_out, monkeypatch):
+    """load_pipeline builds the pipeline from the base repo with both backbones taken from the quantized folder."""
+    import diffusers
+
+    seen = {}
+
+    def fake_from_pretrained(base, **kwargs):
+        seen.update(kwargs, base=base)
+        return "pipeline"
+
+    monkeypatch.setattr(diffusers.Ideogram4Pipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    assert ideoquant.load_pipeline(int8_out[0], base="ideogram-ai/ideogram-4-fp8") == "pipeline"
+    assert seen["base"] == "ideogram-ai/ideogram-4-fp8" and seen["torch_dtype"] == torch.bfloat16
+    for c in model.COMPONENTS:
+        w = seen[c].layers[0].feed_forward.w1.weight
+        assert type(w).__name__ == "Int8Tensor"
+    with pytest.raises(ideoquant.IdeoquantError, match="holds no"):
+        ideoquant.load_pipeline(int8_out[0] / "transformer")

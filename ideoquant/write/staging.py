@@ -22,6 +22,7 @@ def staged_output(out: Path, overwrite: bool = False):
     if out.exists() and not overwrite:
         raise IdeoquantError(f"{out} already exists (use --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     staging = out.parent / f".{out.name}.ideoquant-{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -37,6 +38,18 @@ def staged_output(out: Path, overwrite: bool = False):
     staging.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _remove_stale(out: Path) -> None:
+    """Staging folders of runs that were killed (SIGKILL, power loss) and whose process is gone."""
+    for p in out.parent.glob(f".{out.name}.ideoquant-*.partial"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            pass
 
 
 def check_free_space(folder: Path, needed: int) -> None:
