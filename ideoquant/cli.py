@@ -172,12 +172,12 @@ def inspect(
                       + (f" @ {src['commit']}" if src.get("commit") else ""))
     out_console.print(f"recipe [bold]{report['recipe']['name']}[/bold]: {report['recipe']['description']}")
     t = Table()
-    for col in ("component", "layout", "params", "dtypes", "quantized", "kept", "size now", "size after"):
-        t.add_column(col, justify="left" if col in ("component", "layout", "dtypes") else "right")
+    for col in ("component", "params", "source dtypes", "quantized/kept", "size now", "size after"):
+        t.add_column(col, justify="left" if col in ("component", "source dtypes") else "right")
     for name, c in report["components"].items():
-        t.add_row(name, c["layout"], f"{c['params'] / 1e9:.3f} B" if c["params"] > 1e8 else f"{c['params']:,}",
-                  ", ".join(c["dtypes"]), str(c["quantized"]), str(c["kept"]), _fmt_bytes(c["bytes_in"]),
-                  _fmt_bytes(c["bytes_out"]))
+        params = f"{c['params'] / 1e9:.2f} B" if c["params"] > 1e8 else f"{c['params'] / 1e6:.1f} M"
+        t.add_row(f"{name}\n({c['layout']} layout)", params, "\n".join(c["dtypes"]),
+                  f"{c['quantized']}/{c['kept']}", _fmt_bytes(c["bytes_in"]), _fmt_bytes(c["bytes_out"]))
     out_console.print(t)
     d = Table(title="what the recipe does", title_justify="left")
     for col in ("output dtype", "tensors", "bytes", "why"):

@@ -41,7 +41,7 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
             "protected_modules": plan.protected,
         }
         for t in plan.tensors:
-            key = (t.dtype, _reason_group(t.reason))
+            key = (t.dtype, t.reason)
             decisions[key] += 1
             sizes[key] += t.bytes_out
     weights = sum(c["bytes_out"] for c in comps.values()) / GIB
@@ -66,10 +66,6 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
                     "text encoder and VAE offloaded",
         },
     }
-
-
-def _reason_group(reason: str) -> str:
-    return reason.split(";")[0]
 
 
 def _numel(shape) -> int:
