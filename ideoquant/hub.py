@@ -31,10 +31,13 @@ def _hub_url(repo_id: str) -> str:
 def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str) -> IdeoquantError:
     """One clear line for each way the Hub can say no. Order matters: GatedRepoError is a RepositoryNotFoundError."""
     import httpx2
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError, RevisionResolutionError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        LocalTokenNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError, RevisionResolutionError)
 
     local = "or give a local path to the checkpoint instead"
+    if isinstance(e, LocalTokenNotFoundError):
+        return IdeoquantError(f"cannot {doing} {repo_id}: no Hub token; log in with `hf auth login` or set HF_TOKEN")
     if isinstance(e, GatedRepoError):
         return IdeoquantError(f"{repo_id} is gated: accept its licence at {_hub_url(repo_id)}, then log in with "
                               "`hf auth login` or set HF_TOKEN to a token of that account")
@@ -64,10 +67,11 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str)
 
 def _hub_exceptions() -> tuple[type[BaseException], ...]:
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RevisionResolutionError
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError,
+                                        RevisionResolutionError)
 
     return (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError, FileNotFoundError, HFValidationError,
-            RevisionResolutionError)
+            RevisionResolutionError, LocalTokenNotFoundError)
 
 
 def download_source(repo_id: str, revision: str | None, token: str | None,

@@ -8,6 +8,7 @@ write into a staging folder that replaces OUT only when complete, and finish wit
 from __future__ import annotations
 
 import json
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -236,28 +237,23 @@ def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, 
 
 def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter: Reporter, component: str) -> dict:
     src = t.sources[0]
+    module = model.module_of(t.name)
+    numel = max(1, math.prod(src.shape))
     stats = ErrorStats()
-    if t.quantize:
-        cols = t.shape[1]
-        for start, block in src.row_blocks(BLOCK_ELEMENTS):
-            _check_finite(t.name, block)
+    for start, block in src.row_blocks(BLOCK_ELEMENTS):
+        _check_finite(t.name, block)
+        row = block[0].numel() if block.ndim > 1 else 0  # elements per row: byte offsets of this block
+        if t.quantize:
             qdata, scale, zero_point = int8.quantize(block, device)
             stats.add(block, int8.dequantize(qdata, scale))
-            module = model.module_of(t.name)
-            writer.write(f"{module}._weight_qdata", qdata, start * cols)
+            writer.write(f"{module}._weight_qdata", qdata, start * row)
             writer.write(f"{module}._weight_scale", scale, start * 4)
             writer.write(f"{module}._weight_zero_point", zero_point, start)
-            reporter.advance(component, src.nbytes * block.shape[0] // t.shape[0])
-    else:
-        row_bytes = 2
-        for d in t.shape[1:]:
-            row_bytes *= d
-        for start, block in src.row_blocks(BLOCK_ELEMENTS):
-            _check_finite(t.name, block)
+        else:
             kept = block.to(torch.bfloat16)
             stats.add(block, kept)
-            writer.write(t.name, kept, start * row_bytes)
-            reporter.advance(component, src.nbytes * (block.shape[0] if block.ndim else 1) // max(t.shape[0] if t.shape else 1, 1))
+            writer.write(t.name, kept, start * row * 2)
+        reporter.advance(component, src.nbytes * block.numel() // numel)
     return manifest.tensor_record(t, stats.sqnr_db)
 
 

@@ -214,18 +214,19 @@ def _sdot3(a, b, c, tmp):
 # make_qkx2_quants (Q4_K, Q5_K), vectorised over sub-blocks
 # --------------------------------------------------------------------------
 
-def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep, ws):
+def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep, ws, track=False):
     """Vectorised ``make_qkx2_quants(n=P, nmax, x, w, ..., use_mad=false)``.
 
     ``X``, ``W``: float32 ``[P, n]`` (position-major: column ``k`` is one
-    sub-block).  Returns ``(scale, the_min, best_isc, best_mn)``, each ``[n]``
-    float32; the quants chosen for sub-block ``k`` are
+    sub-block), ``ws``: a ``_Workspace`` of the same shape.  Returns
+    ``(scale, the_min)``, each ``[n]`` float32.  With ``track=True`` it also
+    returns ``(best_isc, best_mn)``: the quants the search settled on are
     ``clamp(nearest_int(best_isc*(x - best_mn)), 0, nmax)`` (0 where
-    ``best_isc`` is 0).
+    ``best_isc`` is 0).  Columns are independent of each other.
     """
     f = _f32
     nmax_f = f(nmax)
-    # rint(v) <= nmax as long as v < nmax + 0.5 (ties go to even = nmax + 1)
+    # rint(v) <= nmax as long as v < nmax + 0.5 (the tie goes to even = nmax + 1)
     no_top_clip = f(nmax) + f(0.5) - f(1e-3)
     L, T, E = ws.a, ws.b, ws.c
 
@@ -241,13 +242,13 @@ def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep, ws):
     rng = xhi - mn
     if not all_valid:
         rng[invalid] = f(1)
-    dlo = xlo - mn  # (x - min) at the smallest x; isc*dlo bounds isc*(x - min)
+    dlo = xlo - mn  # isc*dlo is the extreme of isc*(x - min) opposite to ~c
 
     def quant(isc, c):
         """L = clamp(nearest_int(isc*(X - mn)), 0, nmax)."""
         np.subtract(X, mn, out=T)
         np.multiply(T, isc, out=T)
-        vlo = dlo * isc  # min over x of isc*(x - mn) when isc > 0, max when < 0
+        vlo = dlo * isc
         lo = vlo.min()
         hi = vlo.max()
         if lo >= -_NI_MAX and hi <= _NI_MAX:  # False for NaN, too
@@ -268,8 +269,9 @@ def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep, ws):
     np.add(E, mn, out=E)
     np.subtract(E, X, out=E)
     best = _sdot3(E, E, W, T)  # sum w*(diff*diff)
-    best_isc = isc
-    best_mn = mn.copy()
+    if track:
+        best_isc = isc
+        best_mn = mn.copy()
 
     for step in range(nstep + 1):
         c = f(rmin) + f(rdelta) * f(step) + nmax_f  # (rmin + rdelta*is) + nmax
@@ -293,20 +295,24 @@ def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep, ws):
         imp &= D > 0
         if not all_valid:
             imp &= valid
-        if imp.any():
-            np.copyto(best, cur, where=imp)
-            np.copyto(scale, this_scale, where=imp)
-            np.copyto(best_isc, isc, where=imp)
-            np.copyto(best_mn, mn, where=imp)
-            np.copyto(mn, this_min, where=imp)
-            np.subtract(xhi, mn, out=rng)
-            if not all_valid:
-                rng[invalid] = f(1)
-            np.subtract(xlo, mn, out=dlo)
+        k = np.flatnonzero(imp)
+        if k.size:
+            best[k] = cur[k]
+            scale[k] = this_scale[k]
+            if track:
+                best_isc[k] = isc[k]
+                best_mn[k] = mn[k]
+            mk = this_min[k]
+            mn[k] = mk
+            rng[k] = xhi[k] - mk
+            dlo[k] = xlo[k] - mk
     if not all_valid:
         scale[invalid] = f(0)
-        best_isc[invalid] = f(0)
-    return scale, -mn, best_isc, best_mn
+        if track:
+            best_isc[invalid] = f(0)
+    if track:
+        return scale, -mn, best_isc, best_mn
+    return scale, -mn
 
 
 def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -418,9 +424,7 @@ class _QKx2(_Quant, qtype=GGMLQuantizationType.Q4_K):  # shared by Q4_K/Q5_K
         av_x = np.sqrt(sum_x2 / f(32))
         W = np.abs(X)
         np.add(W, av_x, out=W)  # weights = av_x + |x|
-        scale, the_min, best_isc, best_mn = _make_qkx2_quants(
-            X, W, cls.nmax, cls.rmin, cls.rdelta, cls.nstep, ws
-        )
+        scale, the_min = _make_qkx2_quants(X, W, cls.nmax, cls.rmin, cls.rdelta, cls.nstep, ws)
         S = scale.reshape(nb, 8)
         M = the_min.reshape(nb, 8)
         # C: ``max = 0; if (v > max) max = v`` -> +0.0 unless something is > 0
@@ -444,10 +448,14 @@ class _QKx2(_Quant, qtype=GGMLQuantizationType.Q4_K):  # shared by Q4_K/Q5_K
         Li = _nearest_int(V)
         np.clip(Li, 0, cls.nmax, out=Li)
         zero = dj == 0
-        if zero.any():  # keep the quants of the scale search
+        if zero.any():  # keep the quants of the scale search: redo it for those
             k = np.flatnonzero(zero)
-            Xk = X[:, k]
-            Vk = np.multiply(Xk - best_mn[k], best_isc[k])
+            Xk = np.ascontiguousarray(X[:, k])
+            Wk = np.ascontiguousarray(W[:, k])
+            _, _, best_isc, best_mn = _make_qkx2_quants(
+                Xk, Wk, cls.nmax, cls.rmin, cls.rdelta, cls.nstep, _Workspace(Xk.shape), track=True
+            )
+            Vk = np.multiply(Xk - best_mn, best_isc)
             Lk = _nearest_int(Vk)
             np.clip(Lk, 0, cls.nmax, out=Lk)
             Li[:, k] = Lk
