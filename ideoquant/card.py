@@ -70,7 +70,8 @@ def _usage(manifest: dict, repo_id: str) -> str:
     base = manifest.get("source", {}).get("repo_id") or model.DEFAULT_SOURCE
     comps = list(manifest["components"])
     if manifest["kind"] == "int8":
-        lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel", ""]
+        lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel",
+                 ""]
         for c in comps:
             lines.append(f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    "{repo_id}", subfolder="{c}", '
                          "torch_dtype=torch.bfloat16\n)")
@@ -82,8 +83,8 @@ def _usage(manifest: dict, repo_id: str) -> str:
                   f"from `{base}`."]
         return "\n".join(lines)
     files = {c: next((f for f in manifest["components"][c]["files"] if f.endswith(".gguf")), None) for c in comps}
-    lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline", "from huggingface_hub import hf_hub_download",
-             "import ideoquant", ""]
+    lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline",
+             "from huggingface_hub import hf_hub_download", "import ideoquant", ""]
     for c in comps:
         lines.append(f'{c} = ideoquant.load_transformer(hf_hub_download("{repo_id}", "{files[c]}"))')
     args = "".join(f"    {c}={c},\n" for c in comps)
@@ -134,9 +135,9 @@ def model_card(manifest: dict, repo_id: str) -> str:
     else:
         counted = ", ".join(f"{k} linear modules in `{n}`" for n, k in counts.items())
     if patterns:
+        unless = recipe.get("no_protect") or []
         out.append("Protected layers (kept in BF16): " + ", ".join(f"`{p}`" for p in patterns)
-                   + (" except " + ", ".join(f"`{p}`" for p in recipe["no_protect"]) if recipe.get("no_protect") else "")
-                   + f": {counted}.")
+                   + (" except " + ", ".join(f"`{p}`" for p in unless) if unless else "") + f": {counted}.")
     else:
         out.append("No linear layers are protected.")
     out.append("Norms, biases and embeddings are never quantized.")

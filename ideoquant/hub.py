@@ -30,12 +30,11 @@ def _hub_url(repo_id: str) -> str:
 
 def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str) -> IdeoquantError:
     """One clear line for each way the Hub can say no. Order matters: GatedRepoError is a RepositoryNotFoundError."""
-    import httpx2
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         LocalTokenNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError, RevisionResolutionError)
 
-    local = "or give a local path to the checkpoint instead"
+    local = ", or give a local path to the checkpoint instead" if doing == "download" else ""
     if isinstance(e, LocalTokenNotFoundError):
         return IdeoquantError(f"cannot {doing} {repo_id}: no Hub token; log in with `hf auth login` or set HF_TOKEN")
     if isinstance(e, GatedRepoError):
@@ -48,7 +47,7 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str)
         return IdeoquantError(f"revision '{revision}' not found in Hub repo {repo_id} (a branch, tag or commit sha)")
     if isinstance(e, OfflineModeIsEnabled) or isinstance(e.__cause__, OfflineModeIsEnabled):
         return IdeoquantError(f"cannot {doing} {repo_id}: HF_HUB_OFFLINE is set and the files are not in the "
-                              f"Hugging Face cache; unset HF_HUB_OFFLINE, {local}")
+                              f"Hugging Face cache; unset HF_HUB_OFFLINE{local}")
     if isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 403):
         return IdeoquantError(f"cannot {doing} {repo_id}: the Hub refused the request "
                               f"({e.response.status_code}); log in with `hf auth login` or set HF_TOKEN to a token "
@@ -58,19 +57,27 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, doing: str)
         detail = (e.server_message or "").strip().splitlines()
         return IdeoquantError(f"cannot {doing} {repo_id}: the Hub answered {status}"
                               + (f" ({detail[0]})" if detail else ""))
-    if isinstance(e, (httpx2.TransportError, LocalEntryNotFoundError, RevisionResolutionError, ConnectionError,
+    if isinstance(e, (_transport_error(), LocalEntryNotFoundError, RevisionResolutionError, ConnectionError,
                       TimeoutError)):
         return IdeoquantError(f"cannot {doing} {repo_id}: the Hub is unreachable ({type(e).__name__}); "
-                              f"check the network, {local}")
+                              f"check the network{local}")
     return IdeoquantError(f"cannot {doing} {repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
+def _transport_error() -> type[BaseException]:
+    """The HTTP client's base error for connections and timeouts (huggingface_hub 2.x uses httpx2, 1.x httpx)."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx.TransportError
+
+
 def _hub_exceptions() -> tuple[type[BaseException], ...]:
-    import httpx2
     from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalTokenNotFoundError,
                                         RevisionResolutionError)
 
-    return (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError, FileNotFoundError, HFValidationError,
+    return (HfHubHTTPError, _transport_error(), ConnectionError, TimeoutError, FileNotFoundError, HFValidationError,
             RevisionResolutionError, LocalTokenNotFoundError)
 
 

@@ -139,5 +139,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return Recipe(
         name=data["name"], format=fmt, description=data["description"].strip(), source=data["source"].strip(),
         protect=tuple(_module_pattern(p) for p in protect), type=qtype.upper() if qtype else None,
-        rules=tuple((r, t.upper()) for r, t in rules.items()), path=str(path.resolve()),
+        rules=tuple((r, t.upper()) for r, t in rules.items()),
+        # Packaged recipes are identified by name and ideoquant version; a custom one by the path it was given as.
+        path=None if path.resolve().parent == RECIPE_DIR.resolve() else str(name_or_path),
     )

@@ -145,7 +145,7 @@ class Source:
         if self.repo_id:
             d.update(repo_id=self.repo_id, revision=self.revision, commit=self.commit)
         else:
-            d["path"] = str(self.path.resolve())
+            d["path"] = self.spec  # as the user gave it: manifests get published, absolute paths leak user names
         return d
 
 

@@ -191,8 +191,9 @@ def _check_int8(folder: Path, name: str, comp: dict, result: VerifyResult) -> bo
                                "not 'torchao'")
         ok = False
     elif sorted(qc.get("modules_to_not_convert") or []) != sorted(protected):
-        result.problems.append(f"{name}: config.json modules_to_not_convert ({len(qc.get('modules_to_not_convert') or [])}"
-                               f" modules) differs from the manifest's protected_modules ({len(protected)})")
+        n = len(qc.get("modules_to_not_convert") or [])
+        result.problems.append(f"{name}: config.json modules_to_not_convert ({n} modules) differs from the "
+                               f"manifest's protected_modules ({len(protected)})")
         ok = False
     else:
         result.checks.append(f"{name}: config.json protects the manifest's {len(protected)} modules")

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tests.conftest_hub import TEST_TOKEN, fake_hub, hub_env  # noqa: F401  (fixtures, until conftest registers them)
+from tests.conftest_hub import TEST_TOKEN
 
 README = "---\nlicense: apache-2.0\nlibrary_name: diffusers\ntags:\n- ideogram\n- quantized\n---\n# Test model\n"
 BIG = 12 * 1024 * 1024  # above the 10 MiB LFS threshold
