@@ -106,7 +106,7 @@ def _source_files(src: Source) -> dict[str, Path]:
 
 
 def _run(kind: str, src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, overwrite: bool,
-         write_component, reporter: Reporter | None, extra_files=None) -> dict:
+         write_component, reporter: Reporter | None, extra_files=None, extra=None) -> dict:
     reporter = reporter or Reporter()
     out = Path(out)
     check_free_space(out.parent if out.parent != Path("") else Path("."),
@@ -134,7 +134,7 @@ def _run(kind: str, src: Source, recipe: Recipe, plans: dict[str, ComponentPlan]
             source["files"] = {rel: {"size": p.stat().st_size,
                                      "sha256": src.file_hashes.get(rel) or hashes["source:" + rel]["sha256"]}
                                for rel, p in source_files.items()}
-            m = manifest.build(kind, recipe.to_dict(), source, records, outputs)
+            m = manifest.build(kind, recipe.to_dict(), source, records, outputs, extra)
             manifest.write(staging, m)
     except BaseException:
         hasher.cancel()
@@ -168,20 +168,30 @@ def convert(
     device: str = "cpu",
     max_shard_size: str | int = "5GB",
     reporter: Reporter | None = None,
+    smoothquant: str | Path | None = None,
+    alpha: float = 0.5,
 ) -> dict:
-    """Quantize both Ideogram 4 backbones to INT8 W8A8 in torchao's safetensors format. Returns the manifest."""
+    """Quantize both Ideogram 4 backbones to INT8 W8A8 in torchao's safetensors format. Returns the manifest.
+
+    smoothquant: statistics from `ideoquant calibrate`; each quantized linear is then smoothed as torchao's SmoothQuant
+    does (factor from `alpha`, weight * s quantized, `act_pre_scale = 1 / s` stored), see `ideoquant.smoothquant`."""
     r = resolve_recipe(recipe, protect, no_protect)
     device = check_device(device)
     shard_bytes = parse_size(max_shard_size)
     src, plans = prepare(source, r, components=components, revision=revision, token=token)
+    from .smoothquant import smoother_for
+
+    smooth = smoother_for(smoothquant, alpha, plans)
 
     def write_component(plan, staging, hasher, reporter):
-        return _write_int8_component(plan, staging, shard_bytes, device, hasher, reporter)
+        return _write_int8_component(plan, staging, shard_bytes, device, hasher, reporter, smooth)
 
-    return _run("int8", src, r, plans, out, overwrite, write_component, reporter, _model_index)
+    return _run("int8", src, r, plans, out, overwrite, write_component, reporter, _model_index,
+                {"smoothquant": smooth.record()} if smooth else None)
 
 
-def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, device: str, hasher, reporter):
+def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, device: str, hasher, reporter,
+                          smooth=None):
     name = plan.component.name
     folder = staging / name
     folder.mkdir()
@@ -190,7 +200,8 @@ def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, 
     metadata: dict[str, str] = {}
     for t in plan.tensors:
         if t.quantize:
-            lay = int8.layout(t.name, t.shape)
+            smoothed = smooth is not None and smooth.applies(name, t.name)
+            lay = smooth.layout(t.name, t.shape) if smoothed else int8.layout(t.name, t.shape)
             slots[t.name] = {k: Slot(dt, sh) for k, (dt, sh) in lay.keys.items()}
             metadata[t.name] = lay.metadata
         else:
@@ -212,7 +223,7 @@ def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, 
                              {"format": "pt", **metadata})
         try:
             for n in group:
-                records.append(_write_int8_tensor(by_name[n], writer, device, reporter, name))
+                records.append(_write_int8_tensor(by_name[n], writer, device, reporter, name, smooth))
                 weight_map.update({k: filename for k in slots[n]})
         except BaseException:
             writer.abort()
@@ -235,23 +246,31 @@ def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, 
     return records, files
 
 
-def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter: Reporter, component: str) -> dict:
+def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter: Reporter, component: str,
+                       smooth=None) -> dict:
     src = t.sources[0]
     module = model.module_of(t.name)
     numel = max(1, math.prod(src.shape))
     stats = ErrorStats()
+    sm = smooth.prepare(component, t) if t.quantize and smooth is not None and smooth.applies(component, t.name) else None
+    if sm is not None:
+        writer.write(f"{module}._weight_act_pre_scale", sm.act_pre_scale)
+    # A bf16 tensor kept as bf16 is copied bit for bit: its error is zero by construction, so it is not measured.
+    exact = not t.quantize and src.dtype == "BF16" and src.scale is None
     for start, block in src.row_blocks(BLOCK_ELEMENTS):
-        _check_finite(t.name, block)
         row = block[0].numel() if block.ndim > 1 else 0  # elements per row: byte offsets of this block
         if t.quantize:
-            qdata, scale, zero_point = int8.quantize(block, device)
-            stats.add(block, int8.dequantize(qdata, scale))
+            qdata, scale, zero_point, signal, noise = int8.quantize(block, device)
+            _check_finite(t.name, scale)
+            stats.add_energies(signal, noise)
             writer.write(f"{module}._weight_qdata", qdata, start * row)
             writer.write(f"{module}._weight_scale", scale, start * 4)
             writer.write(f"{module}._weight_zero_point", zero_point, start)
         else:
+            _check_finite(t.name, block)
             kept = block.to(torch.bfloat16)
-            stats.add(block, kept)
+            if not exact:
+                stats.add(block, kept)
             writer.write(t.name, kept, start * row * 2)
         reporter.advance(component, src.nbytes * block.numel() // numel)
     return manifest.tensor_record(t, stats.sqnr_db)

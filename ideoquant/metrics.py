@@ -20,6 +20,10 @@ class ErrorStats:
         self.signal += float(ref.square().sum(dtype=torch.float64))
         self.noise += float(diff.square().sum(dtype=torch.float64))
 
+    def add_energies(self, signal: float, noise: float) -> None:
+        self.signal += signal
+        self.noise += noise
+
     @property
     def sqnr_db(self) -> float | None:
         """None when the approximation is exact (infinite SQNR, which JSON cannot hold)."""

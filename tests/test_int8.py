@@ -135,7 +135,7 @@ def test_fp8_source(fp8_source, bf16_source, inputs, tmp_path):
     # Dequantized exactly in float32: quantizing that float32 weight with torchao gives the stored int8.
     w = comp.tensors["layers.0.feed_forward.w1.weight"].read()
     assert w.dtype == torch.float32
-    qdata, scale, _ = int8.quantize(w)
+    qdata, scale, _ = int8.reference_quantize(w)
     with safe_open(tmp_path / "out/transformer/diffusion_pytorch_model.safetensors", "pt") as h:
         assert torch.equal(h.get_tensor("layers.0.feed_forward.w1._weight_qdata"), qdata)
         assert torch.equal(h.get_tensor("layers.0.feed_forward.w1._weight_scale"), scale)
@@ -192,3 +192,35 @@ def test_load_pipeline_passes_both_quantized_backbones(int8_out, monkeypatch):
         assert type(w).__name__ == "Int8Tensor"
     with pytest.raises(ideoquant.IdeoquantError, match="holds no"):
         ideoquant.load_pipeline(int8_out[0] / "transformer")
+
+
+@pytest.mark.parametrize("case", ["gaussian", "zeros", "tiny", "negative", "positive", "outliers", "fp32", "fp16",
+                                  "bf16_every_absmax"])
+def test_encoder_bits_equal_torchao(case):
+    """ideoquant's int8 encoder against torchao's own function, on the edge cases that matter."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1024, generator=g) * 0.02
+    if case == "zeros":
+        x = torch.zeros(4, 256)
+    elif case == "tiny":
+        x = x * 1e-30
+    elif case == "negative":
+        x = -x.abs()
+    elif case == "positive":
+        x = x.abs()
+    elif case == "outliers":
+        x[:, :4] *= 1000
+    elif case == "bf16_every_absmax":
+        # one row per positive finite bf16 value as the row's absmax (both signs): every rounding of absmax/127.5
+        values = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+        x = torch.rand(values.numel(), 64, generator=g) * values[:, None]
+        x[:, 0] = values
+        x = torch.cat([x, -x])
+    x = x.to({"fp32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16))
+    q, s, z, signal, noise = int8.quantize(x)
+    rq, rs, rz = int8.reference_quantize(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)
+    if case == "gaussian":
+        from ideoquant.metrics import sqnr_db
+        import math
+        assert abs(10 * math.log10(signal / noise) - sqnr_db(x, int8.dequantize(rq, rs))) < 1e-3

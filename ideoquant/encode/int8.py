@@ -56,10 +56,36 @@ def plain_metadata() -> str:
     return flatten_tensor_state_dict({"t": torch.empty(1, device="meta")})[1]["t"]
 
 
-def quantize(block: torch.Tensor, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of a weight -> (qdata int8 [r, K], scale float32 [r, 1], zero_point int8 [r, 1]), on the CPU."""
-    q = _quantize(block.to(device))
-    return q.qdata.cpu(), q.scale.cpu(), q.zero_point.cpu()
+EPS = torch.finfo(torch.float32).eps  # torchao clamps int8 scales at float32 eps for every input dtype
+
+
+def quantize(block: torch.Tensor, device: str = "cpu"):
+    """Rows of a weight -> (qdata int8 [r, K], scale float32 [r, 1], zero_point int8 [r, 1], signal, noise).
+
+    The same torch ops, in the same dtypes, as torchao 0.18's `choose_qparams_affine` + `quantize_affine` for
+    `Int8DynamicActivationInt8WeightConfig()` (absmax in the weight's dtype, / 127.5 rounded to that dtype, clamp
+    at float32 eps, q = round_half_even(w * (1/scale)) clamped to [-128, 127]); the tests check the bits against
+    torchao's own function. Written out so that the float32 intermediate `y = w / scale` is made once and also
+    gives the quantization error: signal = sum(w^2) = sum(s^2 y^2), noise = sum(s^2 (y - q)^2), no dequantize pass.
+    A NaN or Inf anywhere in a row makes that row's scale non-finite, which the caller checks.
+    """
+    w = block.to(device)
+    lo, hi = torch.aminmax(w, dim=1, keepdim=True)
+    absmax = torch.maximum(-lo.clamp(max=0), hi.clamp(min=0))
+    scale = (absmax / 127.5).clamp_(min=EPS).to(torch.float32)
+    y = w * (1.0 / scale)
+    q = torch.round(y).clamp_(-128, 127)
+    qdata = q.to(torch.int8)
+    s2 = scale.squeeze(1).double().square()
+    signal = float((torch.linalg.vector_norm(y, dim=1).double().square() * s2).sum())
+    noise = float((torch.linalg.vector_norm(y.sub_(q), dim=1).double().square() * s2).sum())
+    return qdata.cpu(), scale.cpu(), torch.zeros_like(qdata[:, :1]).cpu(), signal, noise
+
+
+def reference_quantize(block: torch.Tensor):
+    """torchao's own path, for tests: (qdata, scale, zero_point)."""
+    q = _quantize(block)
+    return q.qdata, q.scale, q.zero_point
 
 
 def dequantize(qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
