@@ -21,7 +21,7 @@ from .errors import IdeoquantError
 from .metrics import ErrorStats
 from .plan import ComponentPlan, TensorPlan, plan_gguf, plan_int8
 from .recipe import Recipe, load_recipe, parse_type_rule
-from .source import Source, open_source
+from .source import ReadAhead, Source, open_source
 from .write.safetensors import ShardWriter, Slot, parse_size, shard_groups
 from .write.staging import check_free_space, sha256_file, staged_output
 
@@ -37,6 +37,17 @@ class Reporter:
     def advance(self, component: str, nbytes: int) -> None: ...
 
     def finish(self, component: str) -> None: ...
+
+
+class _ReadAheadReporter(Reporter):
+    """Progress is bytes read from the source: it also tells the read-ahead how far the job has got."""
+
+    def __init__(self, inner: Reporter, ahead: ReadAhead):
+        self.inner, self.ahead = inner, ahead
+
+    def advance(self, component: str, nbytes: int) -> None:
+        self.ahead.consumed(nbytes)
+        self.inner.advance(component, nbytes)
 
 
 def check_device(device: str) -> str:
@@ -122,7 +133,11 @@ def _run(kind: str, src: Source, recipe: Recipe, plans: dict[str, ComponentPlan]
             for name, plan in plans.items():
                 t0 = time.perf_counter()
                 reporter.start(name, plan.bytes_in)
-                tensors, files = write_component(plan, staging, hasher, reporter)
+                ahead = ReadAhead([s for t in plan.tensors for s in t.sources])
+                try:
+                    tensors, files = write_component(plan, staging, hasher, _ReadAheadReporter(reporter, ahead))
+                finally:
+                    ahead.close()
                 reporter.finish(name)
                 records[name] = manifest.component_record(plan, tensors, files, time.perf_counter() - t0)
             for rel, content in (extra_files(src, plans) if extra_files else {}).items():
