@@ -114,6 +114,9 @@ def convert(
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     device: str = typer.Option("cpu", help="Where the quantization math runs: cpu or cuda."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+    smoothquant: Optional[Path] = typer.Option(None, "--smoothquant", help="Apply SmoothQuant with these statistics "
+                                               "(from `ideoquant calibrate`)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant migration strength (0: none, 1: all to weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of tables."),
 ):
     """Quantize both backbones to INT8 W8A8 (torchao format: stock diffusers loads it)."""
@@ -121,7 +124,8 @@ def convert(
 
     m = _run(lambda rep: api.convert(source, out, recipe=recipe, protect=protect, no_protect=no_protect,
                                      components=components or None, revision=revision, overwrite=overwrite,
-                                     device=device, max_shard_size=max_shard_size, reporter=rep), as_json)
+                                     device=device, max_shard_size=max_shard_size, reporter=rep,
+                                     smoothquant=smoothquant, alpha=alpha), as_json)
     _print_json(m) if as_json else _summary(m, out)
 
 
@@ -288,6 +292,224 @@ def upload(
         out_console.print(result["card"], markup=False, highlight=False)
     else:
         out_console.print(result.get("pr_url") or result.get("commit_url") or "")
+
+
+# ---------------------------------------------------------------- eval, capture, sensitivity, calibrate
+
+
+def _run_steps(fn, as_json: bool):
+    """Like `_run`, with a progress bar that counts forward passes instead of bytes."""
+    from rich.progress import MofNCompleteColumn
+
+    progress = Progress(TextColumn("[bold]{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=as_json)
+    try:
+        with progress:
+            return fn(RichReporter(progress))
+    except IdeoquantError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        raise typer.Exit(130)
+
+
+def _db(x) -> str:
+    return "exact" if x is None else f"{x:.1f} dB"
+
+
+def _sample_note(inputs: dict) -> str:
+    if inputs.get("kind") == "captured":
+        return f"captured inputs {inputs.get('path')} ({inputs.get('calls')})"
+    return (f"{inputs['steps']} sample steps, {inputs['tokens']} text tokens + {inputs['grid'][0]}x{inputs['grid'][1]} "
+            f"image tokens, batch {inputs['batch']}")
+
+
+@app.command("eval")
+def eval_(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    quantized: Optional[List[Path]] = typer.Argument(None, help="INT8 output folders and/or .gguf files "
+                                                     "(or folders of them)."),
+    baselines: str = typer.Option("fp8,nf4,w8a8", help="Baselines built from the source weights (comma-separated "
+                                  "fp8, nf4, w8a8), or 'none'."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs recorded by `ideoquant capture`."),
+    steps: int = typer.Option(4, help="Sample inputs: denoising steps (timesteps)."),
+    tokens: int = typer.Option(64, help="Sample inputs: text tokens."),
+    grid: int = typer.Option(16, help="Sample inputs: image grid side (grid x grid image tokens)."),
+    batch: int = typer.Option(2, help="Sample inputs: prompts per step."),
+    guidance: float = typer.Option(7.0, help="g in g * v_cond + (1 - g) * v_uncond."),
+    layer_rows: int = typer.Option(64, help="Rows per layer and step kept from the source for per-layer SQNR."),
+    components: List[str] = typer.Option([], help="Only this backbone (repeatable)."),
+    device: str = typer.Option("cpu", help="cpu, or cuda (the way to run it on the real model)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of per-layer SQNR per variant."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit of SOURCE."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Compare quantized backbones (and FP8 / NF4 / unprotected W8A8 baselines) with the source on the same inputs."""
+    from . import evaluate as api
+
+    names = [] if baselines.strip().lower() in ("", "none") else [b for b in baselines.split(",") if b.strip()]
+    report = _run_steps(lambda rep: api.evaluate(
+        source, quantized or [], baselines=names, components=components or None, inputs=inputs, steps=steps,
+        tokens=tokens, grid=grid, batch=batch, guidance=guidance, layer_rows=layer_rows, device=device,
+        revision=revision, reporter=rep), as_json)
+    if plot:
+        api.plot(report, plot)
+    if as_json:
+        return _print_json(report)
+    t = Table(title=f"eval against {source} ({_sample_note(report['inputs'])})", title_justify="left")
+    for col in ("variant", "backbone", "SQNR", "cosine", "rel. err", f"guided (g={report['guidance']:g})",
+                "weights", "worst layer"):
+        t.add_column(col, justify="left" if col in ("variant", "backbone", "worst layer") else "right",
+                     overflow="fold", no_wrap=col not in ("variant", "worst layer"))
+    short = {"transformer": "cond", "unconditional_transformer": "uncond"}
+    for v in report["variants"]:
+        for i, (c, x) in enumerate(v["components"].items()):
+            g = v["guided"]
+            t.add_row(v["name"] if i == 0 else "", short.get(c, c), _db(x["sqnr_db"]), f"{x['cosine']:.6f}",
+                      f"{x['rel_error']:.4f}", (_db(g["sqnr_db"]) if g else "-") if i == 0 else "",
+                      f"{_fmt_bytes(x['weight_bytes'])} {x['weight_ratio']:.2f}x",
+                      f"{x['worst_layer']} {_db(x['worst_layer_sqnr_db'])}" if x["worst_layer"] else "-")
+        t.add_section()
+    out_console.print(t)
+    out_console.print("SQNR / cosine / rel. err: velocity on the image tokens against the source's (cond: transformer, "
+                      "uncond: unconditional_transformer); guided: g * v_cond + (1 - g) * v_uncond; weights: bytes as "
+                      "stored, and against the source's bf16; worst layer: lowest SQNR of a layer's output on the "
+                      "source's layer input (its own error)."
+                      + (f"\nplot: {plot}" if plot else ""), highlight=False)
+
+
+@app.command()
+def capture(
+    model: str = typer.Argument(..., help="An Ideogram 4 pipeline (Hub repo id or folder) with its text encoder."),
+    out: Path = typer.Option(Path("captured.safetensors"), "--out", "-o", help="Where to save the inputs."),
+    prompt: List[str] = typer.Option(["a red fox in fresh snow, photograph"], help="Prompt (repeatable)."),
+    height: int = typer.Option(512, help="Image height (small keeps the file small)."),
+    width: int = typer.Option(512, help="Image width."),
+    steps: int = typer.Option(4, help="Denoising steps: one call of each backbone per step."),
+    max_sequence_length: int = typer.Option(256, help="Text tokens."),
+    guidance_scale: float = typer.Option(7.0, help="Guidance scale of the run."),
+    seed: int = typer.Option(0, help="Seed of the initial latents."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    offload: bool = typer.Option(False, help="enable_model_cpu_offload() instead of moving the pipeline to --device."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Run the real pipeline once and record every backbone call's inputs, for eval/sensitivity/calibrate --inputs."""
+    from .evaluate import capture_pipeline
+
+    info = _run_steps(lambda rep: capture_pipeline(model, out, prompts=prompt, height=height, width=width, steps=steps,
+                                                   max_sequence_length=max_sequence_length,
+                                                   guidance_scale=guidance_scale, seed=seed, device=device,
+                                                   offload=offload, revision=revision), as_json)
+    if as_json:
+        return _print_json(info)
+    out_console.print(f"captured {info['calls']} calls → {out} ({_fmt_bytes(info['bytes'])})", highlight=False)
+
+
+@app.command()
+def sensitivity(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    recipe: str = typer.Option("int8-w8a8", help="Recipe whose scheme to measure (int8: W8A8; gguf: its type)."),
+    qtype: Optional[str] = typer.Option(None, "--type", help="GGUF recipes: base type override (q8_0, q4_k, ...)."),
+    group: bool = typer.Option(False, "--group", help="Quantize one group at a time (every w2, every to_q, ...)."),
+    components: List[str] = typer.Option([], help="Only this backbone (repeatable)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs recorded by `ideoquant capture`."),
+    steps: int = typer.Option(2, help="Sample inputs: denoising steps."),
+    tokens: int = typer.Option(64, help="Sample inputs: text tokens."),
+    grid: int = typer.Option(16, help="Sample inputs: image grid side."),
+    batch: int = typer.Option(2, help="Sample inputs: prompts per step."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="GGUF encoder threads."),
+    top: int = typer.Option(25, help="Rows of the ranking to show."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the ranking."),
+    write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write a recipe TOML protecting the most "
+                                                "fragile (needs --protect-top or --budget-gb)."),
+    protect_top: Optional[int] = typer.Option(None, "--protect-top", help="Protect the K most fragile."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="Protect the most fragile while their extra "
+                                              "bf16 bytes fit in X GB."),
+    name: Optional[str] = typer.Option(None, help="Name of the written recipe (default: the file's stem)."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Rank linear layers (or groups) by the end-to-end SQNR lost when only that one is quantized."""
+    from . import sensitivity as api
+
+    if write_recipe and (protect_top is None) == (budget_gb is None):
+        console.print("[red]error:[/red] --write-recipe needs exactly one of --protect-top K and --budget-gb X")
+        raise typer.Exit(2)
+    report = _run_steps(lambda rep: api.sensitivity(
+        source, recipe, qtype=qtype, group=group, components=components or None, inputs=inputs, steps=steps,
+        tokens=tokens, grid=grid, batch=batch, device=device, threads=threads, revision=revision, reporter=rep), as_json)
+    written = None
+    if write_recipe:
+        try:
+            written = api.write_recipe(report, write_recipe, protect_top=protect_top, budget_gb=budget_gb, name=name)
+        except IdeoquantError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2)
+        report["written_recipe"] = {"path": str(write_recipe), "name": written.name, "protect": list(written.protect)}
+    if plot:
+        api.plot(report, plot)
+    if as_json:
+        return _print_json(report)
+    t = Table(title=f"sensitivity under {report['recipe']['name']}: {report['scheme']}", title_justify="left")
+    short = {"transformer": "cond", "unconditional_transformer": "uncond"}
+    for col in ("rank", "group" if group else "layer", "type", *[short.get(c, c) for c in report["components"]],
+                "noise", "+bf16", "protected"):
+        t.add_column(col, justify="left" if col in ("group", "layer", "type") else "right",
+                     overflow="fold" if col in ("group", "layer") else "ellipsis",
+                     no_wrap=col not in ("group", "layer"))
+    for u in report["units"][:top]:
+        t.add_row(str(u["rank"]), u["unit"], ",".join(u["types"]),
+                  *[_db(u["sqnr_db"].get(c)) for c in report["components"]],
+                  f"{u['noise_share']:.1%}", _fmt_bytes(u["extra_bytes"]), "yes" if u["protected_by_recipe"] else "")
+    out_console.print(t)
+    out_console.print(f"cond / uncond: end-to-end velocity SQNR of transformer / unconditional_transformer with only "
+                      f"that {'group' if group else 'layer'} quantized ({_sample_note(report['inputs'])}); lower = "
+                      "more fragile. noise: share of the summed error; +bf16: extra bytes to keep it in bf16 (both "
+                      "backbones); protected: by the recipe already." + (f"\nplot: {plot}" if plot else ""),
+                      highlight=False)
+    if written:
+        out_console.print(f"recipe [bold]{written.name}[/bold] → {write_recipe}: protects "
+                          f"{', '.join(written.protect) or 'nothing'}", highlight=False)
+
+
+@app.command()
+def calibrate(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Statistics file (.safetensors) for `convert --smoothquant`."),
+    recipe: str = typer.Option("int8-w8a8", help="INT8 recipe: statistics for every linear it quantizes."),
+    protect: List[str] = typer.Option([], help="Also keep modules matching this glob in bf16."),
+    no_protect: List[str] = typer.Option([], help="Quantize modules matching this glob even if the recipe protects them."),
+    components: List[str] = typer.Option([], help="Only this backbone (repeatable)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs recorded by `ideoquant capture`."),
+    steps: int = typer.Option(4, help="Sample inputs: denoising steps."),
+    tokens: int = typer.Option(64, help="Sample inputs: text tokens."),
+    grid: int = typer.Option(16, help="Sample inputs: image grid side."),
+    batch: int = typer.Option(2, help="Sample inputs: prompts per step."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Record SmoothQuant statistics (per-input-channel activation absmax of every quantized linear)."""
+    from .smoothquant import calibrate as api
+
+    res = _run_steps(lambda rep: api(source, out, recipe=recipe, protect=protect, no_protect=no_protect,
+                                     components=components or None, inputs=inputs, steps=steps, tokens=tokens,
+                                     grid=grid, batch=batch, device=device, revision=revision, reporter=rep), as_json)
+    if as_json:
+        return _print_json(res)
+    t = Table(title=f"SmoothQuant statistics → {out} ({_sample_note(res['provenance']['inputs'])})",
+              title_justify="left")
+    outliers = "strongest outlier channels (max / median |x|)"
+    for col in ("component", "linears", "calls", "rows", outliers):
+        t.add_column(col, justify="left" if col in ("component", outliers) else "right")
+    for c, s in res["components"].items():
+        t.add_row(c, str(s["modules"]), str(s["calls"]), str(s["rows"]),
+                  ", ".join(f"{n} {r:.0f}x" for n, r in list(s["outlier_ratio"].items())[:3]))
+    out_console.print(t)
+    out_console.print(f"next: ideoquant convert {source} --smoothquant {out} --alpha 0.5", highlight=False)
 
 
 def main() -> None:

@@ -267,7 +267,8 @@ def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter
     module = model.module_of(t.name)
     numel = max(1, math.prod(src.shape))
     stats = ErrorStats()
-    sm = smooth.prepare(component, t) if t.quantize and smooth is not None and smooth.applies(component, t.name) else None
+    smoothed = t.quantize and smooth is not None and smooth.applies(component, t.name)
+    sm = smooth.prepare(component, t) if smoothed else None
     if sm is not None:
         writer.write(f"{module}._weight_act_pre_scale", sm.act_pre_scale)
     # A bf16 tensor kept as bf16 is copied bit for bit: its error is zero by construction, so it is not measured.
@@ -275,9 +276,12 @@ def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter
     for start, block in src.row_blocks(BLOCK_ELEMENTS):
         row = block[0].numel() if block.ndim > 1 else 0  # elements per row: byte offsets of this block
         if t.quantize:
-            qdata, scale, zero_point, signal, noise = int8.quantize(block, device)
+            qdata, scale, zero_point, signal, noise = int8.quantize(block if sm is None else sm.smooth(block), device)
             _check_finite(t.name, scale)
-            stats.add_energies(signal, noise)
+            if sm is None:
+                stats.add_energies(signal, noise)
+            else:  # SmoothQuant: W * s was quantized; the weight in effect is dequant / s
+                stats.add(block, sm.unsmooth(int8.dequantize(qdata, scale)))
             writer.write(f"{module}._weight_qdata", qdata, start * row)
             writer.write(f"{module}._weight_scale", scale, start * 4)
             writer.write(f"{module}._weight_zero_point", zero_point, start)

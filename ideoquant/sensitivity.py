@@ -1,0 +1,285 @@
+"""Sensitivity: which linear layers does a recipe's scheme hurt most, measured end to end.
+
+One linear layer (or, with `group=True`, one group such as every `feed_forward.w2`) at a time is quantized under the
+recipe's scheme, every other weight stays as in the source, and the velocity on the image tokens is compared with the
+source's on the same inputs. INT8 recipes: torchao W8A8 (`quantize_` with `Int8DynamicActivationInt8WeightConfig`,
+per-token dynamic int8 activations included). GGUF recipes: the weight quantized and dequantized with
+`ideoquant.gguf.quantize` / `dequantize` at the type the recipe gives that tensor (rules and row-length fallbacks
+included), which is what GGUFLinear computes with. The recipe's own protect list is ignored while measuring (every
+linear is measured) and reported beside the ranking.
+
+`write_recipe` turns a ranking into a recipe TOML that protects the most fragile units (top K, or as many as fit a
+budget of extra bf16 bytes).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import model as model_mod
+from .errors import IdeoquantError
+from .evaluate import Reporter, compare, free, make_inputs, source_model, velocities
+
+_LAYER = re.compile(r"^layers\.\d+\.")
+
+
+def group_of(module: str) -> str:
+    """`layers.3.feed_forward.w2` -> `layers.*.feed_forward.w2`; modules outside the blocks are their own group."""
+    return _LAYER.sub("layers.*.", module)
+
+
+def _scheme(recipe) -> str:
+    if recipe.format == "int8":
+        return "int8 W8A8 (torchao Int8DynamicActivationInt8WeightConfig, per-token dynamic activations)"
+    rules = "".join(f", {t} for /{r}/" for r, t in recipe.rules)
+    return f"GGUF {recipe.type} weight-only{rules} (ideoquant.gguf quantize + dequantize)"
+
+
+def _planned(component, recipe) -> dict[str, tuple[str, int, int]]:
+    """Linear module -> (type it gets with nothing protected, bytes quantized, bytes in bf16)."""
+    from .plan import plan_gguf, plan_int8
+
+    bare = replace(recipe, protect=(), no_protect=())
+    plan = plan_int8(component, bare) if recipe.format == "int8" else plan_gguf(component, bare, "diffusers")
+    spec = component.spec
+    out = {}
+    for t in plan.tensors:
+        if spec.is_linear_weight(t.name):
+            numel = math.prod(t.shape)
+            out[model_mod.module_of(t.name)] = (t.dtype, t.bytes_out, numel * 2)
+    return out
+
+
+class _Quantizer:
+    """Quantize named linears of a model in place under the recipe's scheme, and put them back."""
+
+    def __init__(self, m: torch.nn.Module, recipe, planned: dict, threads: int | None):
+        self.m, self.recipe, self.planned, self.threads = m, recipe, planned, threads
+        self.modules = dict(m.named_modules())
+        self.saved: dict[str, torch.nn.Parameter] = {}
+
+    def apply(self, names: list[str]) -> bool:
+        """False when nothing changes (a type that keeps the weight as is)."""
+        changed = False
+        if self.recipe.format == "int8":
+            from torchao.quantization import quantize_
+
+            from .encode import int8
+
+            wanted = set(names)
+            for n in names:
+                self.saved[n] = self.modules[n].weight
+            quantize_(self.m, int8.config(), filter_fn=lambda mod, fqn: fqn in wanted)
+            return True
+        from .encode import ggml
+
+        for n in names:
+            qtype = self.planned[n][0]
+            if qtype not in ggml.QTYPES:
+                continue
+            mod = self.modules[n]
+            w = mod.weight
+            self.saved[n] = w
+            q = ggml.quantize(w.detach().float().cpu().numpy(), qtype, threads=self.threads)
+            deq = torch.from_numpy(ggml.dequantize(q, qtype)).reshape(w.shape).to(device=w.device, dtype=w.dtype)
+            mod.weight = torch.nn.Parameter(deq, requires_grad=False)
+            changed = True
+        return changed
+
+    def restore(self) -> None:
+        for n, p in self.saved.items():
+            self.modules[n].weight = p
+        self.saved = {}
+
+
+def sensitivity(
+    source: str | None,
+    recipe="int8-w8a8",
+    *,
+    qtype: str | None = None,
+    group: bool = False,
+    components: list[str] | None = None,
+    inputs=None,
+    steps: int = 2,
+    tokens: int = 64,
+    grid: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+    threads: int | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Rank linear layers (or groups) by the end-to-end velocity SQNR with only that unit quantized (lowest first).
+    `qtype` overrides a GGUF recipe's base type (q8_0, q4_k, q5_k, q6_k)."""
+    from .job import check_device, resolve_recipe
+    from .plan import plan_gguf, plan_int8
+    from .source import open_source
+
+    reporter = reporter or Reporter()
+    device = check_device(device)
+    r = resolve_recipe(recipe, qtype=qtype)
+    if qtype and r.format != "gguf":
+        raise IdeoquantError(f"--type applies to gguf recipes; '{r.name}' is an {r.format} recipe")
+    src = open_source(source, components=components or list(model_mod.COMPONENTS), revision=revision, token=token)
+    first = next(iter(src.components.values()))
+    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
+
+    units: dict[str, dict] = {}
+    for c, comp in src.components.items():
+        calls = ins.for_component(c)
+        if not calls:
+            raise IdeoquantError(f"the inputs hold no calls of {c}")
+        planned = _planned(comp, r)
+        base = plan_int8(comp, r) if r.format == "int8" else plan_gguf(comp, r, "diffusers")
+        protected = set(base.protected)
+        order = _linear_names(comp)
+        groups: dict[str, list[str]] = {}
+        for n in order:
+            groups.setdefault(group_of(n) if group else n, []).append(n)
+        task = f"sensitivity/{c}"
+        reporter.start(task, len(groups))
+        m = source_model(comp, device)
+        ref = torch.cat(velocities(m, calls, device))
+        q = _Quantizer(m, r, planned, threads)
+        for unit, names in groups.items():
+            u = units.setdefault(unit, {"unit": unit, "modules": names, "types": sorted({planned[n][0] for n in names}),
+                                        "sqnr_db": {}, "extra_bytes": 0,
+                                        "protected_by_recipe": all(n in protected for n in names)})
+            try:
+                changed = q.apply(names)
+                u["sqnr_db"][c] = compare(ref, torch.cat(velocities(m, calls, device)))["sqnr_db"] if changed else None
+            finally:
+                q.restore()
+            u["extra_bytes"] += sum(planned[n][2] - planned[n][1] for n in names)
+            reporter.advance(task, 1)
+        reporter.finish(task)
+        free(m)
+        m = q = None
+
+    ranked = list(units.values())
+    for u in ranked:
+        finite = [s for s in u["sqnr_db"].values() if s is not None]
+        u["sqnr_db_min"] = min(finite) if finite else None
+        u["noise"] = sum(10 ** (-s / 10) for s in finite)
+    total = sum(u["noise"] for u in ranked) or 1.0
+    ranked.sort(key=lambda u: (u["sqnr_db_min"] is None, u["sqnr_db_min"] if u["sqnr_db_min"] is not None else 0))
+    for i, u in enumerate(ranked, 1):
+        u["rank"] = i
+        u["noise_share"] = round(u.pop("noise") / total, 5)
+    return {
+        "source": src.describe(),
+        "recipe": r.to_dict(),
+        "scheme": _scheme(r),
+        "group": group,
+        "components": list(src.components),
+        "inputs": ins.info,
+        "device": device,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "units": ranked,
+    }
+
+
+def _linear_names(component) -> list[str]:
+    """Linear modules in registration order (the order the model runs them, near enough)."""
+    spec = component.spec
+    return [model_mod.module_of(n) for n in spec.names if spec.is_linear_weight(n)]
+
+
+def select(report: dict, protect_top: int | None = None, budget_gb: float | None = None) -> list[dict]:
+    """The most fragile units: the top K, or the longest prefix of the ranking whose extra bf16 bytes fit the budget."""
+    if (protect_top is None) == (budget_gb is None):
+        raise IdeoquantError("give exactly one of --protect-top K and --budget-gb X")
+    ranked = [u for u in report["units"] if u["sqnr_db_min"] is not None]
+    if protect_top is not None:
+        if protect_top < 0:
+            raise IdeoquantError("--protect-top must be 0 or more")
+        return ranked[:protect_top]
+    budget = budget_gb * 1e9
+    chosen, used = [], 0
+    for u in ranked:
+        if used + u["extra_bytes"] > budget:
+            break
+        chosen.append(u)
+        used += u["extra_bytes"]
+    return chosen
+
+
+def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = None, budget_gb: float | None = None,
+                 name: str | None = None):
+    """Write a recipe TOML protecting the most fragile units of `report`; returns it loaded (`load_recipe`)."""
+    from .recipe import load_recipe
+
+    path = Path(path)
+    chosen = select(report, protect_top, budget_gb)
+    base = report["recipe"]
+    name = name or path.stem
+    src = report["source"].get("repo_id") or report["source"].get("path") or report["source"].get("spec")
+    how = f"top {protect_top}" if protect_top is not None else f"as many as fit {budget_gb:g} GB of extra bf16 weights"
+    extra = sum(u["extra_bytes"] for u in chosen)
+    inputs = report["inputs"]
+    inputs_txt = (f"captured inputs {inputs.get('path')}" if inputs.get("kind") == "captured" else
+                  f"{inputs.get('steps')} sample steps, {inputs.get('tokens')} text tokens, "
+                  f"{inputs['grid'][0]}x{inputs['grid'][1]} image grid, batch {inputs.get('batch')}")
+    description = (f"{base['name']} with the {len(chosen)} most fragile linear "
+                   f"{'groups' if report['group'] else 'layers'} kept in bf16 ({how}; "
+                   f"+{extra / 1e6:.1f} MB over quantizing them), ranked by `ideoquant sensitivity`.")
+    source = (f"ideoquant sensitivity on {src} ({', '.join(report['components'])}), {report['created']}: "
+              f"{report['scheme']}, one {'group' if report['group'] else 'layer'} quantized at a time, ranked by "
+              f"end-to-end velocity SQNR on {inputs_txt}. Most fragile: "
+              + ", ".join(f"{u['unit']} ({u['sqnr_db_min']:.1f} dB)" for u in chosen[:5])
+              + (" ..." if len(chosen) > 5 else "") + ".")
+    lines = [
+        f"name = {_toml_str(name)}",
+        f"format = {_toml_str(base['format'])}",
+        f"description = {_toml_str(description)}",
+        f"source = {_toml_str(source)}",
+        "protect = [" + "".join(f"\n    {_toml_str(u['unit'])}," for u in chosen) + ("\n]" if chosen else "]"),
+    ]
+    if base["format"] == "gguf":
+        lines.append(f"type = {_toml_str(base['type'])}")
+        if base.get("rules"):
+            lines += ["", "[rules]"] + [f"{_toml_str(k)} = {_toml_str(v)}" for k, v in base["rules"].items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return load_recipe(path)
+
+
+def _toml_str(s: str) -> str:
+    """A TOML basic string (JSON's escapes are valid TOML)."""
+    return json.dumps(s, ensure_ascii=False)
+
+
+def plot(report: dict, path: str | Path, top: int = 40) -> Path:
+    """Horizontal bars: end-to-end SQNR with only that unit quantized, most fragile at the top."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    units = [u for u in report["units"] if u["sqnr_db_min"] is not None][:top]
+    fig = Figure(figsize=(9, 1.2 + 0.22 * max(len(units), 4)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    y = list(range(len(units)))[::-1]
+    ax.barh(y, [u["sqnr_db_min"] for u in units],
+            color=["0.6" if u["protected_by_recipe"] else "C0" for u in units])
+    ax.set_yticks(y)
+    ax.set_yticklabels([u["unit"] for u in units], fontsize=7)
+    ax.set_xlabel("end-to-end velocity SQNR with only this unit quantized (dB; lower = more fragile)")
+    lo = min((u["sqnr_db_min"] for u in units), default=0)
+    hi = max((u["sqnr_db_min"] for u in units), default=1)
+    ax.set_xlim(min(0, lo - 2), hi + 3)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(f"sensitivity under {report['recipe']['name']} (grey: already protected by the recipe)",
+                 fontsize=9, loc="left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

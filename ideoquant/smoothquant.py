@@ -1,0 +1,293 @@
+"""SmoothQuant for the INT8 W8A8 output, the way torchao 0.18's `SmoothQuantConfig` does it, streamed.
+
+`calibrate` runs the source backbones on sample or captured inputs with a forward pre-hook on every linear the
+recipe quantizes and keeps a running per-input-channel max |x| (what torchao's `RunningAbsMaxSmoothQuantObserver`
+keeps). The statistics go to a safetensors file: one float32 vector per `<component>.<module>` (the bf16 absmax,
+exactly), provenance in the header.
+
+`convert(..., smoothquant=stats, alpha=0.5)` then applies, per quantized linear, torchao's
+`torchao/prototype/smoothquant/core.py` math in the model dtype (bf16):
+
+    s = (max|X_j| + eps) ** alpha / (max|W_:,j| + eps) ** (1 - alpha),   eps = torch.finfo(torch.float32).eps
+
+the weight becomes `W * s` and is quantized with the base config (per-row int8, `encode/int8.py`), and the Int8Tensor
+carries `act_pre_scale = 1 / s` (its linear multiplies the activation by it before the per-token int8 quantization).
+In torchao's safetensors format that is one more key, `<module>._weight_act_pre_scale` (bf16 [in_features]), and
+`act_pre_scale` in the tensor's `_tensor_data_names`; `layout` takes both from a meta Int8Tensor with the pre-scale
+set, so stock `Ideogram4Transformer2DModel.from_pretrained` loads the result.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import model as model_mod
+from .errors import IdeoquantError
+from .evaluate import Reporter, free, make_inputs, source_model, to_device
+
+KEY_STATS = "ideoquant.smoothquant"
+DTYPE = torch.bfloat16  # the model's compute dtype: torchao computes the factor in the weight/activation dtype
+EPS = torch.finfo(torch.float32).eps
+
+
+# ---------------------------------------------------------------- calibration
+
+
+class AbsMaxObserver:
+    """Forward pre-hooks on linears: running per-input-channel max |x| (torchao's RunningAbsMax observer, pass 1)."""
+
+    def __init__(self, m: torch.nn.Module, modules: list[str]):
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        named = dict(m.named_modules())
+        missing = [n for n in modules if not isinstance(named.get(n), torch.nn.Linear)]
+        if missing:
+            raise IdeoquantError(f"not a linear module of the model: {missing[0]}")
+        self._handles = [named[n].register_forward_pre_hook(self._hook(n)) for n in modules]
+
+    def _hook(self, name: str):
+        def hook(mod, args):
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1])
+            batch_max = flat.abs().amax(dim=0).to("cpu")
+            prev = self.absmax.get(name)
+            self.absmax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
+            self.rows[name] = self.rows.get(name, 0) + flat.shape[0]
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def quantized_modules(component, recipe) -> list[str]:
+    """The linear modules an INT8 recipe quantizes in this component (the ones SmoothQuant can apply to)."""
+    from .plan import plan_int8
+
+    plan = plan_int8(component, recipe)
+    return [model_mod.module_of(t.name) for t in plan.tensors if t.quantize]
+
+
+def calibrate(
+    source: str | None,
+    out: str | Path,
+    *,
+    recipe="int8-w8a8",
+    protect=(),
+    no_protect=(),
+    components: list[str] | None = None,
+    inputs=None,
+    steps: int = 4,
+    tokens: int = 64,
+    grid: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+    revision: str | None = None,
+    token: str | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Record per-input-channel activation absmax for every linear the recipe quantizes; write `out` (safetensors)."""
+    from safetensors.torch import save_file
+
+    from .job import check_device, resolve_recipe
+    from .manifest import tool_versions
+    from .source import open_source
+
+    reporter = reporter or Reporter()
+    device = check_device(device)
+    r = resolve_recipe(recipe, protect, no_protect)
+    if r.format != "int8":
+        raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; SmoothQuant applies to INT8 W8A8")
+    src = open_source(source, components=components, revision=revision, token=token)
+    first = next(iter(src.components.values()))
+    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
+    tensors: dict[str, torch.Tensor] = {}
+    summary: dict[str, dict] = {}
+    for c, comp in src.components.items():
+        calls = ins.for_component(c)
+        if not calls:
+            raise IdeoquantError(f"the inputs hold no calls of {c}")
+        modules = quantized_modules(comp, r)
+        task = f"calibrate/{c}"
+        reporter.start(task, len(calls))
+        m = source_model(comp, device)
+        obs = AbsMaxObserver(m, modules)
+        with torch.no_grad():
+            for kw in calls:
+                m(**to_device(kw, device), return_dict=False)
+                reporter.advance(task, 1)
+        obs.remove()
+        reporter.finish(task)
+        never = [n for n in modules if n not in obs.absmax]
+        if never:
+            raise IdeoquantError(f"{c}: {never[0]} never ran on these inputs")
+        for n in modules:
+            tensors[f"{c}.{n}"] = obs.absmax[n].float().contiguous()  # a bf16 absmax is exact in float32
+        ratios = {n: float(a.float().max() / a.float().median().clamp(min=EPS)) for n, a in obs.absmax.items()}
+        worst = sorted(ratios, key=ratios.get, reverse=True)[:5]
+        summary[c] = {"modules": len(modules), "calls": len(calls), "rows": obs.rows[modules[0]] if modules else 0,
+                      "outlier_ratio": {n: round(ratios[n], 2) for n in worst}}
+        free(m)
+        m = obs = None
+    provenance = {
+        "source": src.describe(),
+        "recipe": r.name,
+        "protected": {c: sorted(comp.spec.linear_modules - set(quantized_modules(comp, r)))
+                      for c, comp in src.components.items()},
+        "inputs": ins.info,
+        "count": {c: {"calls": s["calls"], "rows": s["rows"]} for c, s in summary.items()},
+        "dtype": "bfloat16",
+        "device": device,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool": {k: v for k, v in tool_versions().items() if k in ("ideoquant", "torch", "torchao", "diffusers")},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata={"format": "pt", KEY_STATS: json.dumps(provenance)})
+    return {"out": str(out), "bytes": out.stat().st_size, "provenance": provenance, "components": summary}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class Statistics:
+    path: Path
+    absmax: dict[str, dict[str, torch.Tensor]]  # component -> module -> float32 [in_features]
+    provenance: dict
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Statistics":
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise IdeoquantError(f"no such SmoothQuant statistics file: {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if KEY_STATS not in meta:
+                    raise IdeoquantError(f"{path} was not written by `ideoquant calibrate` (no {KEY_STATS} metadata)")
+                absmax: dict[str, dict[str, torch.Tensor]] = {}
+                for k in f.keys():
+                    c, _, module = k.partition(".")
+                    absmax.setdefault(c, {})[module] = f.get_tensor(k)
+        except SafetensorError as e:
+            raise IdeoquantError(f"cannot read {path}: {e}") from None
+        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        return cls(path, absmax, json.loads(meta[KEY_STATS]), h)
+
+
+def smoothing_factor(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """torchao 0.18 `RunningAbsMaxSmoothQuantObserver.compute_smoothing_factor`, on bf16 absmaxes (the model dtype)."""
+    x = x_absmax.to(DTYPE)
+    w = w_absmax.to(DTYPE)
+    return torch.pow(x + EPS, alpha) / torch.pow(w + EPS, 1 - alpha)
+
+
+def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = DTYPE):
+    """Keys, dtypes, shapes and torchao metadata of a smoothed weight: a meta Int8Tensor with act_pre_scale set."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    from .encode import int8
+
+    meta = int8._quantize(torch.empty(shape, dtype=dtype, device="meta"))
+    meta.act_pre_scale = torch.empty(shape[1], dtype=DTYPE, device="meta")
+    tensors, metadata = flatten_tensor_state_dict({name: meta})
+    return int8.Int8Layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata[name])
+
+
+@dataclass
+class Smoothing:
+    """One weight's factor: `smooth` the rows before quantizing, `unsmooth` the dequantized rows (effective weight)."""
+
+    factor: torch.Tensor  # s, bf16 [in_features]
+    act_pre_scale: torch.Tensor  # 1 / s, bf16
+
+    def smooth(self, block: torch.Tensor) -> torch.Tensor:
+        return block * self.factor.to(block.device)
+
+    def unsmooth(self, dequantized: torch.Tensor) -> torch.Tensor:
+        return dequantized / self.factor.to(dequantized.device, torch.float32)
+
+
+@dataclass
+class Smoother:
+    """What `convert` needs: which weights are smoothed, their layout, their factor; and the manifest record."""
+
+    stats: Statistics
+    alpha: float
+    modules: dict[str, list[str]] = field(default_factory=dict)  # component -> smoothed modules
+
+    def applies(self, component: str, tensor: str) -> bool:
+        return model_mod.module_of(tensor) in self.modules.get(component, ())
+
+    def layout(self, tensor: str, shape):
+        return layout(tensor, tuple(shape))
+
+    def prepare(self, component: str, t, block_elements: int = 4 << 20) -> Smoothing:
+        """Column absmax of the source weight (a first streamed pass over its rows), then torchao's factor."""
+        src = t.sources[0]
+        w_absmax = None
+        for _, block in src.row_blocks(block_elements):
+            m = block.abs().amax(dim=0)
+            w_absmax = m if w_absmax is None else torch.maximum(w_absmax, m)
+        x_absmax = self.stats.absmax[component][model_mod.module_of(t.name)]
+        if x_absmax.shape != w_absmax.shape:
+            raise IdeoquantError(f"SmoothQuant statistics for {component}.{t.name}: {tuple(x_absmax.shape)} channels, "
+                                 f"the weight has {tuple(w_absmax.shape)}")
+        s = smoothing_factor(x_absmax, w_absmax, self.alpha)
+        return Smoothing(s, 1.0 / s)
+
+    def record(self) -> dict:
+        p = self.stats.provenance
+        return {
+            "statistics": {"file": self.stats.path.name, "sha256": self.stats.sha256, "provenance": p},
+            "alpha": self.alpha,
+            "formula": "s = (max|X_j| + eps)^alpha / (max|W_:,j| + eps)^(1 - alpha) in bf16, eps = float32 eps "
+                       "(torchao 0.18 prototype/smoothquant); weight W * s; act_pre_scale = 1 / s",
+            "modules": self.modules,
+        }
+
+
+def smoother_for(stats_path: str | Path | None, alpha: float, plans: dict) -> Smoother | None:
+    """Check the statistics against the plans (every quantized linear needs its absmax) and build the Smoother."""
+    if stats_path is None:
+        return None
+    if not 0.0 <= alpha <= 1.0:
+        raise IdeoquantError(f"--alpha must be between 0 and 1, not {alpha}")
+    stats = Statistics.load(stats_path)
+    sm = Smoother(stats, float(alpha))
+    for c, plan in plans.items():
+        have = stats.absmax.get(c)
+        if have is None:
+            raise IdeoquantError(f"SmoothQuant statistics {stats.path.name} hold nothing for {c} "
+                                 f"(they cover {', '.join(stats.absmax) or 'nothing'}); run `ideoquant calibrate` "
+                                 "on it")
+        mods = [model_mod.module_of(t.name) for t in plan.tensors if t.quantize]
+        missing = [m for m in mods if m not in have]
+        if missing:
+            raise IdeoquantError(f"SmoothQuant statistics {stats.path.name} lack {c}.{missing[0]} "
+                                 f"({len(missing)} quantized modules without statistics): calibrate with the same "
+                                 "recipe")
+        for t in plan.tensors:
+            if t.quantize and have[model_mod.module_of(t.name)].shape != (t.shape[1],):
+                raise IdeoquantError(f"SmoothQuant statistics for {c}.{t.name} have "
+                                     f"{tuple(have[model_mod.module_of(t.name)].shape)} channels, the weight "
+                                     f"{t.shape[1]}: statistics of another model?")
+        sm.modules[c] = mods
+    return sm
+
+
+def smoothed_modules(manifest: dict, component: str) -> set[str]:
+    """Modules stored with `_weight_act_pre_scale` in an output (for readers of the manifest, e.g. verify)."""
+    return set(((manifest.get("smoothquant") or {}).get("modules") or {}).get(component, ()))
