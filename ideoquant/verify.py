@@ -105,8 +105,13 @@ def verify(folder, load: bool = True) -> VerifyResult:
         if damaged:
             result.problems.append(f"{name}: not checked further, {damaged[0]} is missing or changed")
             continue
-        check = _check_int8 if kind == "int8" else _check_gguf
-        if check(folder, name, comp, result) and load:
+        if kind == "int8":
+            from .smoothquant import smoothed_modules
+
+            checked = _check_int8(folder, name, comp, result, smoothed_modules(m, name))
+        else:
+            checked = _check_gguf(folder, name, comp, result)
+        if checked and load:
             _check_load(folder, kind, name, comp, result)
     return result
 
@@ -135,7 +140,8 @@ def _safetensors_headers(paths: list[Path]) -> tuple[dict[str, tuple[str, tuple]
     return keys, metas
 
 
-def _check_int8(folder: Path, name: str, comp: dict, result: VerifyResult) -> bool:
+def _check_int8(folder: Path, name: str, comp: dict, result: VerifyResult, smoothed: set[str] = frozenset()) -> bool:
+    from . import smoothquant
     from .encode import int8
 
     shards = [folder / f for f in comp["files"] if f.endswith(".safetensors")]
@@ -151,7 +157,8 @@ def _check_int8(folder: Path, name: str, comp: dict, result: VerifyResult) -> bo
         shape = tuple(t["shape"])
         if t["decision"] == "quantized":
             # The exact keys, dtypes and shapes torchao's safetensors format uses for this weight.
-            lay = int8.layout(t["name"], shape)
+            smooth = t["name"].rsplit(".", 1)[0] in smoothed  # SmoothQuant adds `_weight_act_pre_scale`
+            lay = (smoothquant.layout if smooth else int8.layout)(t["name"], shape)
             want = {k: (_st_dtype(dt), sh) for k, (dt, sh) in lay.keys.items()}
             n_q += 1
         else:

@@ -218,3 +218,10 @@ def test_cli_calibrate_and_convert(outlier_source, tmp_path):
                                  "transformer", "--smoothquant", str(stats), "--alpha", "0.6", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["smoothquant"]["alpha"] == 0.6
+
+
+def test_smoothed_output_verifies(smoothed):
+    from ideoquant.verify import verify
+
+    result = verify(smoothed[0] / "sq", load=False)
+    assert result.ok, result.problems
