@@ -13,9 +13,9 @@ How exactness is kept while vectorising:
   roundings, i.e. no FMA);
 * every running sum of the C code is added up sequentially in index order.
   Sub-block data is laid out transposed, ``[positions, sub-blocks]``, and
-  summed with ``np.add.reduce(axis=0)``, which for a C-contiguous array adds
-  the rows one after another (verified by the tests, which also compare with
-  an explicit loop);
+  summed with ``np.einsum("ij,ij->j")`` / ``np.add.reduce(axis=0)``, which
+  for a C-contiguous array add the rows one after another (checked against
+  an explicit loop at import, with a row-loop fallback; see ``_self_check``);
 * ``nearest_int`` (the ``x + 12582912.f`` bit trick) is round-half-to-even
   while ``|x| <= 4194303``; the fast path uses ``np.rint`` and every search
   step checks, per sub-block and from the extreme inputs only, that it is in
@@ -23,7 +23,8 @@ How exactness is kept while vectorising:
 * ``roundf`` (Q8_0) rounds half away from zero: ``trunc(v + copysign(0.5-ulp, v))``;
 * fp32 -> fp16 is round-to-nearest-even including subnormals
   (``astype(np.float16)``);
-* ggml's quirks are kept: the quants of Q8_0 use the float32 ``1/d``; in the
+* ggml's quirks are kept: the quants of Q8_0 use the float32 ``1/d`` (and
+  are 0 where ``1/d`` overflows, as x86 C's float->int8 conversion gives); in the
   K-quants a sub-block whose final scale is 0 (e.g. fp16 underflow on tiny
   rows) keeps the quants found by the scale search; the 6-bit sub-scales are
   truncated to ``uint8`` before ``MIN(63, .)``; ``make_qkx2_quants`` feeds
@@ -126,7 +127,7 @@ def can_quantize(qtype: Any, row_length: int) -> bool:
 def _nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int`` bit for bit (also outside its asserted range).
 
-    ``v`` float32 -> int32: ``bits(v + 12582912.f) & 0x7fffff) - 0x400000``.
+    ``v`` float32 -> int32: ``(bits(v + 12582912.f) & 0x7fffff) - 0x400000``.
     """
     t = np.add(v, _MAGIC, dtype=np.float32)
     i = t.view(np.int32)
@@ -138,10 +139,6 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
 def _fp16_bytes(v: np.ndarray) -> np.ndarray:
     """float32 [n] -> uint8 [n, 2], round-to-nearest-even fp16, little endian."""
     return v.astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _as_f32(h: np.ndarray) -> np.ndarray:
-    return h.astype(np.float16).astype(np.float32)
 
 
 class _Workspace:
@@ -156,58 +153,98 @@ class _Workspace:
 
 
 # --------------------------------------------------------------------------
-# sequential dot products over the position axis
+# sequential sums over the position axis
 # --------------------------------------------------------------------------
 #
-# ``np.einsum("ij,ij->j", a, b)`` on C-contiguous [P, n] arrays walks i in the
-# outer loop and accumulates out[j] += a[i, j]*b[i, j] in order: exactly the
-# C loop, and about twice as fast as multiply + add.reduce.  A numpy build
-# whose einsum kernels contract to FMA (e.g. one compiled for a baseline with
-# FMA, or NEON) would break bit-exactness, so the first use runs a self-check
-# and falls back to plain ufuncs if einsum does not match.
+# The C code accumulates ``s += a[i]*b[i]`` for i = 0, 1, ... in float32.
+# With sub-blocks laid out as C-contiguous [P, n] arrays (column = sub-block):
+#
+# * ``np.add.reduce(a, axis=0)`` adds row after row into the output, i.e.
+#   the same order;
+# * ``np.einsum("ij,ij->j", a, b)`` walks i in the outer loop and does
+#   ``out[j] += a[i, j]*b[i, j]``: the same again, without a temporary, about
+#   twice as fast as multiply + reduce.
+#
+# Both hold only while the column axis is a real, strided loop: for a single
+# column numpy switches to a contiguous (pairwise / unrolled) reduction, so
+# narrow arrays take an explicit row loop.  A numpy build whose einsum kernels
+# contract to FMA (a baseline with FMA, NEON) would also break exactness, so
+# both are checked once at import against the explicit loop; whatever fails
+# the check is not used.
 
-_EINSUM_OK: bool | None = None
+_MIN_VEC_COLS = 8
 
 
-def _einsum_is_exact() -> bool:
-    global _EINSUM_OK
-    if _EINSUM_OK is None:
-        ok = True
-        rng = np.random.default_rng(12345)
-        for n in (8, 24, 1000):
+def _loop_dot(a, b, c=None):
+    r = a[0] * b[0]
+    if c is not None:
+        r *= c[0]
+    for i in range(1, a.shape[0]):
+        t = a[i] * b[i]
+        if c is not None:
+            t *= c[i]
+        r += t
+    return r
+
+
+def _self_check() -> tuple[bool, bool]:
+    rng = np.random.default_rng(12345)
+    reduce_ok = einsum_ok = True
+    with np.errstate(all="ignore"):
+        for n in (_MIN_VEC_COLS, _MIN_VEC_COLS + 1, 24, 1000):
             a = (rng.standard_normal((32, n)) * rng.uniform(1e-3, 1e3, (32, n))).astype(np.float32)
             b = rng.integers(0, 32, (32, n)).astype(np.float32)
             c = rng.standard_normal((32, n)).astype(np.float32)
-            r2 = a[0] * b[0]
-            r3 = (a[0] * b[0]) * c[0]
+            r1 = a[0].copy()
             for i in range(1, 32):
-                r2 = r2 + a[i] * b[i]
-                r3 = r3 + (a[i] * b[i]) * c[i]
+                r1 += a[i]
+            s = np.add.reduce(a, axis=0)
+            reduce_ok = reduce_ok and s.dtype == np.float32 and np.array_equal(r1, s)
             e2 = np.einsum("ij,ij->j", a, b, optimize=False)
             e3 = np.einsum("ij,ij,ij->j", a, b, c, optimize=False)
-            ok = ok and e2.dtype == np.float32 and np.array_equal(r2, e2) and np.array_equal(r3, e3)
-        _EINSUM_OK = bool(ok)
-    return _EINSUM_OK
+            einsum_ok = (
+                einsum_ok
+                and e2.dtype == np.float32
+                and np.array_equal(_loop_dot(a, b), e2)
+                and np.array_equal(_loop_dot(a, b, c), e3)
+            )
+    return bool(reduce_ok), bool(einsum_ok)
 
 
-_einsum_is_exact()
+_REDUCE_OK, _EINSUM_OK = _self_check()
+
+
+def _ssum(a):
+    """sum_i a[i] per column, sequential in i; float32 [P, n] -> [n]."""
+    if _REDUCE_OK and a.shape[1] >= _MIN_VEC_COLS:
+        return np.add.reduce(a, axis=0)
+    r = a[0].copy()
+    for i in range(1, a.shape[0]):
+        r += a[i]
+    return r
 
 
 def _sdot(a, b, tmp):
-    """sum_i a[i]*b[i] per column, sequential in i; float32 [P, n] -> [n]."""
-    if _EINSUM_OK:
-        return np.einsum("ij,ij->j", a, b, optimize=False)
-    np.multiply(a, b, out=tmp)
-    return np.add.reduce(tmp, axis=0)
+    """sum_i a[i]*b[i] per column, sequential in i; ``tmp``: scratch like ``a``."""
+    if a.shape[1] >= _MIN_VEC_COLS:
+        if _EINSUM_OK:
+            return np.einsum("ij,ij->j", a, b, optimize=False)
+        if _REDUCE_OK:
+            np.multiply(a, b, out=tmp)
+            return np.add.reduce(tmp, axis=0)
+    return _loop_dot(a, b)
 
 
 def _sdot3(a, b, c, tmp):
     """sum_i (a[i]*b[i])*c[i] per column, sequential in i."""
-    if _EINSUM_OK:
-        return np.einsum("ij,ij,ij->j", a, b, c, optimize=False)
-    np.multiply(a, b, out=tmp)
-    np.multiply(tmp, c, out=tmp)
-    return np.add.reduce(tmp, axis=0)
+    if a.shape[1] >= _MIN_VEC_COLS:
+        if _EINSUM_OK:
+            return np.einsum("ij,ij,ij->j", a, b, c, optimize=False)
+        if _REDUCE_OK:
+            np.multiply(a, b, out=tmp)
+            np.multiply(tmp, c, out=tmp)
+            return np.add.reduce(tmp, axis=0)
+    return _loop_dot(a, b, c)
 
 
 # --------------------------------------------------------------------------
@@ -233,7 +270,7 @@ def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep, ws, track=False):
     xlo = np.minimum.reduce(X, axis=0)
     xhi = np.maximum.reduce(X, axis=0)
     mn = np.minimum(xlo, f(0))  # if (min > 0) min = 0
-    sum_w = np.add.reduce(W, axis=0)  # w0 + w1 + ... in order
+    sum_w = _ssum(W)  # w0 + w1 + ... in order
     sum_x = _sdot(W, X, T)  # w0*x0 + w1*x1 + ... in order
 
     valid = xhi != mn  # max == min -> all-zero quants, scale 0
@@ -506,7 +543,7 @@ class Q5_K(_QKx2, qtype=GGMLQuantizationType.Q5_K):
 class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
     """``block_q6_K``: ql[128], qh[64], int8 scales[16], d; ``quantize_row_q6_K_ref``."""
 
-    chunk_blocks = 512
+    chunk_blocks = 1024
 
     @classmethod
     def _make_qx_quants(cls, X: np.ndarray):
@@ -548,12 +585,14 @@ class Q6_K(_Quant, qtype=GGMLQuantizationType.Q6_K):
             c = f(32) + f(0.1) * f(step)
             isc = (-c) / mx
             sumlx, suml2 = sums(isc)
-            imp = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            if imp.any():
-                s_new = sumlx[imp] / suml2[imp]
-                scale[imp] = s_new
-                best[imp] = s_new * sumlx[imp]
-                best_isc[imp] = isc[imp]
+            imp = sumlx * sumlx > best * suml2
+            imp &= suml2 > 0
+            k = np.flatnonzero(imp)
+            if k.size:
+                s_new = sumlx[k] / suml2[k]
+                scale[k] = s_new
+                best[k] = s_new * sumlx[k]
+                best_isc[k] = isc[k]
         if zero.any():
             scale[zero] = f(0)
         return scale, best_isc, zero
