@@ -10,6 +10,7 @@ downstream sees one view: diffusers names, float tensors.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,17 +88,17 @@ class SourceTensor:
             raise IdeoquantError(f"{self.name}: read shape {tuple(t.shape)}, expected {tuple(expected)}")
         return t
 
-    def row_blocks(self, max_elements: int = 4 << 20):
-        """Yield (first_row, block) covering the tensor, each block holding about max_elements: bounded memory."""
+    def row_ranges(self, max_elements: int = 1 << 20) -> list[tuple[int, int] | None]:
+        """Row ranges [a, b) of about max_elements each, covering the tensor (None: a 1-D tensor, read whole)."""
         if len(self.shape) < 2:
-            yield 0, self.read()
-            return
-        per_row = 1
-        for d in self.shape[1:]:
-            per_row *= d
-        step = max(1, max_elements // per_row)
-        for start in range(0, self.shape[0], step):
-            yield start, self.read((start, min(start + step, self.shape[0])))
+            return [None]
+        step = max(1, max_elements // math.prod(self.shape[1:]))
+        return [(a, min(a + step, self.shape[0])) for a in range(0, self.shape[0], step)]
+
+    def row_blocks(self, max_elements: int = 1 << 20):
+        """Yield (first_row, block) covering the tensor, each block holding about max_elements: bounded memory."""
+        for rows in self.row_ranges(max_elements):
+            yield (rows[0] if rows else 0), self.read(rows)
 
 
 def _read_rows(stored: _Stored, rows: tuple[int, int] | None) -> torch.Tensor:

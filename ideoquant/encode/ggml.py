@@ -46,6 +46,7 @@ bytes (ggml itself has undefined behaviour there).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -141,15 +142,41 @@ def _fp16_bytes(v: np.ndarray) -> np.ndarray:
     return v.astype("<f2").view(np.uint8).reshape(-1, 2)
 
 
+_tls = threading.local()
+
+
+def _scratch(key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A per-thread scratch array, reused from chunk to chunk.
+
+    Allocating the ~1 MB chunk temporaries afresh for every chunk costs a lot
+    of page faults (glibc returns freed heap tops to the OS and faults them
+    back in), which for Q8_0 was as expensive as the arithmetic.
+    """
+    cache = getattr(_tls, "bufs", None)
+    if cache is None:
+        cache = _tls.bufs = {}
+    size = int(np.prod(shape))
+    buf = cache.get((key, np.dtype(dtype).char))
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1), dtype)
+        cache[(key, np.dtype(dtype).char)] = buf
+    return buf[:size].reshape(shape)
+
+
 class _Workspace:
     """Scratch arrays for one chunk; reused across the search steps."""
 
     __slots__ = ("a", "b", "c")
 
-    def __init__(self, shape: tuple[int, int]):
-        self.a = np.empty(shape, np.float32)
-        self.b = np.empty(shape, np.float32)
-        self.c = np.empty(shape, np.float32)
+    def __init__(self, shape: tuple[int, int], reuse: bool = True):
+        if reuse:
+            self.a = _scratch("ws.a", shape)
+            self.b = _scratch("ws.b", shape)
+            self.c = _scratch("ws.c", shape)
+        else:
+            self.a = np.empty(shape, np.float32)
+            self.b = np.empty(shape, np.float32)
+            self.c = np.empty(shape, np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -393,7 +420,7 @@ class _Quant:
         raise NotImplementedError
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray, threads: int | None = 1) -> np.ndarray:
         """float32 ``[n, block_size]`` -> uint8 ``[n, bytes_per_block]``."""
         blocks = np.ascontiguousarray(blocks, dtype=np.float32)
         if blocks.ndim != 2 or blocks.shape[1] != cls.block_size:
@@ -401,11 +428,8 @@ class _Quant:
                 f"{cls.qtype.name}.quantize_blocks expects shape (n, {cls.block_size}), "
                 f"got {blocks.shape}"
             )
-        n = blocks.shape[0]
-        out = np.empty((n, cls.type_size), np.uint8)
-        for s in range(0, n, cls.chunk_blocks):
-            e = min(n, s + cls.chunk_blocks)
-            cls._quantize_chunk(blocks[s:e], out[s:e])
+        out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
+        _run_chunks(cls, blocks, out, threads)
         return out
 
     @classmethod
@@ -422,22 +446,31 @@ class Q8_0(_Quant, qtype=GGMLQuantizationType.Q8_0):
 
     @classmethod
     def _quantize_chunk(cls, blocks: np.ndarray, out: np.ndarray) -> None:
+        with np.errstate(all="ignore"):
+            cls._quantize_chunk_impl(blocks, out)
+
+    @classmethod
+    def _quantize_chunk_impl(cls, blocks: np.ndarray, out: np.ndarray) -> None:
         n = blocks.shape[0]
-        a = np.abs(blocks)
+        b1 = _scratch("q8.1", (n * 32,))
+        b2 = _scratch("q8.2", (n * 32,))
+        b3 = _scratch("q8.3", (n * 8,))
+        a = np.abs(blocks.reshape(-1), out=b1)
         # amax of each run of 32: pairwise maxima over the flat array (long
         # strided loops are much faster than n short reductions; max is exact
-        # in any order)
-        m = a.reshape(-1)
-        while m.size > n:
-            m = np.maximum(m[0::2], m[1::2])
-        d = m / _f32(127)
+        # in any order), ping-ponging between two scratch buffers
+        m = np.maximum(a[0::2], a[1::2], out=b2[: n * 16])
+        m = np.maximum(m[0::2], m[1::2], out=b3[: n * 8])
+        m = np.maximum(m[0::2], m[1::2], out=b2[: n * 4])
+        m = np.maximum(m[0::2], m[1::2], out=b3[: n * 2])
+        d = np.maximum(m[0::2], m[1::2]) / _f32(127)
         idv = np.zeros_like(d)
         np.divide(_f32(1), d, out=idv, where=d != 0)
-        v = np.multiply(blocks, idv[:, None], out=a)
-        # roundf: half away from zero; the int8 cast truncates toward zero
-        v += np.copysign(_HALF_DOWN, v, out=np.empty_like(v))
+        v = np.multiply(blocks, idv[:, None], out=b1.reshape(n, 32))
+        # roundf: half away from zero; the float -> int8 cast truncates toward zero
+        v += np.copysign(_HALF_DOWN, v, out=b2.reshape(n, 32))
         out[:, 0:2] = _fp16_bytes(d)
-        out[:, 2:] = v.astype(np.int8).view(np.uint8)
+        np.copyto(out[:, 2:].view(np.int8), v, casting="unsafe")
         huge = np.isinf(idv)  # d is subnormal and 1/d overflowed: x*id is +-inf or NaN
         if huge.any():  # ggml's float->int8 conversion of those yields 0 on x86
             out[huge, 2:] = 0
@@ -490,7 +523,8 @@ class _QKx2(_Quant, qtype=GGMLQuantizationType.Q4_K):  # shared by Q4_K/Q5_K
             Xk = np.ascontiguousarray(X[:, k])
             Wk = np.ascontiguousarray(W[:, k])
             _, _, best_isc, best_mn = _make_qkx2_quants(
-                Xk, Wk, cls.nmax, cls.rmin, cls.rdelta, cls.nstep, _Workspace(Xk.shape), track=True
+                Xk, Wk, cls.nmax, cls.rmin, cls.rdelta, cls.nstep, _Workspace(Xk.shape, reuse=False),
+                track=True,
             )
             Vk = np.multiply(Xk - best_mn, best_isc)
             Lk = _nearest_int(Vk)
@@ -684,12 +718,18 @@ def quantize(x: Any, qtype: Any, threads: int | None = None) -> np.ndarray:
         )
     out_shape = (*arr.shape[:-1], cols // bs * ts)
     blocks = arr.reshape(-1, bs)
+    out = np.empty((blocks.shape[0], ts), np.uint8)
+    _run_chunks(cls, blocks, out, threads)
+    return out.reshape(out_shape)
+
+
+def _run_chunks(cls: type[_Quant], blocks: np.ndarray, out: np.ndarray, threads: int | None) -> None:
+    """Quantize ``blocks`` into ``out`` chunk by chunk on ``threads`` workers."""
     n = blocks.shape[0]
-    out = np.empty((n, ts), np.uint8)
-    if n == 0:
-        return out.reshape(out_shape)
     step = cls.chunk_blocks
     ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
+    if not ranges:
+        return
     if threads is None:
         threads = os.cpu_count() or 1
     threads = max(1, min(int(threads), len(ranges)))
@@ -701,11 +741,10 @@ def quantize(x: Any, qtype: Any, threads: int | None = None) -> np.ndarray:
     if threads == 1:
         for r in ranges:
             work(r)
-    else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for _ in pool.map(work, ranges):
-                pass
-    return out.reshape(out_shape)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(work, ranges):
+            pass
 
 
 def dequantize(q: Any, qtype: Any) -> np.ndarray:

@@ -70,8 +70,9 @@ def quantize(block: torch.Tensor, device: str = "cpu"):
     A NaN or Inf anywhere in a row makes that row's scale non-finite, which the caller checks.
     """
     w = block.to(device)
-    lo, hi = torch.aminmax(w, dim=1, keepdim=True)
-    absmax = torch.maximum(-lo.clamp(max=0), hi.clamp(min=0))
+    # torchao: max(-min(amin, 0), max(amax, 0)), which is the row's max |w|; abs().amax() is several times faster
+    # than aminmax on CPU and equal bit for bit (a NaN still propagates into the scale).
+    absmax = w.abs().amax(dim=1, keepdim=True)
     scale = (absmax / 127.5).clamp_(min=EPS).to(torch.float32)
     y = w * (1.0 / scale)
     q = torch.round(y).clamp_(-128, 127)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class ShardWriter:
         self.data_start = 8 + len(raw)
         self.size = self.data_start + offset
         self._written = 0
+        self._lock = threading.Lock()  # encoder threads write their blocks concurrently (pwrite is positional)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, len(raw).to_bytes(8, "little") + raw, 0)
         os.ftruncate(self._fd, self.size)
@@ -63,7 +65,8 @@ class ShardWriter:
         if row_offset_bytes + data.nbytes > length:
             raise ValueError(f"{key}: write past the end of its slot")
         os.pwrite(self._fd, memoryview(data), self.data_start + start + row_offset_bytes)
-        self._written += data.nbytes
+        with self._lock:
+            self._written += data.nbytes
 
     def abort(self) -> None:
         """Close without the completeness check (the staging folder is about to be removed)."""
