@@ -66,11 +66,11 @@ def _progress(enabled: bool) -> Progress:
                     console=console, disable=not enabled)
 
 
-def _run(fn, as_json: bool):
-    """Call the API with progress; turn user errors into one line and exit code 2."""
+def _run(fn, as_json: bool, progress: Progress | None = None):
+    """Call the API with progress (bytes by default); turn user errors into one line and exit code 2."""
     try:
-        with _progress(not as_json) as progress:
-            return fn(RichReporter(progress))
+        with progress or _progress(not as_json) as p:
+            return fn(RichReporter(p))
     except IdeoquantError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
@@ -303,15 +303,7 @@ def _run_steps(fn, as_json: bool):
 
     progress = Progress(TextColumn("[bold]{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=as_json)
-    try:
-        with progress:
-            return fn(RichReporter(progress))
-    except IdeoquantError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        raise typer.Exit(130)
+    return _run(fn, as_json, progress)
 
 
 def _db(x) -> str:

@@ -30,6 +30,15 @@ def original_source(tmp_path_factory):
     return demo.build_checkpoint(tmp_path_factory.mktemp("src") / "orig", fmt="bf16", layout="original")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's matmuls are faster on one thread, and much faster when another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def inputs():
     return demo.sample_inputs(demo.TINY_CONFIG)

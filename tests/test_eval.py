@@ -19,13 +19,7 @@ SAMPLE = dict(steps=1, tokens=8, grid=4, batch=2)  # small: CPU bf16 matmuls are
 LINEARS = 23  # 2 blocks x 8 + input_proj, llm_cond_proj, t_embedding x2, adaln_proj, final_layer x2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are faster on one thread, and much faster when another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ FRAGILE = "layers.1.feed_forward.w2"
 SAMPLE = dict(steps=1, tokens=8, grid=4, batch=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are faster on one thread, and much faster when another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_fragile(path):

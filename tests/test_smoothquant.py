@@ -24,13 +24,7 @@ SAMPLE = dict(steps=2, tokens=8, grid=4, batch=2)
 OUTLIER = 100.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are faster on one thread, and much faster when another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_outliers(path):
