@@ -76,6 +76,7 @@ _NI_MAX = _f32(4194303.0)  # ggml asserts |x| <= this in nearest_int
 _GROUP_MAX_EPS = _f32(1e-15)
 # largest float32 below 0.5: trunc(v + copysign(_HALF_DOWN, v)) == roundf(v)
 _HALF_DOWN = np.nextafter(_f32(0.5), _f32(0.0))
+_HALF_DOWN_BITS = np.array(_HALF_DOWN).view(np.uint32)[()]  # 0x3EFFFFFF
 
 
 # --------------------------------------------------------------------------
@@ -467,9 +468,14 @@ class Q8_0(_Quant, qtype=GGMLQuantizationType.Q8_0):
         idv = np.zeros_like(d)
         np.divide(_f32(1), d, out=idv, where=d != 0)
         v = np.multiply(blocks, idv[:, None], out=b1.reshape(n, 32))
-        # roundf: half away from zero; the float -> int8 cast truncates toward zero
-        v += np.copysign(_HALF_DOWN, v, out=b2.reshape(n, 32))
-        out[:, 0:2] = _fp16_bytes(d)
+        # roundf (half away from zero) = trunc(v + copysign(0.5 - ulp, v)); the
+        # copysign is done on the bits (numpy's copysign is slow), and the
+        # float -> int8 cast truncates toward zero
+        h = b2.reshape(n, 32).view(np.uint32)
+        np.bitwise_and(v.view(np.uint32), np.uint32(0x80000000), out=h)
+        np.bitwise_or(h, _HALF_DOWN_BITS, out=h)
+        v += h.view(np.float32)
+        out.view("<f2")[:, 0] = d  # round-to-nearest-even fp16, in place
         np.copyto(out[:, 2:].view(np.int8), v, casting="unsafe")
         huge = np.isinf(idv)  # d is subnormal and 1/d overflowed: x*id is +-inf or NaN
         if huge.any():  # ggml's float->int8 conversion of those yields 0 on x86
