@@ -78,6 +78,11 @@ def build_checkpoint(
         else:
             (path / component).mkdir(exist_ok=True)
             m.save_config(path / component)
+            if fmt == "fp8":  # as an FP8 release marks itself for diffusers' BFL fp8r loader
+                cfg_file = path / component / "config.json"
+                cfg = json.loads(cfg_file.read_text())
+                cfg["quantization_config"] = {"quant_method": "bfl", "compute_dtype": "bfloat16", "pre_quantized": True}
+                cfg_file.write_text(json.dumps(cfg, indent=2))
             save_file(sd, path / component / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     if layout == "original":
         save_file(single, path / "ideogram4.safetensors", metadata={"format": "pt"})

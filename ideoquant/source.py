@@ -227,9 +227,10 @@ def _component_folder(name: str, path: Path) -> Component:
         if cls != model.MODEL_CLASS:
             raise IdeoquantError(f"not an Ideogram 4 checkpoint: {path / 'config.json'} is a {cls}, "
                                  f"not an {model.MODEL_CLASS}")
-        if config.get("quantization_config"):
-            raise IdeoquantError(f"{path} is already quantized ({config['quantization_config'].get('quant_method')}); "
-                                 "point ideoquant at the bf16 or FP8 release")
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        # "bfl" marks the FP8 per-row release (diffusers' fp8r scheme): a source format ideoquant dequantizes.
+        if method and method != "bfl":
+            raise IdeoquantError(f"{path} is already quantized ({method}); point ideoquant at the bf16 or FP8 release")
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
         # Only the shards the index names: a folder may hold stale files from an older download.

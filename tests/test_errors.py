@@ -168,3 +168,13 @@ def test_cli_errors_are_one_line_exit_2(bf16_source, tmp_path, args, message):
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_already_quantized_source_is_refused(bf16_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(bf16_source, src)
+    for c in ("transformer", "unconditional_transformer"):
+        cfg = json.loads((src / c / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        (src / c / "config.json").write_text(json.dumps(cfg))
+    _fails(src, tmp_path, "already quantized")
