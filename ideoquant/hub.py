@@ -102,6 +102,35 @@ def download_source(repo_id: str, revision: str | None, token: str | None,
     return snapshot, rev.resolved, _lfs_hashes(api, repo_id, rev.resolved, patterns, token)
 
 
+def remote_headers(repo_id: str, revision: str | None, token: str | None,
+                   components: list[str] | None) -> tuple[Path, str, dict[str, dict[str, tuple]]]:
+    """For `inspect`: the configs, and each weight file's safetensors header read with HTTP range requests.
+
+    Returns (snapshot folder holding only the JSON files, commit sha, {relative path: {tensor: (dtype, shape)}}):
+    a few hundred kilobytes instead of the weights.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    api = HfApi()
+    weights = [p for p in allow_patterns(components) if p.endswith("/*.safetensors")]
+    try:
+        rev = api.resolve_revision(repo_id, revision=revision, token=token)
+        snapshot = Path(snapshot_download(repo_id, revision=rev, token=token,
+                                          allow_patterns=[p for p in allow_patterns(components) if p not in weights]))
+        files = [f for f in api.list_repo_files(repo_id, revision=rev.resolved, token=token)
+                 if any(fnmatch.fnmatchcase(f, p) for p in weights)]
+        headers = {}
+        for f in files:
+            meta = api.parse_safetensors_file_metadata(repo_id, f, revision=rev.resolved, token=token)
+            headers[f] = {k: (t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()}
+    except SafetensorsParsingError as e:
+        raise IdeoquantError(f"corrupt or truncated safetensors file in {repo_id}: {str(e).splitlines()[0]}") from None
+    except _hub_exceptions() as e:
+        raise _hub_error(e, repo_id, revision, "download") from None
+    return snapshot, rev.resolved, headers
+
+
 def _lfs_hashes(api, repo_id: str, commit: str, patterns: list[str], token: str | None) -> dict[str, str]:
     """sha256 of the LFS files as the Hub records them, so convert need not hash gigabytes it just downloaded.
     Best effort: offline or on any Hub error the result is empty and convert hashes the files itself."""

@@ -23,7 +23,8 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
         r, _ = gguf_recipe(qtype or base.type.lower(), recipe)
     else:
         r = resolve_recipe(base or "int8-w8a8")
-    src, plans = prepare(source, r, components=components, revision=revision, token=token)
+    # From a Hub repo only the configs and safetensors headers are fetched, never the weights.
+    src, plans = prepare(source, r, components=components, revision=revision, token=token, headers_only=True)
     comps = {}
     decisions: Counter = Counter()
     sizes: Counter = Counter()

@@ -69,9 +69,10 @@ def resolve_recipe(recipe: str | Recipe, protect=(), no_protect=(), qtype=None, 
                             rules=[parse_type_rule(x) for x in type_rules])
 
 
-def prepare(source, recipe: Recipe, *, components=None, revision=None, token=None, layout="original"):
+def prepare(source, recipe: Recipe, *, components=None, revision=None, token=None, layout="original",
+            headers_only=False):
     """Open the source and plan every component. Used by convert, convert_gguf and inspect."""
-    src = open_source(source, components=components, revision=revision, token=token)
+    src = open_source(source, components=components, revision=revision, token=token, headers_only=headers_only)
     if recipe.format == "int8":
         plans = {name: plan_int8(c, recipe) for name, c in src.components.items()}
     else:

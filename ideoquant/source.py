@@ -156,8 +156,13 @@ def open_source(
     components: list[str] | None = None,
     revision: str | None = None,
     token: str | None = None,
+    headers_only: bool = False,
 ) -> Source:
-    """Resolve SOURCE: a local pipeline folder, component folder or .safetensors file, or a Hub repo id."""
+    """Resolve SOURCE: a local pipeline folder, component folder or .safetensors file, or a Hub repo id.
+
+    headers_only: for a Hub repo, fetch only the configs and the safetensors headers (range requests), not the
+    weights; the tensors can be planned but not read (what `inspect` needs).
+    """
     spec = str(spec or model.DEFAULT_SOURCE)
     for c in components or ():
         if c not in model.COMPONENTS:
@@ -174,8 +179,13 @@ def open_source(
     elif _looks_like_repo_id(spec):
         from . import hub
 
-        snapshot, commit, hashes = hub.download_source(spec, revision=revision, token=token, components=components)
-        found, model_index = _folder(snapshot)
+        if headers_only:
+            snapshot, commit, remote = hub.remote_headers(spec, revision=revision, token=token, components=components)
+            hashes = {}
+        else:
+            snapshot, commit, hashes = hub.download_source(spec, revision=revision, token=token, components=components)
+            remote = None
+        found, model_index = _folder(snapshot, remote)
         source = Source(spec=spec, kind="hub", path=snapshot, components={}, model_index=model_index,
                         repo_id=spec, revision=revision or "main", commit=commit, file_hashes=hashes)
     else:
@@ -198,15 +208,18 @@ def _looks_like_repo_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def _folder(path: Path):
-    """A pipeline folder (model_index.json with component subfolders) or a single component folder."""
+def _folder(path: Path, remote: dict | None = None):
+    """A pipeline folder (model_index.json with component subfolders) or a single component folder.
+
+    remote: {relative path: {tensor: (dtype, shape)}} when the weights were not downloaded (headers only).
+    """
     index_file = path / "model_index.json"
     if index_file.is_file():
         model_index = _read_json(index_file)
         found = {}
         for c in model.COMPONENTS:
             if (path / c).is_dir():
-                found[c] = (lambda c=c: _component_folder(c, path / c))
+                found[c] = (lambda c=c: _component_folder(c, path / c, remote))
         return found, model_index
     if (path / "config.json").is_file() or list(path.glob("*.safetensors")):
         name = path.name if path.name in model.COMPONENTS else "transformer"
@@ -215,8 +228,11 @@ def _folder(path: Path):
     raise IdeoquantError(f"not an Ideogram 4 checkpoint: {path} has no model_index.json, config.json or .safetensors")
 
 
-def _component_folder(name: str, path: Path) -> Component:
-    files = sorted(path.glob("*.safetensors"))
+def _component_folder(name: str, path: Path, remote: dict | None = None) -> Component:
+    if remote is not None:
+        files = sorted(path / Path(rel).name for rel in remote if rel.startswith(f"{name}/"))
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         _refuse_pickles(path)
         raise IdeoquantError(f"missing component '{name}': no .safetensors weights in {path}")
@@ -237,9 +253,12 @@ def _component_folder(name: str, path: Path) -> Component:
         names = sorted(set(_read_json(index).get("weight_map", {}).values()))
         files = [path / n for n in names]
         for f in files:
-            if not f.is_file():
+            if not f.is_file() and (remote is None or f"{name}/{f.name}" not in remote):
                 raise IdeoquantError(f"truncated checkpoint: shard {f.name} named in {index.name} is missing")
-    stored = _headers(files)
+    if remote is not None:
+        stored = {k: _Stored(f, k, dtype, shape) for f in files for k, (dtype, shape) in remote[f"{name}/{f.name}"].items()}
+    else:
+        stored = _headers(files)
     return _component(name, stored, files, config)
 
 

@@ -270,3 +270,19 @@ def test_cli_upload(hub_env, local_out):
     assert real.exit_code == 0, real.output
     assert json.loads(real.stdout)["commit_url"] and "ideoquant.json" in hub_env.hub.files(target)
     assert "Bearer hf_test_token" in hub_env.hub.auth_headers  # no --token: HF_TOKEN from the environment
+
+
+def test_inspect_hub_source_reads_headers_only(hub_env, seeded, source, tmp_path):
+    """inspect plans a Hub repo from its configs and safetensors headers: no weights land in the cache."""
+    from ideoquant.inspect import inspect
+
+    repo, sha = seeded
+    remote = inspect(repo, "int8-w8a8")
+    local = inspect(str(source), "int8-w8a8")
+    assert remote["source"]["commit"] == sha
+    for c in ("transformer", "unconditional_transformer"):
+        for key in ("params", "quantized", "kept", "bytes_in", "bytes_out", "protected_modules"):
+            assert remote["components"][c][key] == local["components"][c][key], (c, key)
+    import os
+    assert list(Path(os.environ["HF_HUB_CACHE"]).rglob("*.safetensors")) == []
+    assert list(Path(os.environ["HF_HUB_CACHE"]).rglob("config.json"))  # the configs were fetched
