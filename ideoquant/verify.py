@@ -143,6 +143,7 @@ def _safetensors_headers(paths: list[Path]) -> tuple[dict[str, tuple[str, tuple]
 def _check_int8(folder: Path, name: str, comp: dict, result: VerifyResult, smoothed: set[str] = frozenset()) -> bool:
     from . import smoothquant
     from .encode import int8
+    from .write.safetensors import DTYPE_NAMES
 
     shards = [folder / f for f in comp["files"] if f.endswith(".safetensors")]
     try:
@@ -159,7 +160,7 @@ def _check_int8(folder: Path, name: str, comp: dict, result: VerifyResult, smoot
             # The exact keys, dtypes and shapes torchao's safetensors format uses for this weight.
             smooth = t["name"].rsplit(".", 1)[0] in smoothed  # SmoothQuant adds `_weight_act_pre_scale`
             lay = (smoothquant.layout if smooth else int8.layout)(t["name"], shape)
-            want = {k: (_st_dtype(dt), sh) for k, (dt, sh) in lay.keys.items()}
+            want = {k: (DTYPE_NAMES[dt], sh) for k, (dt, sh) in lay.keys.items()}
             n_q += 1
         else:
             want = {t["name"]: ("BF16", shape)}
@@ -205,13 +206,6 @@ def _check_int8(folder: Path, name: str, comp: dict, result: VerifyResult, smoot
     else:
         result.checks.append(f"{name}: config.json protects the manifest's {len(protected)} modules")
     return ok
-
-
-def _st_dtype(dtype) -> str:
-    import torch
-
-    return {torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-            torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8"}[dtype]
 
 
 # ---------------------------------------------------------------- GGUF

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {
+# torch dtype -> the name safetensors headers use for it
+DTYPE_NAMES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8",
 }
 
@@ -45,7 +46,7 @@ class ShardWriter:
         self.offsets: dict[str, tuple[int, int]] = {}
         for k in order:
             s = slots[k]
-            header[k] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            header[k] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
             self.offsets[k] = (offset, s.nbytes)
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
