@@ -7,11 +7,13 @@ write into a staging folder that replaces OUT only when complete, and finish wit
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -80,10 +82,33 @@ def prepare(source, recipe: Recipe, *, components=None, revision=None, token=Non
     return src, plans
 
 
-def _check_finite(name: str, block: torch.Tensor) -> None:
-    # amax propagates NaN and keeps Inf: one reduction instead of a boolean tensor the size of the block.
-    if not torch.isfinite(block.abs().amax()):
+def _check_finite(name: str, block: torch.Tensor, ws: "int8.Workspace | None" = None) -> None:
+    # amax propagates NaN and meets +Inf, amin meets -Inf: two reductions, no boolean tensor the size of the block.
+    # Reductions over bf16 are several times slower than over float32 on CPU, so a workspace gets a float32 copy.
+    x = block
+    if ws is not None and block.dtype != torch.float32 and block.numel() > 1:
+        x = ws.take("finite", block.shape, torch.float32)
+        x.copy_(block)
+    if x.numel() and not (torch.isfinite(x.amax()) and torch.isfinite(x.amin())):
         raise IdeoquantError(f"tensor {name} contains NaN or Inf; the source checkpoint is damaged")
+
+
+def _preload(*modules: str) -> None:
+    """Import modules on a background thread while the main thread plans and the source is hashed.
+
+    torchao's import alone is ~1.7 s of CPU, as long as converting a layer; started early it overlaps with the
+    source hash (which releases the GIL) instead of delaying the first write. A failure here is ignored: the
+    main thread's own import reports it.
+    """
+
+    def run() -> None:
+        for m in modules:
+            try:
+                importlib.import_module(m)
+            except Exception:  # noqa: BLE001
+                return
+
+    threading.Thread(target=run, name="ideoquant-preload", daemon=True).start()
 
 
 class _Hasher:
@@ -95,6 +120,12 @@ class _Hasher:
 
     def add(self, key: str, path: Path) -> None:
         self._jobs[key] = (path, self._pool.submit(sha256_file, path))
+
+    def add_known(self, key: str, path: Path, sha256: str) -> None:
+        """A file whose digest was computed while it was written."""
+        done: Future = Future()
+        done.set_result(sha256)
+        self._jobs[key] = (path, done)
 
     def results(self) -> dict[str, dict]:
         out = {k: {"size": p.stat().st_size, "sha256": f.result()} for k, (p, f) in self._jobs.items()}
@@ -161,9 +192,9 @@ def _run(kind: str, src: Source, recipe: Recipe, plans: dict[str, ComponentPlan]
 
 
 def _model_index(src: Source, plans) -> dict[str, str]:
-    import diffusers
+    from importlib.metadata import version
 
-    index = dict(src.model_index or {"_class_name": model.PIPELINE_CLASS, "_diffusers_version": diffusers.__version__})
+    index = dict(src.model_index or {"_class_name": model.PIPELINE_CLASS, "_diffusers_version": version("diffusers")})
     for c in model.COMPONENTS:
         index.setdefault(c, ["diffusers", model.MODEL_CLASS])
     return {"model_index.json": json.dumps(index, indent=2) + "\n"}
@@ -193,10 +224,13 @@ def convert(
 
     smoothquant: statistics from `ideoquant calibrate`; each quantized linear is then smoothed as torchao's SmoothQuant
     does (factor from `alpha`, weight * s quantized, `act_pre_scale = 1 / s` stored), see `ideoquant.smoothquant`."""
+    _preload("torchao.prototype.safetensors.safetensors_support", "torchao.core.config")
     r = resolve_recipe(recipe, protect, no_protect)
     device = check_device(device)
     shard_bytes = parse_size(max_shard_size)
     src, plans = prepare(source, r, components=components, revision=revision, token=token)
+    if any(c.fp8 for c in src.components.values()):
+        _preload("diffusers.quantizers.bfl.utils")
     from .smoothquant import smoother_for
 
     smooth = smoother_for(smoothquant, alpha, plans)
@@ -241,14 +275,14 @@ def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, 
             writer = ShardWriter(folder / filename, {k: s for n in group for k, s in slots[n].items()},
                                  {"format": "pt", **metadata})
             try:
-                for n in group:
-                    records.append(_write_int8_tensor(by_name[n], writer, device, reporter, name, smooth, pool))
-                    weight_map.update({k: filename for k in slots[n]})
+                records += _write_int8_tensors([by_name[n] for n in group], writer, device, reporter, name, smooth,
+                                               pool)
             except BaseException:
                 writer.abort()
                 raise
             writer.close()
-            hasher.add(f"{name}/{filename}", folder / filename)
+            weight_map.update({k: filename for n in group for k in slots[n]})
+            hasher.add_known(f"{name}/{filename}", folder / filename, writer.sha256)
     files = [f"{name}/{f}" for f in filenames]
     if len(groups) > 1:
         total = sum(s.nbytes for d in slots.values() for s in d.values())
@@ -265,26 +299,30 @@ def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, 
     return records, files
 
 
-def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter: Reporter, component: str,
-                       smooth=None, pool: "BlockPool | None" = None) -> dict:
-    src = t.sources[0]
-    module = model.module_of(t.name)
-    numel = max(1, math.prod(src.shape))
-    smoothed = t.quantize and smooth is not None and smooth.applies(component, t.name)
-    sm = smooth.prepare(component, t) if smoothed else None
-    if sm is not None:
-        writer.write(f"{module}._weight_act_pre_scale", sm.act_pre_scale)
-    # A bf16 tensor kept as bf16 is copied bit for bit: its error is zero by construction, so it is not measured.
-    exact = not t.quantize and src.dtype == "BF16" and src.scale is None
+def _write_int8_tensors(tensors: list[TensorPlan], writer: ShardWriter, device: str, reporter: Reporter,
+                        component: str, smooth, pool: "BlockPool") -> list[dict]:
+    """Read, encode and write every row block of these tensors on the pool, in one stream (no wait between
+    tensors, so small tensors do not leave a core idle). Returns their manifest records, in order."""
+    prepared = []
+    for t in tensors:
+        smoothed = t.quantize and smooth is not None and smooth.applies(component, t.name)
+        sm = smooth.prepare(component, t) if smoothed else None
+        if sm is not None:
+            writer.write(f"{model.module_of(t.name)}._weight_act_pre_scale", sm.act_pre_scale)
+        prepared.append(sm)
 
-    def encode(rows) -> tuple[int, ErrorStats]:
-        """Read, encode and write one block of rows; runs on the pool's threads."""
-        block = src.read(rows)
+    def encode(item) -> tuple[int, ErrorStats]:
+        """One block of rows; runs on the pool's threads, each with its own workspace."""
+        i, rows = item
+        t, sm = tensors[i], prepared[i]
+        src, module = t.sources[0], model.module_of(t.name)
+        ws = int8.workspace()
+        block = src.read(rows, buffer=ws.take("read", (src.block_nbytes(rows),), torch.uint8))
         start = rows[0] if rows else 0
         row = block[0].numel() if block.ndim > 1 else 0  # elements per row: byte offsets of this block
         stats = ErrorStats()
         if t.quantize:
-            qdata, scale, zero_point, signal, noise = int8.quantize(block if sm is None else sm.smooth(block), device)
+            qdata, scale, zero_point, signal, noise = int8.quantize(block if sm is None else sm.smooth(block), device, ws)
             _check_finite(t.name, scale)
             if sm is None:
                 stats.add_energies(signal, noise)
@@ -294,18 +332,25 @@ def _write_int8_tensor(t: TensorPlan, writer: ShardWriter, device: str, reporter
             writer.write(f"{module}._weight_scale", scale, start * 4)
             writer.write(f"{module}._weight_zero_point", zero_point, start)
         else:
-            _check_finite(t.name, block)
+            _check_finite(t.name, block, ws)
             kept = block.to(torch.bfloat16)
-            if not exact:
+            # A bf16 tensor kept as bf16 is copied bit for bit: its error is zero by construction, not measured.
+            if not (src.dtype == "BF16" and src.scale is None):
                 stats.add(block, kept)
             writer.write(t.name, kept, start * row * 2)
         return block.numel(), stats
 
-    total = ErrorStats()
-    for n, stats in (pool or BlockPool(1)).map(encode, src.row_ranges(BLOCK_ELEMENTS)):
-        total.add_energies(stats.signal, stats.noise)
-        reporter.advance(component, src.nbytes * n // numel)
-    return manifest.tensor_record(t, total.sqnr_db)
+    totals = [ErrorStats() for _ in tensors]
+    items = [(i, rows) for i, t in enumerate(tensors) for rows in t.sources[0].row_ranges(BLOCK_ELEMENTS)]
+
+    def done(item, result) -> None:
+        i, (n, stats) = item[0], result
+        src = tensors[i].sources[0]
+        totals[i].add_energies(stats.signal, stats.noise)
+        reporter.advance(component, src.nbytes * n // max(1, math.prod(src.shape)))
+
+    pool.run(encode, items, done)
+    return [manifest.tensor_record(t, total.sqnr_db) for t, total in zip(tensors, totals)]
 
 
 class BlockPool:
@@ -319,16 +364,24 @@ class BlockPool:
         self.workers = max(1, workers or os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ideoquant-encode") if self.workers > 1 else None
 
-    def map(self, fn, items):
+    def run(self, fn, items, done) -> None:
+        """fn(item) for every item on the workers; done(item, result) on this thread, in item order.
+
+        On an error nothing new starts, and the blocks already running finish before it propagates: their
+        writer is about to be aborted, and a write into a closed (or reused) descriptor must not happen.
+        """
         if self._pool is None:
-            return map(fn, items)
+            for x in items:
+                done(x, fn(x))
+            return
         futures = [self._pool.submit(fn, x) for x in items]
         try:
-            return [f.result() for f in futures]
-        except BaseException:
+            for x, f in zip(items, futures):
+                done(x, f.result())
+        finally:
             for f in futures:
                 f.cancel()
-            raise
+            wait(futures)
 
     def __enter__(self):
         self._threads = torch.get_num_threads()

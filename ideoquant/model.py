@@ -51,22 +51,61 @@ def _config_key(config: dict) -> tuple:
                         if not k.startswith("_") and k != "quantization_config"))
 
 
+# Ideogram4Transformer2DModel's constructor defaults (the real model): a config.json may leave any of them out.
+DEFAULT_CONFIG = {
+    "in_channels": 128, "num_layers": 34, "attention_head_dim": 256, "num_attention_heads": 18,
+    "intermediate_size": 12288, "adaln_dim": 512, "llm_features_dim": 53248, "rope_theta": 5_000_000,
+    "mrope_section": [24, 20, 20], "norm_eps": 1e-5,
+}
+
+
 def model_spec(config: dict) -> ModelSpec:
-    """Build the model on the meta device from its config: no memory, and the class itself says what is linear."""
+    """The backbone's state dict (names in registration order, shapes) and its nn.Linear modules, from the config.
+
+    Spelled out rather than built from the diffusers class on the meta device: importing that class costs 4.5 s
+    of CPU (diffusers pulls in torchao, accelerate, ...), more than quantizing a layer. tests/test_model.py checks
+    this against `Ideogram4Transformer2DModel` itself for several configs.
+    """
     return _model_spec(_config_key(config))
 
 
 @lru_cache(maxsize=8)
 def _model_spec(key: tuple) -> ModelSpec:
-    import torch
-    from diffusers import Ideogram4Transformer2DModel
+    c = {**DEFAULT_CONFIG, **{k: list(v) if isinstance(v, tuple) else v for k, v in key}}
+    hidden, head = c["attention_head_dim"] * c["num_attention_heads"], c["attention_head_dim"]
+    ffn, adaln, llm, io = c["intermediate_size"], c["adaln_dim"], c["llm_features_dim"], c["in_channels"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    linears: list[str] = []
 
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in key}
-    with torch.device("meta"):
-        model = Ideogram4Transformer2DModel.from_config(config)
-    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    linears = frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-    return ModelSpec(config=dict(model.config), shapes=shapes, linear_modules=linears)
+    def linear(name: str, n_in: int, n_out: int, bias: bool) -> None:
+        linears.append(name)
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        if bias:
+            shapes[f"{name}.bias"] = (n_out,)
+
+    linear("input_proj", io, hidden, True)
+    shapes["llm_cond_norm.weight"] = (llm,)
+    linear("llm_cond_proj", llm, hidden, True)
+    linear("t_embedding.mlp_in", hidden, hidden, True)
+    linear("t_embedding.mlp_out", hidden, hidden, True)
+    linear("adaln_proj", hidden, adaln, True)
+    shapes["embed_image_indicator.weight"] = (2, hidden)  # nn.Embedding: not a linear
+    for i in range(c["num_layers"]):
+        p = f"layers.{i}"
+        for proj in ("to_q", "to_k", "to_v"):
+            linear(f"{p}.attention.{proj}", hidden, hidden, False)
+        shapes[f"{p}.attention.norm_q.weight"] = (head,)
+        shapes[f"{p}.attention.norm_k.weight"] = (head,)
+        linear(f"{p}.attention.to_out.0", hidden, hidden, False)
+        linear(f"{p}.feed_forward.w1", hidden, ffn, False)
+        linear(f"{p}.feed_forward.w2", ffn, hidden, False)
+        linear(f"{p}.feed_forward.w3", hidden, ffn, False)
+        for norm in ("attention_norm1", "ffn_norm1", "attention_norm2", "ffn_norm2"):
+            shapes[f"{p}.{norm}.weight"] = (hidden,)
+        linear(f"{p}.adaln_modulation", adaln, 4 * hidden, True)
+    linear("final_layer.linear", hidden, io, True)
+    linear("final_layer.adaln_modulation", adaln, hidden, True)
+    return ModelSpec(config=c, shapes=shapes, linear_modules=frozenset(linears))
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:

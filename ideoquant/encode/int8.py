@@ -9,7 +9,8 @@ time by torchao, not here.
 
 from __future__ import annotations
 
-import json
+import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -59,28 +60,68 @@ def plain_metadata() -> str:
 EPS = torch.finfo(torch.float32).eps  # torchao clamps int8 scales at float32 eps for every input dtype
 
 
-def quantize(block: torch.Tensor, device: str = "cpu"):
+class Workspace:
+    """Reusable buffers for one encoding thread.
+
+    A fresh multi-MB tensor per block costs page faults on first touch (measured: the encode ran 2x slower with
+    fresh temporaries than with reused ones), so each thread keeps its buffers and ops write into them (`out=`).
+    What `quantize` returns lives in these buffers: consume it before the thread's next call.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() * buf.element_size() < n * dtype.itemsize:
+            buf = self._buffers[name] = torch.empty(n * dtype.itemsize, dtype=torch.uint8)
+        return buf[: n * dtype.itemsize].view(dtype).view(shape)
+
+
+_local = threading.local()
+
+
+def workspace() -> Workspace:
+    """This thread's workspace."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = Workspace()
+    return ws
+
+
+def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = None):
     """Rows of a weight -> (qdata int8 [r, K], scale float32 [r, 1], zero_point int8 [r, 1], signal, noise).
 
-    The same torch ops, in the same dtypes, as torchao 0.18's `choose_qparams_affine` + `quantize_affine` for
-    `Int8DynamicActivationInt8WeightConfig()` (absmax in the weight's dtype, / 127.5 rounded to that dtype, clamp
-    at float32 eps, q = round_half_even(w * (1/scale)) clamped to [-128, 127]); the tests check the bits against
-    torchao's own function. Written out so that the float32 intermediate `y = w / scale` is made once and also
-    gives the quantization error: signal = sum(w^2) = sum(s^2 y^2), noise = sum(s^2 (y - q)^2), no dequantize pass.
-    A NaN or Inf anywhere in a row makes that row's scale non-finite, which the caller checks.
+    Bit for bit what torchao 0.18's `choose_qparams_affine` + `quantize_affine` give for
+    `Int8DynamicActivationInt8WeightConfig()` (the tests check against torchao's own function): per row,
+    scale = max|w| / 127.5 computed in the weight's dtype and clamped at float32 eps, then
+    q = round_half_even(w * (1/scale)) clamped to [-128, 127] in float32. Written out to run in a few passes over
+    reused float32 buffers: max|w| comes from amax/amin of the float32 copy (exact, it is one of the weight's own
+    values, and several times faster than a bf16 abs().amax()), `w * (1/scale)` is the float32 product torchao's
+    type promotion makes, and that intermediate y also gives the quantization error without a dequantize pass:
+    signal = sum(w^2) = sum(s^2 y^2), noise = sum(s^2 (y - q)^2). A NaN or Inf in a row makes that row's scale
+    non-finite, which the caller checks. On CPU the returned qdata lives in `ws` (default: this thread's).
     """
     w = block.to(device)
-    # torchao: max(-min(amin, 0), max(amax, 0)), which is the row's max |w|; abs().amax() is several times faster
-    # than aminmax on CPU and equal bit for bit (a NaN still propagates into the scale).
-    absmax = w.abs().amax(dim=1, keepdim=True)
+    rows, k = w.shape
+    if w.device.type == "cpu":
+        ws = ws or workspace()
+        y = ws.take("y", (rows, k), torch.float32)
+        q = ws.take("q", (rows, k), torch.float32)
+        qdata = ws.take("qdata", (rows, k), torch.int8)
+    else:
+        y, q, qdata = (torch.empty((rows, k), dtype=d, device=w.device) for d in (torch.float32, torch.float32, torch.int8))
+    y.copy_(w)
+    absmax = torch.maximum(y.amax(dim=1, keepdim=True), y.amin(dim=1, keepdim=True).neg_()).to(w.dtype)
     scale = (absmax / 127.5).clamp_(min=EPS).to(torch.float32)
-    y = w * (1.0 / scale)
-    q = torch.round(y).clamp_(-128, 127)
-    qdata = q.to(torch.int8)
+    y.mul_(1.0 / scale)
+    torch.round(y, out=q).clamp_(-128, 127)
+    qdata.copy_(q)
     s2 = scale.squeeze(1).double().square()
     signal = float((torch.linalg.vector_norm(y, dim=1).double().square() * s2).sum())
     noise = float((torch.linalg.vector_norm(y.sub_(q), dim=1).double().square() * s2).sum())
-    return qdata.cpu(), scale.cpu(), torch.zeros_like(qdata[:, :1]).cpu(), signal, noise
+    return qdata.cpu(), scale.cpu(), torch.zeros((rows, 1), dtype=torch.int8), signal, noise
 
 
 def reference_quantize(block: torch.Tensor):
@@ -94,8 +135,12 @@ def dequantize(qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantization_config(protected: list[str]) -> dict:
-    """The `quantization_config` block of config.json, as diffusers' TorchAoConfig writes it."""
-    from diffusers import TorchAoConfig
+    """The `quantization_config` block of config.json, as diffusers' `TorchAoConfig(...).to_dict()` writes it.
 
-    d = TorchAoConfig(config(), modules_to_not_convert=list(protected)).to_dict()
-    return json.loads(json.dumps(d, default=str))  # QuantizationMethod is a str enum
+    Built from torchao's own `config_to_dict` rather than through diffusers, whose import costs seconds on the
+    convert path; tests/test_int8.py checks it equals diffusers' output.
+    """
+    from torchao.core.config import config_to_dict
+
+    return {"quant_method": "torchao", "quant_type": {"default": config_to_dict(config())},
+            "modules_to_not_convert": list(protected)}

@@ -8,6 +8,7 @@ written into their slots as they are produced. safe_open reads the result like a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -36,11 +37,20 @@ class Slot:
 
 
 class ShardWriter:
-    """One safetensors file whose header is fixed at creation; `write` fills slots in any order."""
+    """One safetensors file whose header is fixed at creation; `write` fills slots in any order.
+
+    Slots are laid out in the order given (the order the job produces them), so the file fills front to back
+    and its sha256 is computed while it is written: a background thread hashes the completed prefix, reading it
+    back from the page cache, instead of a pass over the whole file after close. If that order would misalign a
+    tensor, the layout falls back to safetensors' own order (larger dtypes first, then by name), which is always
+    aligned, and the hash then catches up at close.
+    """
 
     def __init__(self, path: Path, slots: dict[str, Slot], metadata: dict[str, str]):
         self.path = Path(path)
-        order = sorted(slots, key=lambda k: (-slots[k].dtype.itemsize, k))
+        order = list(slots)
+        if not _aligned(order, slots):
+            order = sorted(slots, key=lambda k: (-slots[k].dtype.itemsize, k))
         header: dict = {"__metadata__": metadata}
         offset = 0
         self.offsets: dict[str, tuple[int, int]] = {}
@@ -54,10 +64,17 @@ class ShardWriter:
         self.data_start = 8 + len(raw)
         self.size = self.data_start + offset
         self._written = 0
-        self._lock = threading.Lock()  # encoder threads write their blocks concurrently (pwrite is positional)
+        self._lock = threading.Condition()  # encoder threads write their blocks concurrently (pwrite is positional)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, len(raw).to_bytes(8, "little") + raw, 0)
         os.ftruncate(self._fd, self.size)
+        self._ends: dict[int, int] = {}  # completed byte ranges past the frontier: start -> end
+        self._frontier = self.data_start  # every byte before it is written
+        self._closing = False
+        self._sha = hashlib.sha256()
+        self.sha256: str | None = None
+        self._hasher = threading.Thread(target=self._hash, name="ideoquant-shard-hash", daemon=True)
+        self._hasher.start()
 
     def write(self, key: str, tensor: torch.Tensor, row_offset_bytes: int = 0) -> None:
         """Write a tensor (or a block of its leading rows, at `row_offset_bytes` into the slot)."""
@@ -65,22 +82,69 @@ class ShardWriter:
         data = tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
         if row_offset_bytes + data.nbytes > length:
             raise ValueError(f"{key}: write past the end of its slot")
-        os.pwrite(self._fd, memoryview(data), self.data_start + start + row_offset_bytes)
+        begin = self.data_start + start + row_offset_bytes
+        view, done = memoryview(data), 0
+        while done < data.nbytes:
+            done += os.pwrite(self._fd, view[done:], begin + done)
         with self._lock:
             self._written += data.nbytes
+            if data.nbytes:
+                self._ends[begin] = begin + data.nbytes
+                advanced = False
+                while self._frontier in self._ends:
+                    self._frontier = self._ends.pop(self._frontier)
+                    advanced = True
+                if advanced:
+                    self._lock.notify()
+
+    def _hash(self) -> None:
+        """Hash the file front to back as the written prefix grows."""
+        buf = bytearray(1 << 20)
+        view, pos = memoryview(buf), 0
+        while True:
+            with self._lock:
+                while pos >= self._frontier and not self._closing:
+                    self._lock.wait()
+                if pos >= self._frontier and self._closing:
+                    return
+                stop = min(self._frontier, pos + len(buf))
+                fd = self._fd
+            n = os.preadv(fd, [view[: stop - pos]], pos)
+            if n <= 0:
+                return
+            self._sha.update(view[:n])
+            pos += n
+
+    def _stop_hasher(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._hasher.join()
 
     def abort(self) -> None:
         """Close without the completeness check (the staging folder is about to be removed)."""
         if self._fd is not None:
+            self._stop_hasher()
             os.close(self._fd)
             self._fd = None
 
     def close(self) -> None:
         if self._fd is not None:
+            self._stop_hasher()
             os.close(self._fd)
             self._fd = None
-            if self._written != self.size - self.data_start:
+            if self._written != self.size - self.data_start or self._frontier != self.size:
                 raise RuntimeError(f"{self.path.name}: wrote {self._written} of {self.size - self.data_start} bytes")
+            self.sha256 = self._sha.hexdigest()
+
+
+def _aligned(order: list[str], slots: dict[str, Slot]) -> bool:
+    offset = 0
+    for k in order:
+        if offset % slots[k].dtype.itemsize:
+            return False
+        offset += slots[k].nbytes
+    return True
 
 
 def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
