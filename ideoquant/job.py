@@ -24,7 +24,7 @@ from .errors import IdeoquantError
 from .metrics import ErrorStats
 from .plan import ComponentPlan, TensorPlan, plan_gguf, plan_int8
 from .recipe import Recipe, load_recipe, parse_type_rule
-from .source import ReadAhead, Source, open_source
+from .source import FileMaps, ReadAhead, Source, open_source
 from .write.safetensors import ShardWriter, Slot, parse_size, shard_groups
 from .write.staging import check_free_space, sha256_file, staged_output
 
@@ -317,7 +317,7 @@ def _write_int8_tensors(tensors: list[TensorPlan], writer: ShardWriter, device: 
         t, sm = tensors[i], prepared[i]
         src, module = t.sources[0], model.module_of(t.name)
         ws = int8.workspace()
-        block = src.read(rows, buffer=ws.take("read", (src.block_nbytes(rows),), torch.uint8))
+        block = src.read(rows, maps)
         start = rows[0] if rows else 0
         row = block[0].numel() if block.ndim > 1 else 0  # elements per row: byte offsets of this block
         stats = ErrorStats()
@@ -338,6 +338,7 @@ def _write_int8_tensors(tensors: list[TensorPlan], writer: ShardWriter, device: 
             if not (src.dtype == "BF16" and src.scale is None):
                 stats.add(block, kept)
             writer.write(t.name, kept, start * row * 2)
+        maps.release(src, rows)
         return block.numel(), stats
 
     totals = [ErrorStats() for _ in tensors]
@@ -349,7 +350,11 @@ def _write_int8_tensors(tensors: list[TensorPlan], writer: ShardWriter, device: 
         totals[i].add_energies(stats.signal, stats.noise)
         reporter.advance(component, src.nbytes * n // max(1, math.prod(src.shape)))
 
-    pool.run(encode, items, done)
+    maps = FileMaps()
+    try:
+        pool.run(encode, items, done)
+    finally:
+        maps.close()
     return [manifest.tensor_record(t, total.sqnr_db) for t, total in zip(tensors, totals)]
 
 

@@ -8,7 +8,6 @@ written into their slots as they are produced. safe_open reads the result like a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .staging import sha256_mapped
 
 # torch dtype -> the name safetensors headers use for it
 DTYPE_NAMES = {
@@ -40,8 +41,8 @@ class ShardWriter:
     """One safetensors file whose header is fixed at creation; `write` fills slots in any order.
 
     Slots are laid out in the order given (the order the job produces them), so the file fills front to back
-    and its sha256 is computed while it is written: a background thread hashes the completed prefix, reading it
-    back from the page cache, instead of a pass over the whole file after close. If that order would misalign a
+    and its sha256 is computed while it is written: a background thread hashes the completed prefix in place in
+    the page cache (a memory map), instead of a pass over the whole file after close. If that order would misalign a
     tensor, the layout falls back to safetensors' own order (larger dtypes first, then by name), which is always
     aligned, and the hash then catches up at close.
     """
@@ -71,8 +72,7 @@ class ShardWriter:
         self._ends: dict[int, int] = {}  # completed byte ranges past the frontier: start -> end
         self._frontier = self.data_start  # every byte before it is written
         self._closing = False
-        self._sha = hashlib.sha256()
-        self.sha256: str | None = None
+        self.sha256: str | None = None  # set once the whole file is written and hashed
         self._hasher = threading.Thread(target=self._hash, name="ideoquant-shard-hash", daemon=True)
         self._hasher.start()
 
@@ -98,22 +98,19 @@ class ShardWriter:
                     self._lock.notify()
 
     def _hash(self) -> None:
-        """Hash the file front to back as the written prefix grows."""
-        buf = bytearray(1 << 20)
-        view, pos = memoryview(buf), 0
-        while True:
-            with self._lock:
-                while pos >= self._frontier and not self._closing:
-                    self._lock.wait()
-                if pos >= self._frontier and self._closing:
-                    return
-                stop = min(self._frontier, pos + len(buf))
-                fd = self._fd
-            n = os.preadv(fd, [view[: stop - pos]], pos)
-            if n <= 0:
-                return
-            self._sha.update(view[:n])
-            pos += n
+        """Hash the file front to back as the written prefix grows (see `sha256_mapped`)."""
+        try:
+            self.sha256 = sha256_mapped(self._fd, self.size, self._wait_written)
+        except _Aborted:
+            pass
+
+    def _wait_written(self, pos: int) -> int:
+        with self._lock:
+            while self._frontier <= pos and not self._closing:
+                self._lock.wait()
+            if self._frontier <= pos:
+                raise _Aborted
+            return self._frontier
 
     def _stop_hasher(self) -> None:
         with self._lock:
@@ -133,9 +130,12 @@ class ShardWriter:
             self._stop_hasher()
             os.close(self._fd)
             self._fd = None
-            if self._written != self.size - self.data_start or self._frontier != self.size:
+            if self._written != self.size - self.data_start or self.sha256 is None:
                 raise RuntimeError(f"{self.path.name}: wrote {self._written} of {self.size - self.data_start} bytes")
-            self.sha256 = self._sha.hexdigest()
+
+
+class _Aborted(Exception):
+    """The writer closed before the file was complete: stop hashing."""
 
 
 def _aligned(order: list[str], slots: dict[str, Slot]) -> bool:
