@@ -24,7 +24,7 @@ from .errors import IdeoquantError
 from .metrics import ErrorStats
 from .plan import ComponentPlan, TensorPlan, plan_gguf, plan_int8
 from .recipe import Recipe, load_recipe, parse_type_rule
-from .source import FileMaps, ReadAhead, Source, open_source
+from .source import FileMaps, ReadAhead, Source, hf_cache_sha256, open_source
 from .write.safetensors import ShardWriter, Slot, parse_size, shard_groups
 from .write.staging import check_free_space, sha256_file, staged_output
 
@@ -159,7 +159,10 @@ def _run(kind: str, src: Source, recipe: Recipe, plans: dict[str, ComponentPlan]
     hasher = _Hasher()
     source_files = _source_files(src)
     for rel, path in source_files.items():
-        if rel not in src.file_hashes:
+        known = src.file_hashes.get(rel) or hf_cache_sha256(path)
+        if known:
+            src.file_hashes[rel] = known
+        else:
             hasher.add("source:" + rel, path)
     try:
         with staged_output(out, overwrite) as staging:

@@ -1,6 +1,7 @@
 """INT8 W8A8: bit-identical to diffusers + torchao, loadable by stock diffusers, close to the source."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,11 +106,12 @@ def test_manifest_records_everything(int8_out, bf16_source):
     assert m["kind"] == "int8" and m["recipe"]["name"] == "int8-w8a8"
     assert m["tool"]["torchao"] and m["tool"]["diffusers"]
     assert m["source"]["kind"] == "folder" and m["source"]["files"]
+    import hashlib
     for rel, info in m["source"]["files"].items():
-        assert (bf16_source / rel).stat().st_size == info["size"] and len(info["sha256"]) == 64
+        data = (bf16_source / rel).read_bytes()
+        assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"ideoquant.json"}
     assert files == set(m["files"])
-    import hashlib
     for rel, info in m["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == info["sha256"]
     t = {r["name"]: r for r in m["components"]["transformer"]["tensors"]}
@@ -224,3 +226,29 @@ def test_encoder_bits_equal_torchao(case):
         from ideoquant.metrics import sqnr_db
         import math
         assert abs(10 * math.log10(signal / noise) - sqnr_db(x, int8.dequantize(rq, rs))) < 1e-3
+
+
+def test_hf_cache_snapshot_source_hashes_from_blob_names(bf16_source, tmp_path, monkeypatch):
+    """A source inside a Hugging Face cache snapshot: weights link to blobs/<sha256>, so they are not re-hashed."""
+    import hashlib
+
+    from ideoquant import job
+
+    snapshot = tmp_path / "models--org--ideogram" / "snapshots" / ("c" * 40)
+    blobs = tmp_path / "models--org--ideogram" / "blobs"
+    blobs.mkdir(parents=True)
+    for f in sorted(p for p in bf16_source.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        lfs = f.suffix == ".safetensors"  # the Hub stores weights in LFS (sha256 blob names), configs in git (sha1)
+        blob = blobs / (hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(data).hexdigest())
+        blob.write_bytes(data)
+        link = snapshot / f.relative_to(bf16_source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    hashed = []
+    real = job.sha256_file
+    monkeypatch.setattr(job, "sha256_file", lambda p: (hashed.append(Path(p).name), real(p))[1])
+    m = ideoquant.convert(str(snapshot), tmp_path / "out", components=["transformer"])
+    assert hashed and not any(h.endswith(".safetensors") for h in hashed)  # only the small git files were read
+    for rel, info in m["source"]["files"].items():
+        assert hashlib.sha256((bf16_source / rel).read_bytes()).hexdigest() == info["sha256"]

@@ -45,9 +45,15 @@ def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat1
     """Keys, dtypes, shapes and metadata for `name`, from a meta-device Int8Tensor and torchao's flattener."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    meta = _quantize(torch.empty(shape, dtype=dtype, device="meta"))
-    tensors, metadata = flatten_tensor_state_dict({name: meta})
+    tensors, metadata = flatten_tensor_state_dict({name: _meta_int8(tuple(shape), dtype)})
     return Int8Layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata[name])
+
+
+@lru_cache(maxsize=64)
+def _meta_int8(shape: tuple[int, int], dtype: torch.dtype):
+    """The meta-device Int8Tensor torchao makes for a weight of this shape (4 ms each: a backbone has ~270 weights
+    in ~6 shapes). Shared, so never modified."""
+    return _quantize(torch.empty(shape, dtype=dtype, device="meta"))
 
 
 def plain_metadata() -> str:
