@@ -314,19 +314,22 @@ def _write_int8_tensors(tensors: list[TensorPlan], writer: ShardWriter, device: 
             writer.write(f"{model.module_of(t.name)}._weight_act_pre_scale", sm.act_pre_scale)
         prepared.append(sm)
 
+    modules = [model.module_of(t.name) for t in tensors]
+    row_elements = [math.prod(t.shape[1:]) if len(t.shape) > 1 else 0 for t in tensors]  # byte offsets of blocks
+
     def encode(item) -> tuple[int, ErrorStats]:
         """One block of rows; runs on the pool's threads, each with its own workspace."""
         i, rows = item
-        t, sm = tensors[i], prepared[i]
-        src, module = t.sources[0], model.module_of(t.name)
+        t, sm, module, row = tensors[i], prepared[i], modules[i], row_elements[i]
+        src = t.sources[0]
         ws = int8.workspace()
         block = src.read(rows, maps)
         start = rows[0] if rows else 0
-        row = block[0].numel() if block.ndim > 1 else 0  # elements per row: byte offsets of this block
         stats = ErrorStats()
         if t.quantize:
             qdata, scale, zero_point, signal, noise = int8.quantize(block if sm is None else sm.smooth(block), device, ws)
-            _check_finite(t.name, scale)
+            if not math.isfinite(signal):  # a NaN or Inf in a row makes its scale, and so the signal, non-finite
+                raise IdeoquantError(f"tensor {t.name} contains NaN or Inf; the source checkpoint is damaged")
             if sm is None:
                 stats.add_energies(signal, noise)
             else:  # SmoothQuant: W * s was quantized; the weight in effect is dequant / s

@@ -72,15 +72,18 @@ def test_pickle_only_is_refused_without_unpickling(tmp_path):
     assert not os.path.exists("pwned")
 
 
-def test_nan_in_weight_names_the_tensor(tmp_path):
+@pytest.mark.parametrize("tensor", ["layers.1.feed_forward.w3.weight", "layers.1.feed_forward.w2.weight"],
+                         ids=["quantized", "protected"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_in_weight_names_the_tensor(tmp_path, tensor, value):
     src = demo.build_checkpoint(tmp_path / "src", fmt="bf16", max_shard_size="100MB")
     f = src / "transformer" / "diffusion_pytorch_model.safetensors"
     from safetensors.torch import load_file
     sd = load_file(f)
-    sd["layers.1.feed_forward.w3.weight"][3, 5] = float("nan")
+    sd[tensor][3, 5] = float(value)
     save_file(sd, f, metadata={"format": "pt"})
-    _fails(src, tmp_path, "layers.1.feed_forward.w3.weight contains NaN")
-    with pytest.raises(IdeoquantError, match="layers.1.feed_forward.w3.weight contains NaN"):
+    _fails(src, tmp_path, f"{tensor} contains NaN or Inf")
+    with pytest.raises(IdeoquantError, match=f"{tensor} contains NaN or Inf"):
         ideoquant.convert_gguf(str(src), tmp_path / "g")
     assert not (tmp_path / "g").exists()
 

@@ -118,16 +118,18 @@ def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = No
         qdata = ws.take("qdata", (rows, k), torch.int8)
     else:
         y, q, qdata = (torch.empty((rows, k), dtype=d, device=w.device) for d in (torch.float32, torch.float32, torch.int8))
+    # Few, large ops: every call into torch holds the GIL for a moment, and the encoder threads share it.
     y.copy_(w)
     absmax = torch.maximum(y.amax(dim=1, keepdim=True), y.amin(dim=1, keepdim=True).neg_()).to(w.dtype)
     scale = (absmax / 127.5).clamp_(min=EPS).to(torch.float32)
     y.mul_(1.0 / scale)
     torch.round(y, out=q).clamp_(-128, 127)
     qdata.copy_(q)
-    s2 = scale.squeeze(1).double().square()
-    signal = float((torch.linalg.vector_norm(y, dim=1).double().square() * s2).sum())
-    noise = float((torch.linalg.vector_norm(y.sub_(q), dim=1).double().square() * s2).sum())
-    return qdata.cpu(), scale.cpu(), torch.zeros((rows, 1), dtype=torch.int8), signal, noise
+    norms = torch.stack((torch.linalg.vector_norm(y, dim=1), torch.linalg.vector_norm(y.sub_(q), dim=1)))
+    signal, noise = (norms.double().square_() @ scale.double().square_().squeeze(1)).tolist()
+    if w.device.type != "cpu":
+        qdata, scale = qdata.cpu(), scale.cpu()
+    return qdata, scale, torch.zeros((rows, 1), dtype=torch.int8), signal, noise
 
 
 def reference_quantize(block: torch.Tensor):

@@ -79,7 +79,7 @@ class ShardWriter:
     def write(self, key: str, tensor: torch.Tensor, row_offset_bytes: int = 0) -> None:
         """Write a tensor (or a block of its leading rows, at `row_offset_bytes` into the slot)."""
         start, length = self.offsets[key]
-        data = tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
         if row_offset_bytes + data.nbytes > length:
             raise ValueError(f"{key}: write past the end of its slot")
         begin = self.data_start + start + row_offset_bytes
