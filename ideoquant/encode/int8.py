@@ -126,7 +126,8 @@ def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = No
     torch.round(y, out=q).clamp_(-128, 127)
     qdata.copy_(q)
     norms = torch.stack((torch.linalg.vector_norm(y, dim=1), torch.linalg.vector_norm(y.sub_(q), dim=1)))
-    signal, noise = (norms.double().square_() @ scale.double().square_().squeeze(1)).tolist()
+    # (not a matmul: that goes through BLAS, whose thread pool then spins on the cores the other threads need)
+    signal, noise = norms.double().square_().mul_(scale.double().square_().view(1, -1)).sum(dim=1).tolist()
     if w.device.type != "cpu":
         qdata, scale = qdata.cpu(), scale.cpu()
     return qdata, scale, torch.zeros((rows, 1), dtype=torch.int8), signal, noise
