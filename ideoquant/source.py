@@ -137,6 +137,9 @@ def _read_rows(stored: _Stored, rows: tuple[int, int] | None, maps: "FileMaps | 
     return data.view(STORED_DTYPES[stored.dtype]).view(shape)
 
 
+_CAN_DROP = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
+
+
 class FileMaps:
     """Read-only memory maps of source files, shared by the encoder threads.
 
@@ -166,7 +169,7 @@ class FileMaps:
         """Unmap the pages of a block that is done with (re-reading it would just map them again)."""
         start, n, _ = _byte_range(t.stored, t._file_rows(rows))
         entry = self._maps.get(t.stored.file)
-        if entry is not None and n:
+        if entry is not None and n and _CAN_DROP:
             first = start - start % mmap.PAGESIZE
             entry[0].madvise(mmap.MADV_DONTNEED, first, start + n - first)
 

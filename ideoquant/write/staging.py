@@ -82,7 +82,9 @@ def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20) -> str:
     if size == 0:
         return h.hexdigest()
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-        mm.madvise(mmap.MADV_SEQUENTIAL)
+        drop = hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
+        if drop:
+            mm.madvise(mmap.MADV_SEQUENTIAL)
         view = memoryview(mm)
         try:
             pos = 0
@@ -90,7 +92,8 @@ def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20) -> str:
                 end = min(size, pos + chunk, ready(pos) if ready else size)
                 h.update(view[pos:end])
                 start = pos - pos % mmap.PAGESIZE
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+                if drop:
+                    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
                 pos = end
         finally:
             view.release()
