@@ -28,11 +28,19 @@ SOURCE_HELP = "Hub repo id (ORG/NAME), local pipeline folder, component folder o
 
 
 def _quiet() -> None:
-    """Third-party import chatter (torchao's optional kernels, torch's pytree notices) is not for our users."""
+    """Third-party import chatter (torchao's optional kernels, torch's pytree notices) is not for our users.
+
+    Done without importing anything heavy, so that `--help` and the commands that do not need diffusers stay fast.
+    """
     for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers sets up its logger
+
+
+def _quiet_diffusers() -> None:
+    """For the commands that load models through diffusers: no per-shard loading bars."""
     try:
         from diffusers.utils import logging as dlog
 
@@ -223,6 +231,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Run the whole job offline on a tiny Ideogram 4 that ideoquant builds itself."""
+    _quiet_diffusers()
     from .demo import run_demo
 
     report = _run(lambda rep: run_demo(out, reporter=rep), as_json)
@@ -247,6 +256,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Check an output folder against its manifest: files, hashes, loadability, recipe. Exit 1 when something is wrong."""
+    _quiet_diffusers()
     from .verify import verify as api
 
     result = _run(lambda rep: api(folder, load=load), True)
@@ -274,6 +284,7 @@ def upload(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Upload an output folder to the Hub in one commit, with a model card. Token: HF_TOKEN or `hf auth login`."""
+    _quiet_diffusers()
     from .hub import upload as api
 
     result = _run(lambda rep: api(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
@@ -338,6 +349,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Compare quantized backbones (and FP8 / NF4 / unprotected W8A8 baselines) with the source on the same inputs."""
+    _quiet_diffusers()
     from . import evaluate as api
 
     names = [] if baselines.strip().lower() in ("", "none") else [b for b in baselines.split(",") if b.strip()]
@@ -388,6 +400,7 @@ def capture(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Run the real pipeline once and record every backbone call's inputs, for eval/sensitivity/calibrate --inputs."""
+    _quiet_diffusers()
     from .evaluate import capture_pipeline
 
     info = _run_steps(lambda rep: capture_pipeline(model, out, prompts=prompt, height=height, width=width, steps=steps,
@@ -425,6 +438,7 @@ def sensitivity(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Rank linear layers (or groups) by the end-to-end SQNR lost when only that one is quantized."""
+    _quiet_diffusers()
     from . import sensitivity as api
 
     if write_recipe and (protect_top is None) == (budget_gb is None):
@@ -485,6 +499,7 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Record SmoothQuant statistics (per-input-channel activation absmax of every quantized linear)."""
+    _quiet_diffusers()
     from .smoothquant import calibrate as api
 
     res = _run_steps(lambda rep: api(source, out, recipe=recipe, protect=protect, no_protect=no_protect,
