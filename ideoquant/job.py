@@ -232,8 +232,6 @@ def convert(
     device = check_device(device)
     shard_bytes = parse_size(max_shard_size)
     src, plans = prepare(source, r, components=components, revision=revision, token=token)
-    if any(c.fp8 for c in src.components.values()):
-        _preload("diffusers.quantizers.bfl.utils")
     from .smoothquant import smoother_for
 
     smooth = smoother_for(smoothquant, alpha, plans)
@@ -323,7 +321,11 @@ def _write_int8_tensors(tensors: list[TensorPlan], writer: ShardWriter, device: 
         t, sm, module, row = tensors[i], prepared[i], modules[i], row_elements[i]
         src = t.sources[0]
         ws = int8.workspace()
-        block = src.read(rows, maps)
+        if src.scale is not None and rows is not None:  # FP8 weights: dequantized into this thread's buffers
+            shape = (rows[1] - rows[0], *src.shape[1:])
+            block = src.read(rows, maps, ws.take("fp8", shape, torch.float32), ws.take("fp8 index", shape, torch.int32))
+        else:
+            block = src.read(rows, maps)
         start = rows[0] if rows else 0
         stats = ErrorStats()
         if t.quantize:

@@ -69,18 +69,18 @@ class SourceTensor:
         scale = self.scale.nbytes if self.scale is not None else 0
         return int((self.stored.nbytes + scale) * share)
 
-    def read(self, rows: tuple[int, int] | None = None, maps: "FileMaps | None" = None) -> torch.Tensor:
+    def read(self, rows: tuple[int, int] | None = None, maps: "FileMaps | None" = None,
+             out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor (or rows [a, b) of it) in its stored float dtype; FP8 is dequantized exactly in float32.
 
         maps: read through these memory maps (a view of the page cache, no copy) instead of a fresh buffer.
+        out, index: float32 and int32 buffers of the block's shape for dequantizing FP8 (see `dequantize_fp8r`).
         """
         t = _read_rows(self.stored, self._file_rows(rows), maps)
         if self.scale is not None:
-            from diffusers.quantizers.bfl.utils import dequantize_fp8r
-
             per_row = bool(self.scale.shape) and self.scale.shape[0] == self.stored.shape[0]
             s = _read_rows(self.scale, self._file_rows(rows) if per_row else None).to(torch.float32).reshape(-1)
-            t = dequantize_fp8r(t, s.expand(t.shape[0]) if s.numel() == 1 else s)
+            t = dequantize_fp8r(t, s.expand(t.shape[0]) if s.numel() == 1 else s, out, index)
         return t
 
     def _file_rows(self, rows: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -102,6 +102,27 @@ class SourceTensor:
         """Yield (first_row, block) covering the tensor, each block holding about max_elements: bounded memory."""
         for rows in self.row_ranges(max_elements):
             yield (rows[0] if rows else 0), self.read(rows)
+
+
+# Every FP8 (e4m3fn) value in float32, by torch's own conversion: a table lookup gives the same bits as
+# `.float()`, which is not vectorized on CPU (measured 4.4 ms per million values against 0.8 ms for the lookup).
+_FP8_TO_F32 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def dequantize_fp8r(weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor | None = None,
+                    index: torch.Tensor | None = None) -> torch.Tensor:
+    """diffusers' BFL fp8r dequantization, `weight.float() * weight_scale[:, None]`, bit for bit.
+
+    tests/test_int8.py checks every FP8 value against diffusers' own function. Faster (a table lookup, into
+    reusable buffers: `out` float32 and `index` int32, both of the weight's size) and without importing diffusers
+    (seconds of CPU) to convert an FP8 release.
+    """
+    n = weight.numel()
+    out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
+    index = torch.empty(n, dtype=torch.int32) if index is None else index.view(-1)[:n]
+    index.copy_(weight.contiguous().view(torch.uint8).view(-1))
+    torch.index_select(_FP8_TO_F32, 0, index, out=out.view(-1))
+    return out.mul_(weight_scale.view(-1, 1))
 
 
 def _byte_range(stored: _Stored, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:

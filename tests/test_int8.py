@@ -252,3 +252,18 @@ def test_hf_cache_snapshot_source_hashes_from_blob_names(bf16_source, tmp_path, 
     assert hashed and not any(h.endswith(".safetensors") for h in hashed)  # only the small git files were read
     for rel, info in m["source"]["files"].items():
         assert hashlib.sha256((bf16_source / rel).read_bytes()).hexdigest() == info["sha256"]
+
+
+def test_fp8_dequantization_is_diffusers_own():
+    """ideoquant's in-place FP8 per-row dequantization gives diffusers' `dequantize_fp8r` bits, every FP8 value."""
+    from diffusers.quantizers.bfl.utils import dequantize_fp8r as diffusers_dequantize
+
+    from ideoquant.source import dequantize_fp8r
+
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)  # NaN included
+    w = every.repeat(7, 1)
+    scale = torch.tensor([1.0, 0.5, 3e-3, 1e-7, 2.5e4, 7.1, -0.3], dtype=torch.float32)
+    ours = dequantize_fp8r(w, scale, torch.empty(7, 256))
+    ref = diffusers_dequantize(w, scale)
+    assert ours.dtype == ref.dtype == torch.float32
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))

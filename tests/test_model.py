@@ -27,14 +27,15 @@ def test_spec_is_the_diffusers_state_dict(config):
         k: list(v) if isinstance(v, tuple) else v for k, v in m.config.items() if k in model.DEFAULT_CONFIG}
 
 
-def test_converting_does_not_import_diffusers(tmp_path):
-    """The convert path must stay free of the diffusers import (4.5 s of CPU); a bf16 source needs only torch,
-    safetensors and torchao's serialization."""
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_converting_does_not_import_diffusers(tmp_path, fmt):
+    """The convert path must stay free of the diffusers import (4.5 s of CPU): it needs only torch, safetensors
+    and torchao's serialization, for a bf16 source and for the FP8 release alike."""
     import subprocess
     import sys
 
     src = tmp_path / "src"
-    demo.build_checkpoint(src, fmt="bf16")
+    demo.build_checkpoint(src, fmt=fmt)
     code = (f"import sys, ideoquant; ideoquant.convert({str(src)!r}, {str(tmp_path / 'out')!r}); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'accelerate', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
