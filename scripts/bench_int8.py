@@ -61,8 +61,10 @@ def _emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
-def child_build(src: Path, layers: int) -> None:
-    """The source: one backbone at real width, bf16, saved as diffusers does (single 5GB-max shard)."""
+def child_build(src: Path, layers: int, fmt: str) -> None:
+    """The source: one backbone at real width, saved as diffusers does (single 5GB-max shard), in bf16; or as the
+    FP8 release is (fmt "fp8": every linear weight float8_e4m3fn with a float32 per-row `weight_scale`, made by
+    diffusers' own `quantize_fp8r`, and the `bfl` quantization_config)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -71,7 +73,27 @@ def child_build(src: Path, layers: int) -> None:
     t0 = time.perf_counter()
     config = dict(REAL_WIDTHS, num_layers=layers)
     m = build_model(config, seed=0)
-    m.to(torch.bfloat16).save_pretrained(src, max_shard_size="5GB")
+    if fmt == "bf16":
+        m.to(torch.bfloat16).save_pretrained(src, max_shard_size="5GB")
+    else:
+        from diffusers.quantizers.bfl.utils import quantize_fp8r
+        from safetensors.torch import save_file
+
+        from ideoquant import model
+
+        linear = model.model_spec(dict(m.config)).linear_modules
+        sd = {}
+        for k, v in m.state_dict().items():
+            if k.endswith(".weight") and k[: -len(".weight")] in linear:
+                sd[k], sd[k + "_scale"] = quantize_fp8r(v.float())
+            else:
+                sd[k] = v.to(torch.bfloat16).contiguous()
+        src.mkdir(parents=True, exist_ok=True)
+        m.save_config(src)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "bfl", "compute_dtype": "bfloat16", "pre_quantized": True}
+        (src / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_file(sd, src / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     _emit({"work_s": time.perf_counter() - t0, "params": sum(p.numel() for p in m.parameters())})
 
 
@@ -113,8 +135,10 @@ def child_stock(src: Path, out: Path) -> None:
 
 def child_ideoquant(src: Path, out: Path) -> None:
     sys.path.insert(0, str(ROOT))
-    # Only what a user's `import ideoquant` costs (torch); everything else it needs is imported inside convert,
-    # so it counts in the work time, as it does for the user.
+    # torch before the clock, as the other routes do; everything else ideoquant needs (torchao) is imported inside
+    # convert, so it counts in the work time.
+    import torch  # noqa: F401
+
     import ideoquant
 
     t0, w0 = time.perf_counter(), time.time()
@@ -274,8 +298,8 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors")) if folder.exists() else 0
 
 
-def ensure_source(workdir: Path, layers: int) -> Path:
-    base = workdir / f"src-L{layers}"
+def ensure_source(workdir: Path, layers: int, fmt: str = "bf16") -> Path:
+    base = workdir / (f"src-L{layers}" if fmt == "bf16" else f"src-L{layers}-{fmt}")
     src = base / "transformer"
     marker = base / ".complete"
     if marker.is_file() and json.loads(marker.read_text()).get("config") == dict(REAL_WIDTHS, num_layers=layers):
@@ -283,8 +307,8 @@ def ensure_source(workdir: Path, layers: int) -> Path:
         return src
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    print(f"building the source in {src} (real widths, {layers} layers, bf16) ...", flush=True)
-    r = run_child(["--_child", "build", "--src", str(src), "--layers", str(layers)], base / "build")
+    print(f"building the source in {src} (real widths, {layers} layers, {fmt}) ...", flush=True)
+    r = run_child(["--_child", "build", "--src", str(src), "--layers", str(layers), "--source", fmt], base / "build")
     marker.write_text(json.dumps({"config": dict(REAL_WIDTHS, num_layers=layers), "params": r["params"]}))
     print(f"  built in {r['wall_s']:.1f} s ({r['params']:,} params, peak anon {r['peak_anon'] / GIB:.2f} GiB)")
     return src
@@ -390,13 +414,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads in every child (OMP_NUM_THREADS); default: torch's own choice")
     ap.add_argument("--no-verify", action="store_true", help="skip comparing the stock and ideoquant outputs")
+    ap.add_argument("--source", choices=("bf16", "fp8"), default="bf16",
+                    help="the source's format: bf16, or FP8 per-row as the default release ships (routes raw and "
+                         "ideoquant only: stock diffusers has no route from the FP8 release to torchao int8)")
     ap.add_argument("--_child", choices=("build", "raw", "stock", "ideoquant", "verify"), help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args._child == "build":
-        return child_build(args.src, args.layers) or 0
+        return child_build(args.src, args.layers, args.source) or 0
     if args._child == "raw":
         return child_raw(args.src) or 0
     if args._child == "stock":
@@ -409,11 +436,15 @@ def main(argv=None) -> int:
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
     if any(r not in ROUTES for r in routes):
         ap.error(f"--routes: choose from {', '.join(ROUTES)}")
+    if args.source == "fp8" and "stock" in routes:
+        routes.remove("stock")
+        print("--source fp8: no stock route (diffusers loads the FP8 release with its own bfl quantizer, and has no "
+              "way from it to torchao int8)")
     if args.threads:
         CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    src = ensure_source(workdir, args.layers)
+    src = ensure_source(workdir, args.layers, args.source)
     files = sorted(src.glob("*.safetensors"))
     src_bytes = sum(p.stat().st_size for p in files)
     params = header_params(files)
@@ -497,7 +528,9 @@ def main(argv=None) -> int:
         f"- Versions: torch {v['torch']}, torchao {v['torchao']}, diffusers {v['diffusers']}, "
         f"safetensors {v['safetensors']}, ideoquant {v['ideoquant']}",
         f"- Source: one `Ideogram4Transformer2DModel` backbone at real width (hidden 4608, FFN 12288, text width "
-        f"53248) with {args.layers} layers: {params:,} params, {src_bytes:,} bytes bf16 in {len(files)} safetensors file(s)",
+        f"53248) with {args.layers} layers: {params:,} params, {src_bytes:,} bytes "
+        f"{'bf16' if args.source == 'bf16' else 'FP8 per-row (linear weights float8_e4m3fn + float32 row scales; the rest bf16)'}"
+        f" in {len(files)} safetensors file(s)",
         f"- Mode: {mode}; {args.repeat} run(s) per route, each in a fresh Python process; torch threads: "
         f"{args.threads or 'default (' + str(m['nproc']) + ')'}",
         "",
