@@ -28,8 +28,6 @@ KEY_VERSION = "ideoquant.version"
 
 def read_metadata(path: str | Path) -> dict:
     """The GGUF key/value pairs as Python values (strings, numbers, lists)."""
-    import gguf
-
     reader = _reader(path)
     out = {}
     for key, field in reader.fields.items():

@@ -341,10 +341,11 @@ def _write_int8_tensors(tensors: list[TensorPlan], writer: ShardWriter, device: 
             writer.write(f"{module}._weight_zero_point", zero_point, start)
         else:
             _check_finite(t.name, block, ws)
-            kept = block.to(torch.bfloat16)
+            kept = block
             # A bf16 tensor kept as bf16 is copied bit for bit: its error is zero by construction, not measured.
             if not (src.dtype == "BF16" and src.scale is None):
-                stats.add(block, kept)
+                kept = ws.take("kept", block.shape, torch.bfloat16).copy_(block)
+                stats.add(block, kept, ws.take("error", block.shape, torch.float32))
             writer.write(t.name, kept, start * row * 2)
         maps.release(src, rows)
         return block.numel(), stats

@@ -14,10 +14,12 @@ class ErrorStats:
         self.signal = 0.0
         self.noise = 0.0
 
-    def add(self, reference: torch.Tensor, approx: torch.Tensor) -> None:
+    def add(self, reference: torch.Tensor, approx: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        """scratch: a float32 buffer of the reference's shape for the difference (reused by streaming callers)."""
         # Norms rather than sums of squares in float64: one pass each, no temporaries (15x faster on CPU).
         ref = torch.as_tensor(reference).to(torch.float32)
-        diff = ref - torch.as_tensor(approx).to(ref.device).reshape(ref.shape)
+        app = torch.as_tensor(approx).to(ref.device).reshape(ref.shape)
+        diff = ref - app if scratch is None else torch.sub(ref, app, out=scratch)
         self.signal += float(torch.linalg.vector_norm(ref)) ** 2
         self.noise += float(torch.linalg.vector_norm(diff)) ** 2
 
