@@ -141,6 +141,8 @@ def _read_rows(stored: _Stored, rows: tuple[int, int] | None, maps: "FileMaps | 
     start, n, shape = _byte_range(stored, rows)
     if maps is not None:
         data = maps.view(stored.file, start, n)
+        if start % STORED_DTYPES[stored.dtype].itemsize:  # a misaligned tensor (hand-made file): an aligned copy
+            data = data.clone()
     else:
         data = torch.empty(n, dtype=torch.uint8)
         try:

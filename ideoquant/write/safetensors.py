@@ -73,6 +73,7 @@ class ShardWriter:
         self._frontier = self.data_start  # every byte before it is written
         self._closing = False
         self.sha256: str | None = None  # set once the whole file is written and hashed
+        self._hash_error: Exception | None = None
         self._hasher = threading.Thread(target=self._hash, name="ideoquant-shard-hash", daemon=True)
         self._hasher.start()
 
@@ -103,6 +104,8 @@ class ShardWriter:
             self.sha256 = sha256_mapped(self._fd, self.size, self._wait_written)
         except _Aborted:
             pass
+        except Exception as e:  # noqa: BLE001  (reported by close)
+            self._hash_error = e
 
     def _wait_written(self, pos: int) -> int:
         with self._lock:
@@ -130,8 +133,10 @@ class ShardWriter:
             self._stop_hasher()
             os.close(self._fd)
             self._fd = None
-            if self._written != self.size - self.data_start or self.sha256 is None:
+            if self._written != self.size - self.data_start:
                 raise RuntimeError(f"{self.path.name}: wrote {self._written} of {self.size - self.data_start} bytes")
+            if self.sha256 is None:
+                raise RuntimeError(f"{self.path.name}: could not hash the file: {self._hash_error}")
 
 
 class _Aborted(Exception):
