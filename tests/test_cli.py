@@ -53,3 +53,16 @@ def test_demo(tmp_path):
     (tmp_path / "mine").mkdir()
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "mine")])
     assert r.exit_code == 2 and "not an ideoquant demo folder" in r.output
+
+
+def test_import_and_help_do_not_import_torch():
+    """`import ideoquant` and `ideoquant --help` stay instant: torch (and diffusers) load only when a command needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ideoquant; from ideoquant.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'torchao') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert callable(__import__("ideoquant").convert)  # the lazy names resolve
