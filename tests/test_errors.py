@@ -120,7 +120,7 @@ def test_interrupt_midway_leaves_nothing(bf16_source, tmp_path, monkeypatch):
 
     def interrupted(*a, **kw):  # Ctrl-C in the middle of a block, on an encoder thread
         calls.append(1)
-        if len(calls) == 30:
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
@@ -132,7 +132,7 @@ def test_interrupt_midway_leaves_nothing(bf16_source, tmp_path, monkeypatch):
     monkeypatch.setattr(int8, "quantize", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     calls.clear()
     ideoquant.convert(str(bf16_source), tmp_path / "full")
-    assert 30 <= stopped_at < len(calls) - 8  # the work stopped there, it did not run to the end
+    assert 5 <= stopped_at < len(calls) - 8  # the work stopped there, it did not run to the end
 
 
 def test_killed_process_leaves_no_out(tmp_path):
