@@ -76,12 +76,16 @@ class SourceTensor:
         maps: read through these memory maps (a view of the page cache, no copy) instead of a fresh buffer.
         out, index: float32 and int32 buffers of the block's shape for dequantizing FP8 (see `dequantize_fp8r`).
         """
-        t = _read_rows(self.stored, self._file_rows(rows), maps)
         if self.scale is not None:
-            per_row = bool(self.scale.shape) and self.scale.shape[0] == self.stored.shape[0]
-            s = _read_rows(self.scale, self._file_rows(rows) if per_row else None).to(torch.float32).reshape(-1)
-            t = dequantize_fp8r(t, s.expand(t.shape[0]) if s.numel() == 1 else s, out, index)
-        return t
+            return dequantize_fp8r(*self.read_fp8(rows, maps), out, index)
+        return _read_rows(self.stored, self._file_rows(rows), maps)
+
+    def read_fp8(self, rows: tuple[int, int] | None = None, maps: "FileMaps | None" = None):
+        """An FP8 tensor's rows as stored, not dequantized: (e4m3fn codes [r, K], float32 scale per row [r])."""
+        t = _read_rows(self.stored, self._file_rows(rows), maps)
+        per_row = bool(self.scale.shape) and self.scale.shape[0] == self.stored.shape[0]
+        s = _read_rows(self.scale, self._file_rows(rows) if per_row else None).to(torch.float32).reshape(-1)
+        return t, (s.expand(t.shape[0]) if s.numel() == 1 else s)
 
     def _file_rows(self, rows: tuple[int, int] | None) -> tuple[int, int] | None:
         """Rows of this tensor -> rows of the stored tensor (a fused tensor holds several)."""

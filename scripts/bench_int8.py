@@ -133,17 +133,24 @@ def child_stock(src: Path, out: Path) -> None:
 
 
 def child_ideoquant(src: Path, out: Path) -> None:
+    """The command a user runs, `ideoquant convert SRC --out OUT --components transformer --overwrite`, through the
+    console script's own entry point (progress bars on stderr, the summary table on stdout)."""
     sys.path.insert(0, str(ROOT))
     # torch before the clock, as the other routes do; everything else ideoquant needs (torchao) is imported inside
     # convert, so it counts in the work time.
     import torch  # noqa: F401
 
-    import ideoquant
+    from ideoquant import cli
 
+    sys.argv = ["ideoquant", "convert", str(src), "--out", str(out), "--components", "transformer", "--overwrite"]
     t0, w0 = time.perf_counter(), time.time()
-    m = ideoquant.convert(str(src), str(out), components=["transformer"], overwrite=True)
+    try:
+        cli.main()
+    except SystemExit as e:
+        if e.code:
+            raise
     t1 = time.perf_counter()
-    comp = m["components"]["transformer"]
+    comp = json.loads((out / "ideoquant.json").read_text())["components"]["transformer"]
     _emit({"work_s": t1 - t0, "component_s": comp.get("seconds"), "protected": comp.get("protected_modules"),
            "phases": [["convert", w0, time.time()]]})
 
@@ -536,8 +543,9 @@ def main(argv=None) -> int:
         "Routes: **raw** = `safe_open` + `get_tensor(k).clone()` for every tensor (the floor); **stock** = "
         "`Ideogram4Transformer2DModel.from_pretrained(src, torch_dtype=bfloat16, quantization_config=TorchAoConfig("
         "Int8DynamicActivationInt8WeightConfig(), modules_to_not_convert=[layers.N.feed_forward.w2..., "
-        "final_layer.linear]))` + `save_pretrained(out)`; **ideoquant** = `ideoquant.convert(src, out, "
-        "components=[\"transformer\"], overwrite=True)`.",
+        "final_layer.linear]))` + `save_pretrained(out)`; **ideoquant** = the command `ideoquant convert src "
+        "--out out --components transformer --overwrite`, run through the console script's entry point "
+        "(`ideoquant.cli.main`) in the child.",
         "",
         "Columns: *wall* = spawn to exit of the subprocess, as the parent sees it (includes interpreter start and "
         "library imports); *work* = the child's own timing of the work alone; *cpu* = user+sys of the child; "

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 from diffusers import Ideogram4Transformer2DModel, TorchAoConfig
@@ -197,9 +199,10 @@ def test_load_pipeline_passes_both_quantized_backbones(int8_out, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["gaussian", "zeros", "tiny", "negative", "positive", "outliers", "fp32", "fp16",
-                                  "bf16_every_absmax"])
+                                  "bf16_every_absmax", "fp16_every_absmax", "fp32_subnormal"])
 def test_encoder_bits_equal_torchao(case):
-    """ideoquant's int8 encoder against torchao's own function, on the edge cases that matter."""
+    """ideoquant's int8 encoders (the compiled CPU kernel, and the torch ops `--device cuda` runs) against torchao's
+    own function, on the edge cases that matter."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 1024, generator=g) * 0.02
     if case == "zeros":
@@ -218,10 +221,22 @@ def test_encoder_bits_equal_torchao(case):
         x = torch.rand(values.numel(), 64, generator=g) * values[:, None]
         x[:, 0] = values
         x = torch.cat([x, -x])
-    x = x.to({"fp32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16))
+    elif case == "fp16_every_absmax":  # including fp16 subnormals, whose scales round on the subnormal grid
+        values = torch.arange(1, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+        x = torch.rand(values.numel(), 16, generator=g) * values[:, None]
+        x[:, 0] = values
+        x = torch.cat([x, -x])
+    elif case == "fp32_subnormal":
+        x = x * 1e-38
+    dtype = {"fp32": torch.float32, "fp32_subnormal": torch.float32, "fp16": torch.float16,
+             "fp16_every_absmax": torch.float16}.get(case, torch.bfloat16)
+    x = x.to(dtype)
     q, s, z, signal, noise = int8.quantize(x)
     rq, rs, rz = int8.reference_quantize(x)
     assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)
+    tq, ts, tz, tsignal, tnoise = int8._quantize_torch(x)
+    assert torch.equal(tq, rq) and torch.equal(ts, rs) and torch.equal(tz, rz)
+    assert signal == pytest.approx(tsignal, rel=1e-5) and noise == pytest.approx(tnoise, rel=1e-4, abs=1e-30)
     if case == "gaussian":
         from ideoquant.metrics import sqnr_db
         import math
@@ -267,3 +282,41 @@ def test_fp8_dequantization_is_diffusers_own():
     ref = diffusers_dequantize(w, scale)
     assert ours.dtype == ref.dtype == torch.float32
     assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+
+
+def test_fp8_encoder_equals_torchao_on_diffusers_dequantized_weight():
+    """The fused FP8 path (codes -> float32 -> int8 in one pass) gives what torchao gives for diffusers' dequantized
+    float32 weight: every e4m3fn code, positive, negative, tiny and huge row scales."""
+    from diffusers.quantizers.bfl.utils import dequantize_fp8r as diffusers_dequantize
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (8, 512), generator=g, dtype=torch.int32).to(torch.uint8)
+    codes[codes & 0x7F == 0x7F] = 0  # NaN codes are checked below
+    codes[0, :256] = torch.arange(256).to(torch.uint8)
+    codes[0, 0x7F] = codes[0, 0xFF] = 0
+    codes[5] = 0  # an all-zero row: scale clamps at eps
+    weights = codes.view(torch.float8_e4m3fn)
+    scale = torch.tensor([1.0, 0.5, 3e-3, 1e-30, 2.5e4, 7.1, -0.3, 1e-7], dtype=torch.float32)
+    q, s, z, signal, noise = int8.quantize_fp8(weights, scale)
+    rq, rs, rz = int8.reference_quantize(diffusers_dequantize(weights, scale))
+    assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)
+    tq, ts, tz, tsignal, tnoise = int8._quantize_torch(diffusers_dequantize(weights, scale))
+    assert signal == pytest.approx(tsignal, rel=1e-5) and noise == pytest.approx(tnoise, rel=1e-4)
+    codes[3, 100] = 0x7F  # NaN: the row's scale, and so the signal, is not finite
+    q, s, z, signal, noise = int8.quantize_fp8(codes.view(torch.float8_e4m3fn), scale)
+    assert not math.isfinite(signal) and not torch.isfinite(s[3]).item() and torch.isfinite(s[:3]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_non_finite_check_every_float_dtype(dtype):
+    from ideoquant.job import _check_finite
+
+    x = torch.randn(16, 33).to(dtype)
+    x[3, 3] = torch.finfo(dtype).max  # the largest finite value is fine
+    _check_finite("w", x)
+    _check_finite("w", x[:, 1:])  # a non-contiguous view
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[7, 30] = bad
+        with pytest.raises(ideoquant.IdeoquantError, match="tensor w contains NaN or Inf"):
+            _check_finite("w", y)

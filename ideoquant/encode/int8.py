@@ -14,7 +14,9 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
+
 
 @lru_cache(maxsize=1)
 def config():
@@ -102,35 +104,72 @@ def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = No
     Bit for bit what torchao 0.18's `choose_qparams_affine` + `quantize_affine` give for
     `Int8DynamicActivationInt8WeightConfig()` (the tests check against torchao's own function): per row,
     scale = max|w| / 127.5 computed in the weight's dtype and clamped at float32 eps, then
-    q = round_half_even(w * (1/scale)) clamped to [-128, 127] in float32. Written out to run in a few passes over
-    reused float32 buffers: max|w| comes from amax/amin of the float32 copy (exact, it is one of the weight's own
-    values, and several times faster than a bf16 abs().amax()), `w * (1/scale)` is the float32 product torchao's
-    type promotion makes, and that intermediate y also gives the quantization error without a dequantize pass:
-    signal = sum(w^2) = sum(s^2 y^2), noise = sum(s^2 (y - q)^2). A NaN or Inf in a row makes that row's scale
-    non-finite, which the caller checks. On CPU the returned qdata lives in `ws` (default: this thread's).
+    q = round_half_even(w * (1/scale)) clamped to [-128, 127] in float32. signal and noise are sum(w^2) and
+    sum((w - dequantized)^2) over the block. A NaN or Inf in a row makes that row's scale, and the signal,
+    non-finite, which the caller checks. On CPU the compiled loops of `kernels` do it, one pass per row, and the
+    returned qdata lives in `ws` (default: this thread's): consume it before the thread's next call.
     """
-    w = block.to(device)
-    rows, k = w.shape
-    if w.device.type == "cpu":
-        ws = ws or workspace()
-        y = ws.take("y", (rows, k), torch.float32)
-        q = ws.take("q", (rows, k), torch.float32)
-        qdata = ws.take("qdata", (rows, k), torch.int8)
+    if torch.device(device).type != "cpu":
+        return _quantize_torch(block.to(device))
+    from . import kernels
+
+    ws = ws or workspace()
+    rows, k = block.shape
+    qdata, scale, energy = _outputs(ws, rows, k)
+    if block.dtype == torch.bfloat16:
+        kernels.quantize_bf16(numpy_bits(block, torch.int16).view(np.uint16), qdata.numpy(), scale.numpy(), energy)
     else:
-        y, q, qdata = (torch.empty((rows, k), dtype=d, device=w.device) for d in (torch.float32, torch.float32, torch.int8))
-    # Few, large ops: every call into torch holds the GIL for a moment, and the encoder threads share it.
-    y.copy_(w)
+        x = block
+        if block.dtype != torch.float32:
+            x = ws.take("wide", (rows, k), torch.float32).copy_(block)
+        rounding = {torch.float32: kernels.ROUND_NONE, torch.float16: kernels.ROUND_F16}[block.dtype]
+        kernels.quantize_f32(numpy_bits(x, torch.float32), rounding, qdata.numpy(), scale.numpy(), energy)
+    return _finish(qdata, scale, energy)
+
+
+def quantize_fp8(codes: torch.Tensor, row_scale: torch.Tensor, ws: Workspace | None = None):
+    """FP8 e4m3fn rows (codes [r, K] as stored, float32 per-row scale [r]) -> as `quantize`, of the weight that
+    diffusers' fp8r dequantization gives (`weight.float() * weight_scale[:, None]`), without materializing it."""
+    from . import kernels
+
+    ws = ws or workspace()
+    rows, k = codes.shape
+    qdata, scale, energy = _outputs(ws, rows, k)
+    kernels.quantize_fp8(numpy_bits(codes, torch.uint8), numpy_bits(row_scale.to(torch.float32), torch.float32),
+                         _FP8_TABLE, qdata.numpy(), scale.numpy(), energy)
+    return _finish(qdata, scale, energy)
+
+
+# Every e4m3fn code's float32 value, by torch's own conversion.
+_FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def numpy_bits(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A C-contiguous numpy view of `t`'s bits as `dtype` (a copy only if `t` is not contiguous)."""
+    return t.contiguous().view(dtype).numpy()
+
+
+def _outputs(ws: Workspace, rows: int, k: int):
+    return ws.take("qdata", (rows, k), torch.int8), torch.empty(rows, dtype=torch.float32), np.empty((2, rows))
+
+
+def _finish(qdata, scale, energy):
+    signal, noise = energy.sum(axis=1).tolist()
+    return qdata, scale.view(-1, 1), torch.zeros((qdata.shape[0], 1), dtype=torch.int8), signal, noise
+
+
+def _quantize_torch(w: torch.Tensor):
+    """The same math as torch ops, for `--device cuda` (and as a second implementation the tests compare)."""
+    rows, k = w.shape
+    y = torch.empty((rows, k), dtype=torch.float32, device=w.device).copy_(w)
     absmax = torch.maximum(y.amax(dim=1, keepdim=True), y.amin(dim=1, keepdim=True).neg_()).to(w.dtype)
     scale = (absmax / 127.5).clamp_(min=EPS).to(torch.float32)
     y.mul_(1.0 / scale)
-    torch.round(y, out=q).clamp_(-128, 127)
-    qdata.copy_(q)
+    q = torch.round(y).clamp_(-128, 127)
+    qdata = q.to(torch.int8)
     norms = torch.stack((torch.linalg.vector_norm(y, dim=1), torch.linalg.vector_norm(y.sub_(q), dim=1)))
-    # (not a matmul: that goes through BLAS, whose thread pool then spins on the cores the other threads need)
     signal, noise = norms.double().square_().mul_(scale.double().square_().view(1, -1)).sum(dim=1).tolist()
-    if w.device.type != "cpu":
-        qdata, scale = qdata.cpu(), scale.cpu()
-    return qdata, scale, torch.zeros((rows, 1), dtype=torch.int8), signal, noise
+    return qdata.cpu(), scale.cpu(), torch.zeros((rows, 1), dtype=torch.int8), signal, noise
 
 
 def reference_quantize(block: torch.Tensor):
