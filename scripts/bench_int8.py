@@ -71,6 +71,10 @@ def child_build(src: Path, layers: int, fmt: str) -> None:
 
     t0 = time.perf_counter()
     config = dict(REAL_WIDTHS, num_layers=layers)
+    if fmt == "bf16" and layers > STREAMED_BUILD_LAYERS:
+        params = _build_streamed(src, config)
+        _emit({"work_s": time.perf_counter() - t0, "params": params})
+        return
     m = build_model(config, seed=0)
     if fmt == "bf16":
         m.to(torch.bfloat16).save_pretrained(src, max_shard_size="5GB")
@@ -94,6 +98,58 @@ def child_build(src: Path, layers: int, fmt: str) -> None:
         (src / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file(sd, src / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     _emit({"work_s": time.perf_counter() - t0, "params": sum(p.numel() for p in m.parameters())})
+
+
+STREAMED_BUILD_LAYERS = 12  # deeper float32 models do not fit this machine's RAM: built layer by layer instead
+
+
+def _build_streamed(src: Path, config: dict) -> int:
+    """A deep bf16 source without the float32 model in memory: a one-layer model gives every non-layer tensor and
+    layer 0; layer i is layer 0 with each tensor's rows rotated by i (different bytes, same statistics). Written
+    as diffusers' save_pretrained does: 5 GB shards, an index, config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ideoquant.demo import build_model
+
+    one = build_model(dict(config, num_layers=1), seed=0).to(torch.bfloat16)
+    sd = {k: v.contiguous() for k, v in one.state_dict().items()}
+    keys = list(sd)
+    first = next(i for i, k in enumerate(keys) if k.startswith("layers."))
+    per_layer = [k[len("layers.0."):] for k in keys if k.startswith("layers.0.")]
+    # the model's registration order, layer 0 expanded to every layer
+    ordered = keys[:first] + [f"layers.{i}.{rest}" for i in range(config["num_layers"]) for rest in per_layer]
+    ordered += [k for k in keys[first:] if not k.startswith("layers.")]
+
+    def tensor(k: str) -> torch.Tensor:
+        if not k.startswith("layers."):
+            return sd[k]
+        _, i, rest = k.split(".", 2)
+        return sd["layers.0." + rest].roll(int(i), dims=0).contiguous()
+
+    src.mkdir(parents=True, exist_ok=True)
+    limit, shards, current, size = 5 * 10**9, [], [], 0
+    for k in ordered:
+        n = sd[k if not k.startswith("layers.") else "layers.0." + k.split(".", 2)[2]].numel() * 2
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(k)
+        size += n
+    shards.append(current)
+    weight_map, total = {}, 0
+    for j, keys in enumerate(shards):
+        name = f"diffusion_pytorch_model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+        part = {k: tensor(k) for k in keys}
+        save_file(part, src / name, metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in part.values())
+        weight_map.update({k: name for k in keys})
+        del part
+    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    one.register_to_config(num_layers=config["num_layers"])
+    one.save_config(src)
+    return total // 2
 
 
 def child_raw(src: Path) -> None:

@@ -320,3 +320,17 @@ def test_non_finite_check_every_float_dtype(dtype):
         y[7, 30] = bad
         with pytest.raises(ideoquant.IdeoquantError, match="tensor w contains NaN or Inf"):
             _check_finite("w", y)
+
+
+def test_kernels_compile_where_numba_cannot_cache():
+    """numba refuses `cache=True` for code it has nowhere to cache (here: a function with no source file, as for a
+    read-only install without a writable cache folder); the kernels then compile per process instead."""
+    import numba
+
+    from ideoquant.encode import kernels
+
+    namespace = {}
+    exec("def double(x):\n    return 2 * x\n", namespace)
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        numba.njit(cache=True)(namespace["double"])
+    assert kernels._jit(namespace["double"])(21) == 42

@@ -20,10 +20,18 @@ EPS = np.float32(np.finfo(np.float32).eps)  # torchao clamps int8 scales at floa
 # How the scale absmax / 127.5 is rounded: torchao computes it in the weight's dtype.
 ROUND_NONE, ROUND_BF16, ROUND_F16 = 0, 1, 2
 
-_jit = nb.njit(nogil=True, cache=True)
+def _jit(fn=None, **options):
+    """nb.njit, GIL-free, cached on disk; compiled per process where no cache folder is writable (numba refuses
+    to decorate then), so a read-only install still works, only slower to start."""
+    if fn is None:
+        return lambda f: _jit(f, **options)
+    try:
+        return nb.njit(nogil=True, cache=True, **options)(fn)
+    except RuntimeError:
+        return nb.njit(nogil=True, **options)(fn)
 
 
-@nb.njit(nogil=True, cache=True, fastmath={"reassoc"})
+@_jit(fastmath={"reassoc"})
 def _sum_squares(x):
     # Reassociation only here: the error statistics tolerate a different summation order; it lets the loop vectorize.
     s = np.float32(0.0)
