@@ -104,12 +104,14 @@ def _check_finite(name: str, block: torch.Tensor) -> None:
         raise IdeoquantError(f"tensor {name} contains NaN or Inf; the source checkpoint is damaged")
 
 
-def _preload(*modules: str) -> None:
+@contextlib.contextmanager
+def _preloading(*modules: str):
     """Import modules (or run `module:function`) on a background thread while the main thread plans and the
-    source is hashed.
+    source is hashed; joined when the block exits, so nothing of the job's outlives it (not even an import
+    printing to a stream a caller has since closed).
 
     torchao's import alone is ~1.7 s of CPU, as long as converting a layer, and loading the compiled kernels
-    another ~0.3 s; started early they overlap with the source hash (which releases the GIL) instead of delaying
+    another ~0.5 s; started early they overlap with the source hash (which releases the GIL) instead of delaying
     the first write. A failure here is ignored: the main thread's own import or call reports it.
     """
 
@@ -123,7 +125,12 @@ def _preload(*modules: str) -> None:
             except Exception:  # noqa: BLE001
                 return
 
-    threading.Thread(target=run, name="ideoquant-preload", daemon=True).start()
+    thread = threading.Thread(target=run, name="ideoquant-preload", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 class _Hasher:
@@ -267,21 +274,21 @@ def convert(
 
     smoothquant: statistics from `ideoquant calibrate`; each quantized linear is then smoothed as torchao's SmoothQuant
     does (factor from `alpha`, weight * s quantized, `act_pre_scale = 1 / s` stored), see `ideoquant.smoothquant`."""
-    _preload("ideoquant.encode.kernels:load", "torchao.prototype.safetensors.safetensors_support",
-             "torchao.core.config")
-    r = resolve_recipe(recipe, protect, no_protect)
-    device = check_device(device)
-    shard_bytes = parse_size(max_shard_size)
-    src, plans = prepare(source, r, components=components, revision=revision, token=token)
-    from .smoothquant import smoother_for
+    with _preloading("ideoquant.encode.kernels:load", "torchao.prototype.safetensors.safetensors_support",
+                     "torchao.core.config"):
+        r = resolve_recipe(recipe, protect, no_protect)
+        device = check_device(device)
+        shard_bytes = parse_size(max_shard_size)
+        src, plans = prepare(source, r, components=components, revision=revision, token=token)
+        from .smoothquant import smoother_for
 
-    smooth = smoother_for(smoothquant, alpha, plans)
+        smooth = smoother_for(smoothquant, alpha, plans)
 
-    def write_component(plan, staging, hasher, reporter):
-        return _write_int8_component(plan, staging, shard_bytes, device, hasher, reporter, smooth)
+        def write_component(plan, staging, hasher, reporter):
+            return _write_int8_component(plan, staging, shard_bytes, device, hasher, reporter, smooth)
 
-    return _run("int8", src, r, plans, out, overwrite, write_component, reporter, _model_index,
-                {"smoothquant": smooth.record()} if smooth else None)
+        return _run("int8", src, r, plans, out, overwrite, write_component, reporter, _model_index,
+                    {"smoothquant": smooth.record()} if smooth else None)
 
 
 def _write_int8_component(plan: ComponentPlan, staging: Path, shard_bytes: int, device: str, hasher, reporter,
