@@ -130,18 +130,15 @@ def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = No
 def quantize_fp8(codes: torch.Tensor, row_scale: torch.Tensor, ws: Workspace | None = None):
     """FP8 e4m3fn rows (codes [r, K] as stored, float32 per-row scale [r]) -> as `quantize`, of the weight that
     diffusers' fp8r dequantization gives (`weight.float() * weight_scale[:, None]`), without materializing it."""
+    from ..source import FP8_E4M3_VALUES
     from . import kernels
 
     ws = ws or workspace()
     rows, k = codes.shape
     qdata, scale, energy = _outputs(ws, rows, k)
     kernels.quantize_fp8(numpy_bits(codes, torch.uint8), numpy_bits(row_scale.to(torch.float32), torch.float32),
-                         _FP8_TABLE, qdata.numpy(), scale.numpy(), energy)
+                         FP8_E4M3_VALUES.numpy(), qdata.numpy(), scale.numpy(), energy)
     return _finish(qdata, scale, energy)
-
-
-# Every e4m3fn code's float32 value, by torch's own conversion.
-_FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
 def numpy_bits(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:

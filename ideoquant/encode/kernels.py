@@ -5,7 +5,7 @@ block and a call that takes the GIL, and the encoder threads share it. Here each
 (bf16 bits shifted, FP8 codes looked up and scaled), quantized and measured in cache, with the GIL released for
 the whole block. The arithmetic is the same IEEE float32 operations in the same order as torch's (no fast-math
 on anything that feeds the result), so the bits equal torchao's: tests/test_int8.py checks them against torchao
-itself. Compiled on first use and cached on disk by numba (`cache=True`), so later runs load them in ~0.1 s.
+itself. Compiled on first use (a few seconds) and cached on disk by numba, so later runs load them in about 0.5 s.
 """
 
 from __future__ import annotations
