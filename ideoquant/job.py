@@ -86,15 +86,18 @@ def prepare(source, recipe: Recipe, *, components=None, revision=None, token=Non
     return src, plans
 
 
+# float dtype -> (integer view, magnitude mask, the smallest non-finite magnitude)
+_NONFINITE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+                   torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
+
+
 def _check_finite(name: str, block: torch.Tensor) -> None:
     """A NaN or Inf in a kept (or GGUF-bound) tensor is an error: found from the largest magnitude's bits, in one
     GIL-free pass without temporaries. (Quantized INT8 weights are checked through their scales instead.)"""
     from .encode import kernels
 
-    masks = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-             torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
-    if block.dtype in masks:
-        view, magnitude, exponent = masks[block.dtype]
+    if block.dtype in _NONFINITE_BITS:
+        view, magnitude, exponent = _NONFINITE_BITS[block.dtype]
         bits = int8.numpy_bits(block, view).reshape(-1)
         bits = bits.view(np.uint16 if view == torch.int16 else np.uint32)
         bad = bits.size and int(kernels.max_magnitude_bits(bits, bits.dtype.type(magnitude))) >= exponent

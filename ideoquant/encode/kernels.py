@@ -20,6 +20,7 @@ EPS = np.float32(np.finfo(np.float32).eps)  # torchao clamps int8 scales at floa
 # How the scale absmax / 127.5 is rounded: torchao computes it in the weight's dtype.
 ROUND_NONE, ROUND_BF16, ROUND_F16 = 0, 1, 2
 
+
 def _jit(fn=None, **options):
     """nb.njit, GIL-free, cached on disk; compiled per process where no cache folder is writable (numba refuses
     to decorate then), so a read-only install still works, only slower to start."""
