@@ -1,6 +1,14 @@
 """ideoquant: offline quantizer for Ideogram 4 (INT8 W8A8 for stock diffusers, bit-exact GGUF).
 
-The data path: source -> plan -> encode -> write -> manifest.
+The data path: source -> plan -> encode -> write -> manifest. The public API:
+
+- `convert(source, out, recipe=...)`: INT8 W8A8 in torchao's safetensors format; returns the manifest.
+- `convert_gguf(source, out, qtype=...)`: one GGUF per backbone; returns the manifest.
+- `inspect(source, recipe=...)`: what a source holds and what a recipe does to it (headers only).
+- `verify(folder)`: an output folder against its manifest; `upload(folder, repo_id)`: to the Hub with a card.
+- `evaluate(source, quantized)`, `sensitivity(source, recipe)`, `calibrate(source, out)`: evidence of quality.
+- `load_transformer(path)`, `load_pipeline(quantized, base)`, `pipeline_quantization_config(recipe)`: loading.
+- `Recipe`, `load_recipe`, `list_recipes`: recipes.
 
 The public names are imported on first use: `import ideoquant` (and `ideoquant --help`) stays instant instead of
 paying torch's import up front.
@@ -19,11 +27,18 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _LAZY = {
     "convert": ".job",
     "convert_gguf": ".job",
-    "list_recipes": ".recipe",
-    "load_recipe": ".recipe",
-    "load_pipeline": ".load",
+    "inspect": ".inspect",
+    "verify": ".publish.verify",
+    "upload": ".publish.upload",
+    "evaluate": ".evaluation.evaluate",
+    "sensitivity": ".evaluation.sensitivity",
+    "calibrate": ".evaluation.calibrate",
     "load_transformer": ".load",
-    "pipeline_quantization_config": ".quant_config",
+    "load_pipeline": ".load",
+    "pipeline_quantization_config": ".load",
+    "Recipe": ".recipe",
+    "load_recipe": ".recipe",
+    "list_recipes": ".recipe",
 }
 
 __all__ = ["IdeoquantError", "__version__", *_LAZY]

@@ -1,111 +1,40 @@
-"""GGUF: the public encoder API (like gguf-py's `quants`) and loading Ideogram 4 GGUF files into diffusers.
+"""GGUF encoders as a public API (like gguf-py's `quants`), bit-exact with ggml's quantizers.
 
-`quantize(x, qtype)` / `dequantize(q, qtype)` are bit-exact with ggml's reference quantizers (see
-`ideoquant.encode.ggml`). `load_gguf_transformer` builds an `Ideogram4Transformer2DModel` whose linear
-layers keep their GGUF weights and dequantize on the fly, on diffusers' own GGUF machinery
-(`GGUFParameter`, `GGUFLinear`): diffusers 0.42's `from_single_file` does not list Ideogram 4 yet.
+    q = ideoquant.gguf.quantize(x, "Q4_K")          # uint8 [..., bytes_per_row]
+    x2 = ideoquant.gguf.dequantize(q, "Q4_K")       # float32 [..., cols]
+
+Rows are independent, so they are split over `threads` workers (default: every CPU this process may use); the
+bytes do not depend on the thread count. The encoders themselves are `ideoquant.encode.ggml` (pure functions).
 """
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
-from . import model
-from .encode.ggml import QTYPES, can_quantize, dequantize, quantize, type_size  # noqa: F401  (public API)
-from .errors import IdeoquantError
+from .encode import ggml
+from .encode.ggml import QTYPES, can_quantize, dequantize, type_size  # noqa: F401  (public API)
+from .formats.gguf import read_metadata  # noqa: F401  (public API)
+from .workers import Pool, thread_count
 
-ARCH = "ideogram4"
-KEY_COMPONENT = "ideogram4.component"
-KEY_CONFIG = "ideogram4.diffusers_config"  # the component's diffusers config.json, as JSON text
-KEY_LAYOUT = "ideogram4.layout"
-KEY_RECIPE = "ideoquant.recipe"
-KEY_VERSION = "ideoquant.version"
+_ROWS_PER_TASK_ELEMENTS = 1 << 20  # rows handed to a worker at a time
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The GGUF key/value pairs as Python values (strings, numbers, lists)."""
-    reader = _reader(path)
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        out[key] = field.contents()
-    return out
+def quantize(x: Any, qtype: Any, threads: int | None = None) -> np.ndarray:
+    """Quantize the rows of `x` (float array or torch tensor `[..., cols]`) exactly as ggml does."""
+    if hasattr(x, "detach"):  # a torch tensor, any float dtype
+        import torch
 
-
-def _reader(path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as e:
-        raise IdeoquantError(f"cannot read GGUF file {path}: {e}") from None
-
-
-def load_gguf_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
-    """An Ideogram4Transformer2DModel from a GGUF file of either layout (original fused qkv, or diffusers names).
-
-    The config comes from the file's `ideogram4.diffusers_config` key, else from `config`, else from the tensor
-    shapes. Quantized linear weights stay quantized (GGUFLinear dequantizes per forward pass).
-    """
-    from accelerate import init_empty_weights
-    from diffusers import GGUFQuantizationConfig, Ideogram4Transformer2DModel
-    from diffusers.models.model_loading_utils import load_gguf_checkpoint, load_model_dict_into_meta
-    from diffusers.quantizers import DiffusersAutoQuantizer
-    from diffusers.quantizers.gguf.utils import GGUFParameter
-
-    path = Path(path)
-    if not path.is_file():
-        raise IdeoquantError(f"no such GGUF file: {path}")
-    meta = read_metadata(path)
-    try:
-        checkpoint = load_gguf_checkpoint(str(path))
-    except (ValueError, OSError) as e:
-        raise IdeoquantError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
-    state = {}
-    for name, t in checkpoint.items():
-        parts = model.original_to_diffusers(name)
-        if len(parts) == 1:
-            state[parts[0][0]] = t
-            continue
-        rows = t.shape[0] // len(parts)  # GGUF quants are per row: row blocks of the bytes are row blocks of the weight
-        for new, i in parts:
-            piece = t.data[i * rows : (i + 1) * rows].clone()
-            state[new] = GGUFParameter(piece, quant_type=t.quant_type) if isinstance(t, GGUFParameter) else piece
-    if config is None and KEY_CONFIG in meta:
-        config = json.loads(meta[KEY_CONFIG])
-    if config is None:
-        shapes = {k: _logical_shape(v) for k, v in state.items()}
-        config = model.infer_config(shapes)
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    quantizer = DiffusersAutoQuantizer.from_config(GGUFQuantizationConfig(compute_dtype=compute_dtype))
-    with init_empty_weights():
-        m = Ideogram4Transformer2DModel.from_config(config)
-    expected = set(m.state_dict())
-    missing = sorted(expected - set(state))
-    if missing or set(state) - expected:
-        raise IdeoquantError(f"{path.name} is not an Ideogram 4 backbone for this config "
-                             f"(missing {missing[:1]}, unexpected {sorted(set(state) - expected)[:1]})")
-    quantizer.preprocess_model(model=m, device_map=None, state_dict=state, keep_in_fp32_modules=[])
-    load_model_dict_into_meta(m, state, dtype=compute_dtype, device_map={"": torch.device("cpu")},
-                              hf_quantizer=quantizer, keep_in_fp32_modules=[], unexpected_keys=[])
-    quantizer.postprocess_model(m)
-    m.hf_quantizer = quantizer
-    return m.eval()
-
-
-def _logical_shape(t) -> tuple[int, ...]:
-    return tuple(getattr(t, "quant_shape", None) or t.shape)
-
-
-def gguf_filename(component: str, label: str) -> str:
-    """`ideogram4-transformer-Q4_K.gguf`: names say component and type."""
-    return f"ideogram4-{component}-{label}.gguf"
-
-
-def file_label(qtype_option: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "", qtype_option).upper()
+        x = x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if arr.ndim < 1:
+        raise ValueError("quantize expects an array with at least one dimension")
+    rows = arr.reshape(-1, arr.shape[-1])
+    step = max(1, _ROWS_PER_TASK_ELEMENTS // max(1, rows.shape[1]))
+    chunks = [(a, min(a + step, rows.shape[0])) for a in range(0, rows.shape[0], step)]
+    with Pool(max(1, min(len(chunks), thread_count(threads)))) as pool:
+        parts = pool.map(lambda r: ggml.quantize(rows[r[0]:r[1]], qtype, threads=1), chunks)
+    if not parts:
+        return ggml.quantize(arr, qtype, threads=1)
+    return np.concatenate(parts).reshape(*arr.shape[:-1], -1)

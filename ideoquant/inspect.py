@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .job import gguf_recipe, prepare, resolve_recipe
-from .recipe import load_recipe
+from .formats.gguf import gguf_recipe
+from .job import prepare
+from .plan import numel
+from .recipe import load_recipe, resolve
 
 GIB = 1 << 30
 # Beyond the weights, a 1024x1024 generation on the real model needs activations, the attention working set and
@@ -22,7 +24,7 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
     if qtype or (base and base.format == "gguf"):
         r, _ = gguf_recipe(qtype or base.type.lower(), recipe)
     else:
-        r = resolve_recipe(base or "int8-w8a8")
+        r = resolve(base or "int8-w8a8")
     # From a Hub repo only the configs and safetensors headers are fetched, never the weights.
     src, plans = prepare(source, r, components=components, revision=revision, token=token, headers_only=True)
     comps = {}
@@ -30,7 +32,7 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
     sizes: Counter = Counter()
     for name, plan in plans.items():
         c = plan.component
-        params = sum(_numel(t.shape) for t in c.tensors.values())
+        params = sum(numel(t.shape) for t in c.tensors.values())
         comps[name] = {
             "layout": c.layout,
             "params": params,
@@ -67,10 +69,3 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
                     "text encoder and VAE offloaded",
         },
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

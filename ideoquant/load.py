@@ -1,13 +1,18 @@
-"""Load quantized backbones: INT8 output folders through stock diffusers, GGUF files through diffusers' GGUF machinery."""
+"""Load quantized backbones: INT8 output folders through stock diffusers, GGUF files through diffusers' GGUF
+machinery; and the same INT8 recipe applied at load time by diffusers (`pipeline_quantization_config`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from . import model
+from .encode import int8
 from .errors import IdeoquantError
+from .formats.gguf import KEY_CONFIG, read_metadata
+from .recipe import Recipe, load_recipe
 
 
 def load_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, device: str | None = None):
@@ -15,8 +20,6 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat
     component folder (`OUT/transformer`)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from .gguf import load_gguf_transformer
-
         m = load_gguf_transformer(path, compute_dtype)
     elif (path / "config.json").is_file():
         from diffusers import Ideogram4Transformer2DModel
@@ -43,3 +46,75 @@ def load_pipeline(quantized: str | Path, base: str = model.DEFAULT_SOURCE, compu
             raise IdeoquantError(f"{quantized} holds no {c} (neither {c}/config.json nor *-{c}-*.gguf)")
         backbones[c] = load_transformer(target, compute_dtype)
     return Ideogram4Pipeline.from_pretrained(base, torch_dtype=compute_dtype, **backbones, **kwargs)
+
+
+def load_gguf_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
+    """An Ideogram4Transformer2DModel from a GGUF file of either layout (original fused qkv, or diffusers names).
+
+    The config comes from the file's `ideogram4.diffusers_config` key, else from `config`, else from the tensor
+    shapes. Quantized linear weights stay quantized (GGUFLinear dequantizes per forward pass).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import GGUFQuantizationConfig, Ideogram4Transformer2DModel
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint, load_model_dict_into_meta
+    from diffusers.quantizers import DiffusersAutoQuantizer
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    path = Path(path)
+    if not path.is_file():
+        raise IdeoquantError(f"no such GGUF file: {path}")
+    meta = read_metadata(path)
+    try:
+        checkpoint = load_gguf_checkpoint(str(path))
+    except (ValueError, OSError) as e:
+        raise IdeoquantError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
+    state = {}
+    for name, t in checkpoint.items():
+        parts = model.original_to_diffusers(name)
+        if len(parts) == 1:
+            state[parts[0][0]] = t
+            continue
+        rows = t.shape[0] // len(parts)  # GGUF quants are per row: row blocks of the bytes are row blocks of the weight
+        for new, i in parts:
+            piece = t.data[i * rows : (i + 1) * rows].clone()
+            state[new] = GGUFParameter(piece, quant_type=t.quant_type) if isinstance(t, GGUFParameter) else piece
+    if config is None and KEY_CONFIG in meta:
+        config = json.loads(meta[KEY_CONFIG])
+    if config is None:
+        shapes = {k: _logical_shape(v) for k, v in state.items()}
+        config = model.infer_config(shapes)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    quantizer = DiffusersAutoQuantizer.from_config(GGUFQuantizationConfig(compute_dtype=compute_dtype))
+    with init_empty_weights():
+        m = Ideogram4Transformer2DModel.from_config(config)
+    expected = set(m.state_dict())
+    missing = sorted(expected - set(state))
+    if missing or set(state) - expected:
+        raise IdeoquantError(f"{path.name} is not an Ideogram 4 backbone for this config "
+                             f"(missing {missing[:1]}, unexpected {sorted(set(state) - expected)[:1]})")
+    quantizer.preprocess_model(model=m, device_map=None, state_dict=state, keep_in_fp32_modules=[])
+    load_model_dict_into_meta(m, state, dtype=compute_dtype, device_map={"": torch.device("cpu")},
+                              hf_quantizer=quantizer, keep_in_fp32_modules=[], unexpected_keys=[])
+    quantizer.postprocess_model(m)
+    m.hf_quantizer = quantizer
+    return m.eval()
+
+
+def _logical_shape(t) -> tuple[int, ...]:
+    return tuple(getattr(t, "quant_shape", None) or t.shape)
+
+
+def pipeline_quantization_config(recipe: str | Recipe = "int8-w8a8", config: dict | None = None):
+    """A diffusers `PipelineQuantizationConfig` that quantizes both backbones with torchao like `convert` does.
+
+    `modules_to_not_convert` is the recipe's protected modules expanded against the model's config (default:
+    the real Ideogram 4 shape), since diffusers matches them by name, not by glob.
+    """
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    spec = model.model_spec(config or {})
+    protected = r.protected_modules(sorted(spec.linear_modules))
+    return PipelineQuantizationConfig(quant_mapping={
+        c: TorchAoConfig(int8.config(), modules_to_not_convert=protected) for c in model.COMPONENTS
+    })

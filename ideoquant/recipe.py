@@ -96,6 +96,14 @@ def parse_type_rule(rule: str) -> tuple[str, str]:
     return regex, qtype.strip().upper()
 
 
+def resolve(recipe: "str | Recipe", protect=(), no_protect=(), qtype=None, type_rules=()) -> Recipe:
+    """A recipe (by name, path or object) with the command line's overrides applied: `--protect`, `--no-protect`,
+    `--type` and `--type-rule REGEX=TYPE`."""
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return r.with_overrides(protect=protect, no_protect=no_protect, type=qtype,
+                            rules=[parse_type_rule(x) for x in type_rules])
+
+
 def list_recipes() -> list[Recipe]:
     return [load_recipe(p) for p in sorted(RECIPE_DIR.glob("*.toml"))]
 

@@ -67,7 +67,7 @@ def child_build(src: Path, layers: int, fmt: str) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from ideoquant.demo import build_model
+    from ideoquant.testing import build_model
 
     t0 = time.perf_counter()
     config = dict(REAL_WIDTHS, num_layers=layers)
@@ -110,7 +110,7 @@ def _build_streamed(src: Path, config: dict) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ideoquant.demo import build_model
+    from ideoquant.testing import build_model
 
     one = build_model(dict(config, num_layers=1), seed=0).to(torch.bfloat16)
     sd = {k: v.contiguous() for k, v in one.state_dict().items()}

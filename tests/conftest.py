@@ -5,7 +5,8 @@ import logging  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ideoquant import demo  # noqa: E402
+from ideoquant import testing  # noqa: E402
+from ideoquant.evaluation.inputs import sample_inputs
 
 # torchao's optional CUDA kernels and torch's pytree notices log at import; they are not test output.
 for _name in ("torchao", "torch.utils._pytree"):
@@ -15,19 +16,19 @@ for _name in ("torchao", "torch.utils._pytree"):
 @pytest.fixture(scope="session")
 def bf16_source(tmp_path_factory):
     """Tiny Ideogram 4 pipeline folder, both backbones, bf16, sharded into several files."""
-    return demo.build_checkpoint(tmp_path_factory.mktemp("src") / "bf16", fmt="bf16", max_shard_size="1MB")
+    return testing.build_checkpoint(tmp_path_factory.mktemp("src") / "bf16", fmt="bf16", max_shard_size="1MB")
 
 
 @pytest.fixture(scope="session")
 def fp8_source(tmp_path_factory):
     """The same model in the FP8 per-row format (float8_e4m3fn weight + float32 weight_scale)."""
-    return demo.build_checkpoint(tmp_path_factory.mktemp("src") / "fp8", fmt="fp8")
+    return testing.build_checkpoint(tmp_path_factory.mktemp("src") / "fp8", fmt="fp8")
 
 
 @pytest.fixture(scope="session")
 def original_source(tmp_path_factory):
     """One .safetensors file in the original layout: fused qkv, attention.o, per-backbone prefixes."""
-    return demo.build_checkpoint(tmp_path_factory.mktemp("src") / "orig", fmt="bf16", layout="original")
+    return testing.build_checkpoint(tmp_path_factory.mktemp("src") / "orig", fmt="bf16", layout="original")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def inputs():
-    return demo.sample_inputs(demo.TINY_CONFIG)
+    return sample_inputs(testing.TINY_CONFIG)
 
 
 def load_reference(folder, component="transformer"):

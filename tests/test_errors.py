@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import ideoquant
-from ideoquant import IdeoquantError, demo
+from ideoquant import IdeoquantError, testing
 from ideoquant.cli import app
 
 
@@ -76,7 +76,7 @@ def test_pickle_only_is_refused_without_unpickling(tmp_path):
                          ids=["quantized", "protected"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_nan_in_weight_names_the_tensor(tmp_path, tensor, value):
-    src = demo.build_checkpoint(tmp_path / "src", fmt="bf16", max_shard_size="100MB")
+    src = testing.build_checkpoint(tmp_path / "src", fmt="bf16", max_shard_size="100MB")
     f = src / "transformer" / "diffusion_pytorch_model.safetensors"
     from safetensors.torch import load_file
     sd = load_file(f)
@@ -137,8 +137,8 @@ def test_interrupt_midway_leaves_nothing(bf16_source, tmp_path, monkeypatch):
 
 def test_killed_process_leaves_no_out(tmp_path):
     """SIGKILL halfway: no cleanup code runs, yet OUT never appears (only the hidden staging folder)."""
-    src = demo.build_checkpoint(tmp_path / "src", fmt="bf16",
-                                config={**demo.TINY_CONFIG, "num_layers": 8, "llm_features_dim": 4096})
+    src = testing.build_checkpoint(tmp_path / "src", fmt="bf16",
+                                config={**testing.TINY_CONFIG, "num_layers": 8, "llm_features_dim": 4096})
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "ideoquant", "gguf", str(src), "--out", str(out), "--type", "q4_k"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,7 +160,7 @@ def test_killed_process_leaves_no_out(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["convert", "{src}", "--recipe", "nope"], "unknown recipe"),
-    (["gguf", "{src}", "--type", "q3_k"], "unknown --type 'q3_k'"),
+    (["gguf", "{src}", "--type", "q9_k"], "'q9_k' is not one of"),
     (["gguf", "{src}", "--type-rule", "noequals"], "bad --type-rule"),
     (["gguf", "{src}", "--type-rule", "([=Q8_0"], "bad type rule regex"),
     (["gguf", "{src}", "--type-rule", "w1=Q3_K"], "unknown GGUF type 'Q3_K'"),

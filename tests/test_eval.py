@@ -7,12 +7,18 @@ import torch
 from typer.testing import CliRunner
 
 import ideoquant
-from ideoquant import baselines, demo, model
+from ideoquant import model, testing
 from ideoquant.cli import app
 from ideoquant.errors import IdeoquantError
-from ideoquant.evaluate import (capture, evaluate, guided, load_captured, plot, resolve_variants, sample_calls,
-                                stored_bytes)
+from ideoquant.evaluation.evaluate import evaluate
+from ideoquant.evaluation.inputs import capture, load_captured, sample_calls
+from ideoquant.evaluation.plots import evaluation_plot as plot
+from ideoquant.evaluation.runner import guided, stored_bytes
+from ideoquant.evaluation.variants import resolve_variants
 from ideoquant.metrics import sqnr_db
+from ideoquant.evaluation import baselines
+from ideoquant.evaluation.inputs import sample_inputs
+from ideoquant.evaluation.runner import velocity
 from tests.conftest import load_reference
 
 SAMPLE = dict(steps=1, tokens=8, grid=4, batch=2)  # small: CPU bf16 matmuls are slow
@@ -80,10 +86,10 @@ def test_weight_bytes_are_the_stored_bytes(report, outputs):
 
 
 def test_int8_numbers_agree_with_stock_diffusers(report, outputs, bf16_source):
-    """Independent path: from_pretrained, demo.velocity per call, SQNR / cosine computed here."""
+    """Independent path: from_pretrained, velocity per call, SQNR / cosine computed here."""
     from diffusers import Ideogram4Transformer2DModel
 
-    calls = sample_calls(demo.TINY_CONFIG, **SAMPLE).calls
+    calls = sample_calls(testing.TINY_CONFIG, **SAMPLE).calls
     got = next(v for v in report["variants"] if v["name"] == "int8")
     vel = {}
     for c in model.COMPONENTS:
@@ -94,7 +100,7 @@ def test_int8_numbers_agree_with_stock_diffusers(report, outputs, bf16_source):
             layer = dict(m.named_modules())["layers.0.attention.to_q"]
             seen = []
             h = layer.register_forward_hook(lambda mod, a, o: seen.append((a[0], o)))
-            outs[name] = [demo.velocity(m, call[c]) for call in calls]
+            outs[name] = [velocity(m, call[c]) for call in calls]
             h.remove()
             outs[name + "_layer"] = torch.cat([o.reshape(-1, o.shape[-1]) for _, o in seen])
             outs[name + "_input"] = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in seen])
@@ -163,7 +169,7 @@ class FakePipeline:
         self.log = []
 
     def __call__(self, prompt, num_inference_steps=3, max_sequence_length=8, grid=4, attention_kwargs=None):
-        cond = demo.sample_inputs(dict(self.transformer.config), batch=len(prompt), text_tokens=max_sequence_length,
+        cond = sample_inputs(dict(self.transformer.config), batch=len(prompt), text_tokens=max_sequence_length,
                                   grid=(grid, grid), seed=1)
         latents = cond["hidden_states"][:, max_sequence_length:].float()
         text_pad = torch.zeros(latents.shape[0], max_sequence_length, latents.shape[-1])
@@ -209,8 +215,8 @@ def test_capture_records_both_backbones_and_eval_uses_it(bf16_source, outputs, t
     v = {}
     for c in model.COMPONENTS:
         q = Ideogram4Transformer2DModel.from_pretrained(outputs / "int8", subfolder=c, torch_dtype=torch.bfloat16)
-        v[c] = ([demo.velocity(getattr(pipe, c), call[c]) for call in ins.calls],
-                [demo.velocity(q, call[c]) for call in ins.calls])
+        v[c] = ([velocity(getattr(pipe, c), call[c]) for call in ins.calls],
+                [velocity(q, call[c]) for call in ins.calls])
         assert r["variants"][0]["components"][c]["sqnr_db"] == pytest.approx(
             sqnr_db(torch.cat(v[c][0]), torch.cat(v[c][1])), abs=1e-3)
     want = sqnr_db(guided(v["transformer"][0], v["unconditional_transformer"][0], 7.0),
@@ -242,7 +248,7 @@ def test_resolve_refuses_what_is_not_quantized(bf16_source, tmp_path):
         resolve_variants([tmp_path])
     with pytest.raises(IdeoquantError, match="unknown baseline"):
         evaluate(str(bf16_source), [], baselines=("int4",))
-    other = demo.build_checkpoint(tmp_path / "one-layer", config=dict(demo.TINY_CONFIG, num_layers=1))
+    other = testing.build_checkpoint(tmp_path / "one-layer", config=dict(testing.TINY_CONFIG, num_layers=1))
     ideoquant.convert(str(other), tmp_path / "one-layer-int8", components=["transformer"])
     with pytest.raises(IdeoquantError, match="not the same model"):
         evaluate(str(bf16_source), [tmp_path / "one-layer-int8"], baselines=(), steps=1, tokens=4, grid=2)

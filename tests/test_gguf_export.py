@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import ideoquant
-from ideoquant import demo, model
+from ideoquant import model, testing
 from ideoquant.gguf import dequantize, quantize
 from ideoquant.metrics import sqnr_db
 from ideoquant.source import open_source
+from ideoquant.evaluation.runner import velocity
 from tests.conftest import load_reference
 
 # Measured on the tiny model (transformer backbone): Q8_0 45.9 dB, Q4_K 38.5 dB, q4_k_m 39.0 dB.
@@ -57,13 +58,13 @@ def test_metadata(exports, bf16_source):
 
 
 def test_base_model_keys_for_hub_sources(tmp_path, bf16_source):
-    from ideoquant.job import _gguf_kv, gguf_recipe
-    from ideoquant.plan import plan_gguf
+    from ideoquant import formats
+    from ideoquant.formats.gguf import gguf_metadata, gguf_recipe
 
     src = open_source(str(bf16_source))
     src.repo_id, src.commit = "ideogram-ai/ideogram-4-fp8", "a" * 40
     recipe, label = gguf_recipe("q4_k")
-    kv = _gguf_kv(plan_gguf(src.components["transformer"], recipe), src, recipe, label)
+    kv = gguf_metadata(formats.get("gguf").plan(src.components["transformer"], recipe), src, recipe, label)
     assert kv["general.base_model.count"] == 1
     assert kv["general.base_model.0.organization"] == "ideogram-ai"
     assert kv["general.base_model.0.repo_url"] == "https://huggingface.co/ideogram-ai/ideogram-4-fp8"
@@ -134,7 +135,7 @@ def test_load_transformer_close_to_source(exports, bf16_source, inputs, key):
         q = ideoquant.load_transformer(_file(folder, c, qtype.upper()))
         from diffusers.quantizers.gguf.utils import GGUFLinear
         assert isinstance(q.layers[0].feed_forward.w1, GGUFLinear)
-        sq = sqnr_db(demo.velocity(load_reference(bf16_source, c), inputs), demo.velocity(q, inputs))
+        sq = sqnr_db(velocity(load_reference(bf16_source, c), inputs), velocity(q, inputs))
         assert sq > floor, (qtype, layout, c, sq)
 
 

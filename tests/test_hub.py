@@ -14,10 +14,11 @@ import yaml
 from typer.testing import CliRunner
 
 import ideoquant
-from ideoquant.demo import sample_inputs, velocity
+from ideoquant.evaluation.inputs import sample_inputs
+from ideoquant.evaluation.runner import velocity
 from ideoquant.errors import IdeoquantError
-from ideoquant.hub import upload
-from ideoquant.verify import verify
+from ideoquant.publish.upload import upload
+from ideoquant.publish.verify import verify
 
 SECRET = "hf_secret_never_printed_0123456789"
 DECOYS = {  # in the source repo, never needed by a conversion: must never be fetched

@@ -11,9 +11,10 @@ from diffusers import Ideogram4Transformer2DModel, TorchAoConfig
 from safetensors import safe_open
 
 import ideoquant
-from ideoquant import demo, model
+from ideoquant import model, testing
 from ideoquant.encode import int8
 from ideoquant.metrics import sqnr_db
+from ideoquant.evaluation.runner import velocity
 from tests.conftest import load_reference
 
 INT8_FORWARD_FLOOR_DB = 38.0  # measured 43.5-44.2 dB on the tiny model
@@ -79,7 +80,7 @@ def test_stock_diffusers_loads_and_matches_source(int8_out, bf16_source, inputs,
     assert type(weights["layers.0.feed_forward.w1.weight"]).__name__ == "Int8Tensor"
     assert type(weights["layers.0.feed_forward.w2.weight"]).__name__ == "Parameter"
     ref = load_reference(bf16_source, component)
-    sq = sqnr_db(demo.velocity(ref, inputs), demo.velocity(q, inputs))
+    sq = sqnr_db(velocity(ref, inputs), velocity(q, inputs))
     assert sq > INT8_FORWARD_FLOOR_DB, sq
 
 
@@ -134,7 +135,7 @@ def test_fp8_source(fp8_source, bf16_source, inputs, tmp_path):
     comp = open_source(str(fp8_source)).components["transformer"]
     ref = Ideogram4Transformer2DModel.from_pretrained(bf16_source, subfolder="transformer", torch_dtype=torch.bfloat16)
     ref.load_state_dict({k: t.read().to(torch.bfloat16) for k, t in comp.tensors.items()})
-    sq = sqnr_db(demo.velocity(ref, inputs), demo.velocity(q, inputs))
+    sq = sqnr_db(velocity(ref, inputs), velocity(q, inputs))
     assert sq > INT8_FORWARD_FLOOR_DB, sq
     # Dequantized exactly in float32: quantizing that float32 weight with torchao gives the stored int8.
     w = comp.tensors["layers.0.feed_forward.w1.weight"].read()
@@ -173,7 +174,7 @@ def test_pipeline_quantization_config_matches_recipe():
     assert set(cfg.quant_mapping) == set(model.COMPONENTS)
     protected = cfg.quant_mapping["transformer"].modules_to_not_convert
     assert len(protected) == 35 and "layers.33.feed_forward.w2" in protected and "final_layer.linear" in protected
-    tiny = ideoquant.pipeline_quantization_config("int8-w8a8", config=demo.TINY_CONFIG)
+    tiny = ideoquant.pipeline_quantization_config("int8-w8a8", config=testing.TINY_CONFIG)
     assert tiny.quant_mapping["transformer"].modules_to_not_convert == [
         "final_layer.linear", "layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
 
@@ -247,7 +248,6 @@ def test_hf_cache_snapshot_source_hashes_from_blob_names(bf16_source, tmp_path, 
     """A source inside a Hugging Face cache snapshot: weights link to blobs/<sha256>, so they are not re-hashed."""
     import hashlib
 
-    from ideoquant import job
 
     snapshot = tmp_path / "models--org--ideogram" / "snapshots" / ("c" * 40)
     blobs = tmp_path / "models--org--ideogram" / "blobs"
@@ -261,8 +261,10 @@ def test_hf_cache_snapshot_source_hashes_from_blob_names(bf16_source, tmp_path, 
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(blob)
     hashed = []
-    real = job.sha256_file
-    monkeypatch.setattr(job, "sha256_file", lambda p: (hashed.append(Path(p).name), real(p))[1])
+    from ideoquant.write import hashing
+
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: (hashed.append(Path(p).name), real(p))[1])
     m = ideoquant.convert(str(snapshot), tmp_path / "out", components=["transformer"])
     assert hashed and not any(h.endswith(".safetensors") for h in hashed)  # only the small git files were read
     for rel, info in m["source"]["files"].items():
@@ -273,7 +275,7 @@ def test_fp8_dequantization_is_diffusers_own():
     """ideoquant's in-place FP8 per-row dequantization gives diffusers' `dequantize_fp8r` bits, every FP8 value."""
     from diffusers.quantizers.bfl.utils import dequantize_fp8r as diffusers_dequantize
 
-    from ideoquant.source import dequantize_fp8r
+    from ideoquant.encode.fp8 import dequantize_fp8r
 
     every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)  # NaN included
     w = every.repeat(7, 1)
@@ -309,7 +311,7 @@ def test_fp8_encoder_equals_torchao_on_diffusers_dequantized_weight():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_non_finite_check_every_float_dtype(dtype):
-    from ideoquant.job import _check_finite
+    from ideoquant.encode.finite import check_finite as _check_finite
 
     x = torch.randn(16, 33).to(dtype)
     x[3, 3] = torch.finfo(dtype).max  # the largest finite value is fine

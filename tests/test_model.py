@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import Ideogram4Transformer2DModel
 
-from ideoquant import demo, model
+from ideoquant import model, testing
 
 CONFIGS = [
     {},  # the real model: every constructor default
-    dict(demo.TINY_CONFIG),
+    dict(testing.TINY_CONFIG),
     # every width different, so a swapped dimension cannot go unnoticed
     dict(in_channels=64, num_layers=3, attention_head_dim=64, num_attention_heads=3, intermediate_size=320,
          adaln_dim=96, llm_features_dim=448),
@@ -35,7 +35,7 @@ def test_converting_does_not_import_diffusers(tmp_path, fmt):
     import sys
 
     src = tmp_path / "src"
-    demo.build_checkpoint(src, fmt=fmt)
+    testing.build_checkpoint(src, fmt=fmt)
     code = (f"import sys, ideoquant; ideoquant.convert({str(src)!r}, {str(tmp_path / 'out')!r}); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'accelerate', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

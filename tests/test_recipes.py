@@ -2,8 +2,10 @@
 
 import pytest
 
-from ideoquant import IdeoquantError, demo, model
-from ideoquant.plan import plan_int8
+from ideoquant import IdeoquantError, model, testing
+from ideoquant import formats
+
+plan_int8 = formats.get("int8").plan
 from ideoquant.recipe import RECIPE_DIR, list_recipes, load_recipe, parse_type_rule
 from ideoquant.source import open_source
 
@@ -67,7 +69,7 @@ def test_parse_type_rule():
 
 
 def test_linear_modules_come_from_the_diffusers_class():
-    spec = model.model_spec(demo.TINY_CONFIG)
+    spec = model.model_spec(testing.TINY_CONFIG)
     assert "embed_image_indicator" not in spec.linear_modules  # an nn.Embedding, never quantized by diffusers
     assert "layers.0.attention.to_out.0" in spec.linear_modules
     real = model.model_spec({})

@@ -6,12 +6,12 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ideoquant import demo, model
+from ideoquant import model, testing
 from ideoquant.cli import app
 from ideoquant.errors import IdeoquantError
-from ideoquant.plan import plan_gguf, plan_int8
+from ideoquant import formats
 from ideoquant.recipe import load_recipe
-from ideoquant.sensitivity import group_of, select, sensitivity, write_recipe
+from ideoquant.evaluation.sensitivity import group_of, select, sensitivity, write_recipe
 from ideoquant.source import open_source
 
 FRAGILE = "layers.1.feed_forward.w2"
@@ -27,8 +27,8 @@ def build_fragile(path):
     exactly what it computed before (those columns only ever see zeros), but the per-row int8 scale, and the block
     scales of every GGUF type, are set by the huge columns: the rest of each row quantizes to almost nothing. Its
     branch's output norm is scaled up 10x so that what the layer computes matters to the velocity."""
-    path = demo.build_checkpoint(path, max_shard_size="100MB")
-    cols = list(range(0, demo.TINY_CONFIG["intermediate_size"], 32))
+    path = testing.build_checkpoint(path, max_shard_size="100MB")
+    cols = list(range(0, testing.TINY_CONFIG["intermediate_size"], 32))
     for c in model.COMPONENTS:
         f = path / c / "diffusion_pytorch_model.safetensors"
         sd = load_file(f)
@@ -70,7 +70,7 @@ def test_written_recipe_protects_it(int8_report, fragile_source, tmp_path):
     assert r.protect == (FRAGILE, int8_report["units"][1]["unit"])
     assert "ideoquant sensitivity" in r.source and "int8-w8a8" in r.description
     comp = open_source(str(fragile_source)).components["transformer"]
-    plan = plan_int8(comp, load_recipe(tmp_path / "int8-fragile.toml"))
+    plan = formats.get("int8").plan(comp, load_recipe(tmp_path / "int8-fragile.toml"))
     assert FRAGILE in plan.protected and len(plan.protected) == 2
     # A budget protects the longest prefix of the ranking that fits.
     first = int8_report["units"][0]["extra_bytes"]
@@ -90,7 +90,7 @@ def test_gguf_groups_rank_w2_first_and_recipe_plans(fragile_source, tmp_path):
     r = write_recipe(report, tmp_path / "g.toml", protect_top=1, name="gguf-fragile")
     assert r.type == "Q4_K" and dict(r.rules) == dict(load_recipe("gguf-q4_k_m").rules)
     comp = open_source(str(fragile_source)).components["transformer"]
-    plan = plan_gguf(comp, r)  # original layout
+    plan = formats.get("gguf").plan(comp, r)  # original layout
     assert plan.protected == ["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
 
 

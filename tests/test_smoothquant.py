@@ -10,13 +10,17 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ideoquant
-from ideoquant import demo, model
+from ideoquant import model, testing
 from ideoquant.cli import app
 from ideoquant.encode import int8
 from ideoquant.errors import IdeoquantError
-from ideoquant.evaluate import evaluate, sample_calls, velocities
+from ideoquant.evaluation.evaluate import evaluate
+from ideoquant.evaluation.inputs import sample_calls
+from ideoquant.evaluation.runner import velocities
 from ideoquant.recipe import load_recipe
-from ideoquant.smoothquant import KEY_STATS, Statistics, calibrate, quantized_modules, smoothing_factor
+from ideoquant.encode.smoothing import smoothing_factor
+from ideoquant.evaluation.calibrate import calibrate, quantized_modules
+from ideoquant.formats.smoothquant import KEY_STATS, Statistics
 from ideoquant.source import open_source
 from tests.conftest import load_reference
 
@@ -32,7 +36,7 @@ def build_outliers(path):
     the norms before q/k/v, w1/w3 and llm_cond_proj are 100x larger, and the weight columns that read them are 100x
     smaller, so the bf16 model computes the same function while those linears' inputs carry 100x outliers (which
     per-token int8 activation quantization handles badly, and SmoothQuant moves into the weights)."""
-    path = demo.build_checkpoint(path, max_shard_size="100MB")
+    path = testing.build_checkpoint(path, max_shard_size="100MB")
     ch, text_ch = [3, 77, 150, 201], [5, 300]
 
     def scale(sd, key, idx, factor, dim):
@@ -64,7 +68,7 @@ def outlier_source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calls():
-    return sample_calls(demo.TINY_CONFIG, **SAMPLE)
+    return sample_calls(testing.TINY_CONFIG, **SAMPLE)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +219,7 @@ def test_cli_calibrate_and_convert(outlier_source, tmp_path):
 
 
 def test_smoothed_output_verifies(smoothed):
-    from ideoquant.verify import verify
+    from ideoquant.publish.verify import verify
 
     result = verify(smoothed[0] / "sq", load=False)
     assert result.ok, result.problems

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import ideoquant
 from ideoquant.errors import IdeoquantError
-from ideoquant.verify import verify
+from ideoquant.publish.verify import verify
 
 SHARD = "transformer/diffusion_pytorch_model.safetensors"
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ideoquant.write.safetensors import ShardWriter, Slot
-from ideoquant.write.staging import sha256_file
+from ideoquant.write.hashing import sha256_file
 
 
 def _tensors(seed: int, misaligned: bool):

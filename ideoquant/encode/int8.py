@@ -10,7 +10,6 @@ time by torchao, not here.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,16 +86,6 @@ class Workspace:
         return buf[: n * dtype.itemsize].view(dtype).view(shape)
 
 
-_local = threading.local()
-
-
-def workspace() -> Workspace:
-    """This thread's workspace."""
-    ws = getattr(_local, "workspace", None)
-    if ws is None:
-        ws = _local.workspace = Workspace()
-    return ws
-
 
 def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = None):
     """Rows of a weight -> (qdata int8 [r, K], scale float32 [r, 1], zero_point int8 [r, 1], signal, noise).
@@ -113,7 +102,7 @@ def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = No
         return _quantize_torch(block.to(device))
     from . import kernels
 
-    ws = ws or workspace()
+    ws = ws or Workspace()
     rows, k = block.shape
     qdata, scale, energy = _outputs(ws, rows, k)
     if block.dtype == torch.bfloat16:
@@ -130,10 +119,10 @@ def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = No
 def quantize_fp8(codes: torch.Tensor, row_scale: torch.Tensor, ws: Workspace | None = None):
     """FP8 e4m3fn rows (codes [r, K] as stored, float32 per-row scale [r]) -> as `quantize`, of the weight that
     diffusers' fp8r dequantization gives (`weight.float() * weight_scale[:, None]`), without materializing it."""
-    from ..source import FP8_E4M3_VALUES
+    from .fp8 import FP8_E4M3_VALUES
     from . import kernels
 
-    ws = ws or workspace()
+    ws = ws or Workspace()
     rows, k = codes.shape
     qdata, scale, energy = _outputs(ws, rows, k)
     kernels.quantize_fp8(numpy_bits(codes, torch.uint8), numpy_bits(row_scale.to(torch.float32), torch.float32),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .staging import sha256_mapped
+from .hashing import sha256_mapped
 
 # torch dtype -> the name safetensors headers use for it
 DTYPE_NAMES = {

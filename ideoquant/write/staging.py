@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import mmap
 import os
 import shutil
 from pathlib import Path
@@ -64,40 +62,6 @@ def check_free_space(folder: Path, needed: int) -> None:
     if needed + margin > free:
         raise IdeoquantError(f"not enough free disk in {probe}: the output needs {human_bytes(needed)}, "
                              f"{human_bytes(free)} free")
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha256_mapped(f.fileno(), os.fstat(f.fileno()).st_size)
-
-
-def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20) -> str:
-    """sha256 of the first `size` bytes of a file, hashed from a memory map.
-
-    Mapped, the page cache is hashed in place; read() would first copy every byte (measured: the copies cost
-    more CPU than half the hash itself). Each chunk is unmapped once hashed, so the resident size stays one
-    chunk. ready(pos) -> end: for a file still being written, blocks until bytes up to `end` (> pos) exist.
-    """
-    h = hashlib.sha256()
-    if size == 0:
-        return h.hexdigest()
-    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-        drop = hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
-        if drop:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-        view = memoryview(mm)
-        try:
-            pos = 0
-            while pos < size:
-                end = min(size, pos + chunk, ready(pos) if ready else size)
-                h.update(view[pos:end])
-                start = pos - pos % mmap.PAGESIZE
-                if drop:
-                    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-                pos = end
-        finally:
-            view.release()
-    return h.hexdigest()
 
 
 def human_bytes(n: float) -> str:

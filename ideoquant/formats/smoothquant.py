@@ -1,7 +1,7 @@
-"""SmoothQuant for the INT8 W8A8 output, the way torchao 0.18's `SmoothQuantConfig` does it, streamed.
+"""SmoothQuant's convert-time part for the INT8 W8A8 output, the way torchao 0.18's `SmoothQuantConfig` does it.
 
-`calibrate` runs the source backbones on sample or captured inputs with a forward pre-hook on every linear the
-recipe quantizes and keeps a running per-input-channel max |x| (what torchao's `RunningAbsMaxSmoothQuantObserver`
+`ideoquant calibrate` (`evaluation/calibrate.py`) runs the source backbones on sample or captured inputs with a
+forward pre-hook on every linear the recipe quantizes and keeps a running per-input-channel max |x| (what torchao's `RunningAbsMaxSmoothQuantObserver`
 keeps). The statistics go to a safetensors file: one float32 vector per `<component>.<module>` (the bf16 absmax,
 exactly), provenance in the header.
 
@@ -19,7 +19,6 @@ set, so stock `Ideogram4Transformer2DModel.from_pretrained` loads the result.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -27,132 +26,13 @@ from pathlib import Path
 
 import torch
 
-from . import model as model_mod
-from .errors import IdeoquantError
-from .evaluate import Reporter, free, make_inputs, source_model, to_device
+from .. import model as model_mod
+from ..encode.smoothing import DTYPE, smoothing_factor
+from ..errors import IdeoquantError
+from ..plan import row_blocks
+from . import BLOCK_ELEMENTS
 
 KEY_STATS = "ideoquant.smoothquant"
-DTYPE = torch.bfloat16  # the model's compute dtype: torchao computes the factor in the weight/activation dtype
-EPS = torch.finfo(torch.float32).eps
-
-
-# ---------------------------------------------------------------- calibration
-
-
-class AbsMaxObserver:
-    """Forward pre-hooks on linears: running per-input-channel max |x| (torchao's RunningAbsMax observer, pass 1)."""
-
-    def __init__(self, m: torch.nn.Module, modules: list[str]):
-        self.absmax: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
-        named = dict(m.named_modules())
-        missing = [n for n in modules if not isinstance(named.get(n), torch.nn.Linear)]
-        if missing:
-            raise IdeoquantError(f"not a linear module of the model: {missing[0]}")
-        self._handles = [named[n].register_forward_pre_hook(self._hook(n)) for n in modules]
-
-    def _hook(self, name: str):
-        def hook(mod, args):
-            x = args[0].detach()
-            flat = x.reshape(-1, x.shape[-1])
-            batch_max = flat.abs().amax(dim=0).to("cpu")
-            prev = self.absmax.get(name)
-            self.absmax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
-            self.rows[name] = self.rows.get(name, 0) + flat.shape[0]
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def quantized_modules(component, recipe) -> list[str]:
-    """The linear modules an INT8 recipe quantizes in this component (the ones SmoothQuant can apply to)."""
-    from .plan import plan_int8
-
-    plan = plan_int8(component, recipe)
-    return [model_mod.module_of(t.name) for t in plan.tensors if t.quantize]
-
-
-def calibrate(
-    source: str | None,
-    out: str | Path,
-    *,
-    recipe="int8-w8a8",
-    protect=(),
-    no_protect=(),
-    components: list[str] | None = None,
-    inputs=None,
-    steps: int = 4,
-    tokens: int = 64,
-    grid: int = 16,
-    batch: int = 2,
-    seed: int = 0,
-    device: str = "cpu",
-    revision: str | None = None,
-    token: str | None = None,
-    reporter: Reporter | None = None,
-) -> dict:
-    """Record per-input-channel activation absmax for every linear the recipe quantizes; write `out` (safetensors)."""
-    from safetensors.torch import save_file
-
-    from .job import check_device, resolve_recipe
-    from .manifest import tool_versions
-    from .source import open_source
-
-    reporter = reporter or Reporter()
-    device = check_device(device)
-    r = resolve_recipe(recipe, protect, no_protect)
-    if r.format != "int8":
-        raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; SmoothQuant applies to INT8 W8A8")
-    src = open_source(source, components=components, revision=revision, token=token)
-    first = next(iter(src.components.values()))
-    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
-    tensors: dict[str, torch.Tensor] = {}
-    summary: dict[str, dict] = {}
-    for c, comp in src.components.items():
-        calls = ins.for_component(c)
-        if not calls:
-            raise IdeoquantError(f"the inputs hold no calls of {c}")
-        modules = quantized_modules(comp, r)
-        task = f"calibrate/{c}"
-        reporter.start(task, len(calls))
-        m = source_model(comp, device)
-        obs = AbsMaxObserver(m, modules)
-        with torch.no_grad():
-            for kw in calls:
-                m(**to_device(kw, device), return_dict=False)
-                reporter.advance(task, 1)
-        obs.remove()
-        reporter.finish(task)
-        never = [n for n in modules if n not in obs.absmax]
-        if never:
-            raise IdeoquantError(f"{c}: {never[0]} never ran on these inputs")
-        for n in modules:
-            tensors[f"{c}.{n}"] = obs.absmax[n].float().contiguous()  # a bf16 absmax is exact in float32
-        ratios = {n: float(a.float().max() / a.float().median().clamp(min=EPS)) for n, a in obs.absmax.items()}
-        worst = sorted(ratios, key=ratios.get, reverse=True)[:5]
-        summary[c] = {"modules": len(modules), "calls": len(calls), "rows": obs.rows[modules[0]] if modules else 0,
-                      "outlier_ratio": {n: round(ratios[n], 2) for n in worst}}
-        free(m)
-        m = obs = None
-    provenance = {
-        "source": src.describe(),
-        "recipe": r.name,
-        "protected": {c: sorted(comp.spec.linear_modules - set(quantized_modules(comp, r)))
-                      for c, comp in src.components.items()},
-        "inputs": ins.info,
-        "count": {c: {"calls": s["calls"], "rows": s["rows"]} for c, s in summary.items()},
-        "dtype": "bfloat16",
-        "device": device,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tool": {k: v for k, v in tool_versions().items() if k in ("ideoquant", "torch", "torchao", "diffusers")},
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out, metadata={"format": "pt", KEY_STATS: json.dumps(provenance)})
-    return {"out": str(out), "bytes": out.stat().st_size, "provenance": provenance, "components": summary}
 
 
 # ---------------------------------------------------------------- statistics
@@ -187,18 +67,11 @@ class Statistics:
         return cls(path, absmax, json.loads(meta[KEY_STATS]), h)
 
 
-def smoothing_factor(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """torchao 0.18 `RunningAbsMaxSmoothQuantObserver.compute_smoothing_factor`, on bf16 absmaxes (the model dtype)."""
-    x = x_absmax.to(DTYPE)
-    w = w_absmax.to(DTYPE)
-    return torch.pow(x + EPS, alpha) / torch.pow(w + EPS, 1 - alpha)
-
-
 def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = DTYPE):
     """Keys, dtypes, shapes and torchao metadata of a smoothed weight: a meta Int8Tensor with act_pre_scale set."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    from .encode import int8
+    from ..encode import int8
 
     meta = int8._quantize(torch.empty(shape, dtype=dtype, device="meta"))
     meta.act_pre_scale = torch.empty(shape[1], dtype=DTYPE, device="meta")
@@ -234,12 +107,11 @@ class Smoother:
     def layout(self, tensor: str, shape):
         return layout(tensor, tuple(shape))
 
-    def prepare(self, component: str, t, block_elements: int = 4 << 20) -> Smoothing:
+    def prepare(self, component: str, t) -> Smoothing:
         """Column absmax of the source weight (a first streamed pass over its rows), then torchao's factor."""
-        src = t.sources[0]
         w_absmax = None
-        for _, block in src.row_blocks(block_elements):
-            m = block.abs().amax(dim=0)
+        for _, src, rows in row_blocks([t], BLOCK_ELEMENTS):
+            m = src.read(rows).abs().amax(dim=0)
             w_absmax = m if w_absmax is None else torch.maximum(w_absmax, m)
         x_absmax = self.stats.absmax[component][model_mod.module_of(t.name)]
         if x_absmax.shape != w_absmax.shape:

@@ -23,9 +23,17 @@ from pathlib import Path
 
 import torch
 
-from . import model as model_mod
-from .errors import IdeoquantError
-from .evaluate import Reporter, compare, free, make_inputs, source_model, velocities
+from .. import formats
+from .. import gguf as gguf_api
+from .. import model as model_mod
+from ..device import check_device
+from ..encode import ggml, int8
+from ..errors import IdeoquantError
+from ..progress import Reporter
+from ..recipe import load_recipe, resolve
+from ..source import open_source
+from .inputs import make_inputs
+from .runner import compare, free, source_model, velocities
 
 _LAYER = re.compile(r"^layers\.\d+\.")
 
@@ -44,10 +52,8 @@ def _scheme(recipe) -> str:
 
 def _planned(component, recipe) -> dict[str, tuple[str, int, int]]:
     """Linear module -> (type it gets with nothing protected, bytes quantized, bytes in bf16)."""
-    from .plan import plan_gguf, plan_int8
-
     bare = replace(recipe, protect=(), no_protect=())
-    plan = plan_int8(component, bare) if recipe.format == "int8" else plan_gguf(component, bare, "diffusers")
+    plan = formats.get(recipe.format).plan(component, bare, "diffusers")
     spec = component.spec
     out = {}
     for t in plan.tensors:
@@ -71,15 +77,11 @@ class _Quantizer:
         if self.recipe.format == "int8":
             from torchao.quantization import quantize_
 
-            from .encode import int8
-
             wanted = set(names)
             for n in names:
                 self.saved[n] = self.modules[n].weight
             quantize_(self.m, int8.config(), filter_fn=lambda mod, fqn: fqn in wanted)
             return True
-        from .encode import ggml
-
         for n in names:
             qtype = self.planned[n][0]
             if qtype not in ggml.QTYPES:
@@ -87,7 +89,7 @@ class _Quantizer:
             mod = self.modules[n]
             w = mod.weight
             self.saved[n] = w
-            q = ggml.quantize(w.detach().float().cpu().numpy(), qtype, threads=self.threads)
+            q = gguf_api.quantize(w.detach().float().cpu().numpy(), qtype, threads=self.threads)
             deq = torch.from_numpy(ggml.dequantize(q, qtype)).reshape(w.shape).to(device=w.device, dtype=w.dtype)
             mod.weight = torch.nn.Parameter(deq, requires_grad=False)
             changed = True
@@ -120,13 +122,9 @@ def sensitivity(
 ) -> dict:
     """Rank linear layers (or groups) by the end-to-end velocity SQNR with only that unit quantized (lowest first).
     `qtype` overrides a GGUF recipe's base type (q8_0, q4_k, q5_k, q6_k)."""
-    from .job import check_device, resolve_recipe
-    from .plan import plan_gguf, plan_int8
-    from .source import open_source
-
     reporter = reporter or Reporter()
     device = check_device(device)
-    r = resolve_recipe(recipe, qtype=qtype)
+    r = resolve(recipe, qtype=qtype)
     if qtype and r.format != "gguf":
         raise IdeoquantError(f"--type applies to gguf recipes; '{r.name}' is an {r.format} recipe")
     src = open_source(source, components=components or list(model_mod.COMPONENTS), revision=revision, token=token)
@@ -139,7 +137,7 @@ def sensitivity(
         if not calls:
             raise IdeoquantError(f"the inputs hold no calls of {c}")
         planned = _planned(comp, r)
-        base = plan_int8(comp, r) if r.format == "int8" else plan_gguf(comp, r, "diffusers")
+        base = formats.get(r.format).plan(comp, r, "diffusers")
         protected = set(base.protected)
         order = _linear_names(comp)
         groups: dict[str, list[str]] = {}
@@ -216,8 +214,6 @@ def select(report: dict, protect_top: int | None = None, budget_gb: float | None
 def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = None, budget_gb: float | None = None,
                  name: str | None = None):
     """Write a recipe TOML protecting the most fragile units of `report`; returns it loaded (`load_recipe`)."""
-    from .recipe import load_recipe
-
     path = Path(path)
     chosen = select(report, protect_top, budget_gb)
     base = report["recipe"]
@@ -256,30 +252,3 @@ def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = No
 def _toml_str(s: str) -> str:
     """A TOML basic string (JSON's escapes are valid TOML)."""
     return json.dumps(s, ensure_ascii=False)
-
-
-def plot(report: dict, path: str | Path, top: int = 40) -> Path:
-    """Horizontal bars: end-to-end SQNR with only that unit quantized, most fragile at the top."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    units = [u for u in report["units"] if u["sqnr_db_min"] is not None][:top]
-    fig = Figure(figsize=(9, 1.2 + 0.22 * max(len(units), 4)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    y = list(range(len(units)))[::-1]
-    ax.barh(y, [u["sqnr_db_min"] for u in units],
-            color=["0.6" if u["protected_by_recipe"] else "C0" for u in units])
-    ax.set_yticks(y)
-    ax.set_yticklabels([u["unit"] for u in units], fontsize=7)
-    ax.set_xlabel("end-to-end velocity SQNR with only this unit quantized (dB; lower = more fragile)")
-    lo = min((u["sqnr_db_min"] for u in units), default=0)
-    hi = max((u["sqnr_db_min"] for u in units), default=1)
-    ax.set_xlim(min(0, lo - 2), hi + 3)
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(f"sensitivity under {report['recipe']['name']} (grey: already protected by the recipe)",
-                 fontsize=9, loc="left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import yaml
 
-from . import model
+from .. import formats, model
+from ..write.staging import human_bytes
 
 HUB = "https://huggingface.co"
 LICENSE_NAME = "ideogram-4-non-commercial"
 
 
 def _human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+    return "?" if n is None else human_bytes(n)
 
 
 def _db(x) -> str:
@@ -42,72 +37,33 @@ def _license(source: dict, base: str | None) -> dict:
             "license_link": f"{HUB}/{base or model.DEFAULT_SOURCE}"}
 
 
-def gguf_types(manifest: dict) -> list[str]:
-    """The GGML types of the quantized tensors, lowercase (q4_k, q8_0), in a stable order."""
-    found = {t["dtype_out"].lower() for c in manifest["components"].values() for t in c["tensors"]
-             if t["decision"] == "quantized"}
-    return sorted(found)
+def _format_text(manifest: dict, repo_id: str = "") -> formats.CardText:
+    base = manifest.get("source", {}).get("repo_id") or model.DEFAULT_SOURCE
+    return formats.get(manifest["kind"]).card(manifest, repo_id, base)
 
 
 def front_matter(manifest: dict) -> dict:
     source = manifest.get("source", {})
     base = source.get("repo_id")
-    kind = manifest["kind"]
+    text = _format_text(manifest)
     meta: dict = {}
     if base:
         meta.update(base_model=base, base_model_relation="quantized")
-    if kind == "int8":
-        meta["library_name"] = "diffusers"  # stock diffusers + torchao load it; GGUF is detected from the files
+    if text.library_name:
+        meta["library_name"] = text.library_name
     meta["pipeline_tag"] = "text-to-image"
     meta.update(_license(source, base))
-    tags = ["ideogram4", "ideogram", "text-to-image", "quantized"]
-    tags += ["int8", "torchao", "w8a8"] if kind == "int8" else ["gguf", *gguf_types(manifest)]
-    meta["tags"] = tags
+    meta["tags"] = ["ideogram4", "ideogram", "text-to-image", "quantized", *text.tags]
     return meta
-
-
-def _usage(manifest: dict, repo_id: str) -> str:
-    base = manifest.get("source", {}).get("repo_id") or model.DEFAULT_SOURCE
-    comps = list(manifest["components"])
-    if manifest["kind"] == "int8":
-        lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel",
-                 ""]
-        for c in comps:
-            lines.append(f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    "{repo_id}", subfolder="{c}", '
-                         "torch_dtype=torch.bfloat16\n)")
-        args = "".join(f"    {c}={c},\n" for c in comps)
-        lines += [f'pipe = Ideogram4Pipeline.from_pretrained(\n    "{base}",\n{args}    torch_dtype=torch.bfloat16,\n)',
-                  'pipe.to("cuda")', "```", "",
-                  "Needs `diffusers>=0.42` and `torchao` (the weights are torchao's INT8 safetensors format; "
-                  "activations are quantized per token at run time). The text encoder, VAE and scheduler come "
-                  f"from `{base}`."]
-        return "\n".join(lines)
-    files = {c: next((f for f in manifest["components"][c]["files"] if f.endswith(".gguf")), None) for c in comps}
-    lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline",
-             "from huggingface_hub import hf_hub_download", "import ideoquant", ""]
-    for c in comps:
-        lines.append(f'{c} = ideoquant.load_transformer(hf_hub_download("{repo_id}", "{files[c]}"))')
-    args = "".join(f"    {c}={c},\n" for c in comps)
-    lines += [f'pipe = Ideogram4Pipeline.from_pretrained(\n    "{base}",\n{args}    torch_dtype=torch.bfloat16,\n)',
-              'pipe.to("cuda")', "```", ""]
-    layouts = {c["output_layout"] for c in manifest["components"].values()}
-    if layouts == {"original"}:
-        lines.append("The files use the original Ideogram 4 layout (fused `attention.qkv`, `attention.o`), so "
-                     "ComfyUI (with ComfyUI-GGUF) and stable-diffusion.cpp load them as well: one file per backbone, "
-                     "`transformer` is the conditional model and `unconditional_transformer` the unconditional one.")
-    else:
-        lines.append("The files use diffusers tensor names; ComfyUI and stable-diffusion.cpp expect the original "
-                     "layout (`ideoquant gguf --layout original`).")
-    return "\n".join(lines)
 
 
 def model_card(manifest: dict, repo_id: str) -> str:
     source = manifest.get("source", {})
     recipe = manifest.get("recipe", {})
     base = source.get("repo_id")
-    kind = manifest["kind"]
     comps = manifest["components"]
-    what = "INT8 W8A8 (torchao)" if kind == "int8" else "GGUF " + ", ".join(t.upper() for t in gguf_types(manifest))
+    text = _format_text(manifest, repo_id)
+    what = text.what
     tool = manifest.get("tool", {})
 
     out = ["---", yaml.safe_dump(front_matter(manifest), sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
@@ -124,10 +80,7 @@ def model_card(manifest: dict, repo_id: str) -> str:
     out += ["", "## What was quantized", "",
             f"Recipe `{recipe.get('name')}`: {recipe.get('description', '').strip()}", "",
             f"Recipe source: {recipe.get('source', '').strip()}", ""]
-    if kind == "gguf":
-        out += [f"Base type `{recipe.get('type')}`"
-                + (", rules: " + ", ".join(f"`{r}` → {t}" for r, t in recipe.get("rules", {}).items())
-                   if recipe.get("rules") else "") + ".", ""]
+    out += text.recipe_lines
     patterns = list(recipe.get("protect", []))
     counts = {n: len(c["protected_modules"]) for n, c in comps.items()}
     if len(set(counts.values())) == 1:
@@ -152,7 +105,7 @@ def model_card(manifest: dict, repo_id: str) -> str:
         out.append(f"| `{name}` | {c['tensors_quantized']} / {c['tensors_kept']} | {_human(c['bytes_in'])} | "
                    f"{_human(after)} | {ratio} | {_db(c['weight_sqnr_db_min'])} | {_db(c['weight_sqnr_db_mean'])} |")
     out += ["", "SQNR compares each quantized weight with the source weight (higher is closer); it says nothing "
-                "directly about image quality.", "", "## Use", "", _usage(manifest, repo_id), ""]
+                "directly about image quality.", "", "## Use", "", text.usage, ""]
 
     lic = _license(source, base)
     out += ["## License", ""]

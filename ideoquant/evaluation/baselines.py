@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..encode import int8
+from .runner import source_model, stored_bytes
+
 NF4_BLOCK = 64
 # bitsandbytes' NF4 code book (bitsandbytes.functional / backends.utils CODE["nf4"]).
 NF4_CODE = (
@@ -37,7 +40,6 @@ def fp8_model(component, device: str = "cpu"):
     """FP8 e4m3 per-row weight-only (diffusers' BFL fp8r scheme) on every linear weight."""
     from diffusers.quantizers.bfl.utils import dequantize_fp8r, quantize_fp8r
 
-    from .evaluate import source_model
 
     m = source_model(component, device)
     nbytes, replaced = 0, set()
@@ -84,7 +86,6 @@ def nf4_dequantize(idx: torch.Tensor, absmax: torch.Tensor, shape, dtype=torch.b
 @torch.no_grad()
 def nf4_model(component, device: str = "cpu"):
     """NF4 blockwise 4-bit (bitsandbytes' scheme, block 64) on every linear weight."""
-    from .evaluate import source_model
 
     m = source_model(component, device)
     nbytes, replaced = 0, set()
@@ -102,8 +103,6 @@ def w8a8_model(component, device: str = "cpu"):
     """INT8 W8A8 (torchao Int8DynamicActivationInt8WeightConfig) on every linear, nothing protected."""
     from torchao.quantization import quantize_
 
-    from .encode import int8
-    from .evaluate import source_model, stored_bytes
 
     m = source_model(component, device)
     quantize_(m, int8.config())

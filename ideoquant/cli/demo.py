@@ -1,0 +1,38 @@
+"""`ideoquant demo`: the whole job offline on a tiny Ideogram 4 that ideoquant builds itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import render
+from .app import app, job_runtime, quiet_diffusers
+from .options import Json
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Working folder (replaced on each run).")]
+    = Path("ideoquant-demo"),
+    as_json: Json = False,
+):
+    """Run the whole job offline on a tiny Ideogram 4 that ideoquant builds itself."""
+    quiet_diffusers()
+    from ..demo import run_demo
+
+    with job_runtime():
+        report = render.with_progress(lambda rep: run_demo(out, reporter=rep), as_json)
+    if as_json:
+        return render.print_json(report)
+    t = Table(title=f"tiny Ideogram 4 ({report['params']:,} params per backbone) → {out}", title_justify="left")
+    for col in ("variant", "files", "size", "vs source", "velocity SQNR", "cosine"):
+        t.add_column(col, justify="left" if col in ("variant", "files") else "right")
+    for v in report["variants"]:
+        t.add_row(v["name"], v["files"], render.human_bytes(v["bytes"]), f"{v['ratio']:.2f}x", render.db(v["sqnr_db"]),
+                  f"{v['cosine']:.5f}")
+    render.out_console.print(t)
+    render.out_console.print("velocity SQNR: the quantized backbones' outputs against the source's, both backbones, "
+                             "same inputs. Next: `ideoquant convert` on the real model (see README).")

@@ -1,0 +1,138 @@
+"""`ideoquant calibrate`: SmoothQuant statistics from the source backbones' activations.
+
+The source backbones run on sample or captured inputs with a forward pre-hook on every linear the recipe quantizes,
+keeping a running per-input-channel max |x| (what torchao's `RunningAbsMaxSmoothQuantObserver` keeps). The
+statistics go to a safetensors file: one float32 vector per `<component>.<module>` (the bf16 absmax, exactly),
+provenance in the header. `convert --smoothquant` applies them (`formats/smoothquant.py`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+import torch
+
+from .. import formats
+from .. import model as model_mod
+from ..device import check_device
+from ..encode.smoothing import EPS
+from ..errors import IdeoquantError
+from ..formats.smoothquant import KEY_STATS
+from ..manifest import tool_versions
+from ..progress import Reporter
+from ..recipe import resolve
+from ..source import open_source
+from .inputs import make_inputs
+from .runner import free, source_model, to_device
+
+
+class AbsMaxObserver:
+    """Forward pre-hooks on linears: running per-input-channel max |x| (torchao's RunningAbsMax observer, pass 1)."""
+
+    def __init__(self, m: torch.nn.Module, modules: list[str]):
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        named = dict(m.named_modules())
+        missing = [n for n in modules if not isinstance(named.get(n), torch.nn.Linear)]
+        if missing:
+            raise IdeoquantError(f"not a linear module of the model: {missing[0]}")
+        self._handles = [named[n].register_forward_pre_hook(self._hook(n)) for n in modules]
+
+    def _hook(self, name: str):
+        def hook(mod, args):
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1])
+            batch_max = flat.abs().amax(dim=0).to("cpu")
+            prev = self.absmax.get(name)
+            self.absmax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
+            self.rows[name] = self.rows.get(name, 0) + flat.shape[0]
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def quantized_modules(component, recipe) -> list[str]:
+    """The linear modules an INT8 recipe quantizes in this component (the ones SmoothQuant can apply to)."""
+    plan = formats.get("int8").plan(component, recipe)
+    return [model_mod.module_of(t.name) for t in plan.tensors if t.quantize]
+
+
+def calibrate(
+    source: str | None,
+    out: str | Path,
+    *,
+    recipe="int8-w8a8",
+    protect=(),
+    no_protect=(),
+    components: list[str] | None = None,
+    inputs=None,
+    steps: int = 4,
+    tokens: int = 64,
+    grid: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+    revision: str | None = None,
+    token: str | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Record per-input-channel activation absmax for every linear the recipe quantizes; write `out` (safetensors)."""
+    from safetensors.torch import save_file
+
+    reporter = reporter or Reporter()
+    device = check_device(device)
+    r = resolve(recipe, protect, no_protect)
+    if r.format != "int8":
+        raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; SmoothQuant applies to INT8 W8A8")
+    src = open_source(source, components=components, revision=revision, token=token)
+    first = next(iter(src.components.values()))
+    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
+    tensors: dict[str, torch.Tensor] = {}
+    summary: dict[str, dict] = {}
+    for c, comp in src.components.items():
+        calls = ins.for_component(c)
+        if not calls:
+            raise IdeoquantError(f"the inputs hold no calls of {c}")
+        modules = quantized_modules(comp, r)
+        task = f"calibrate/{c}"
+        reporter.start(task, len(calls))
+        m = source_model(comp, device)
+        obs = AbsMaxObserver(m, modules)
+        with torch.no_grad():
+            for kw in calls:
+                m(**to_device(kw, device), return_dict=False)
+                reporter.advance(task, 1)
+        obs.remove()
+        reporter.finish(task)
+        never = [n for n in modules if n not in obs.absmax]
+        if never:
+            raise IdeoquantError(f"{c}: {never[0]} never ran on these inputs")
+        for n in modules:
+            tensors[f"{c}.{n}"] = obs.absmax[n].float().contiguous()  # a bf16 absmax is exact in float32
+        ratios = {n: float(a.float().max() / a.float().median().clamp(min=EPS)) for n, a in obs.absmax.items()}
+        worst = sorted(ratios, key=ratios.get, reverse=True)[:5]
+        summary[c] = {"modules": len(modules), "calls": len(calls), "rows": obs.rows[modules[0]] if modules else 0,
+                      "outlier_ratio": {n: round(ratios[n], 2) for n in worst}}
+        free(m)
+        m = obs = None
+    provenance = {
+        "source": src.describe(),
+        "recipe": r.name,
+        "protected": {c: sorted(comp.spec.linear_modules - set(quantized_modules(comp, r)))
+                      for c, comp in src.components.items()},
+        "inputs": ins.info,
+        "count": {c: {"calls": s["calls"], "rows": s["rows"]} for c, s in summary.items()},
+        "dtype": "bfloat16",
+        "device": device,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool": {k: v for k, v in tool_versions().items() if k in ("ideoquant", "torch", "torchao", "diffusers")},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata={"format": "pt", KEY_STATS: json.dumps(provenance)})
+    return {"out": str(out), "bytes": out.stat().st_size, "provenance": provenance, "components": summary}

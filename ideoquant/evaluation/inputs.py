@@ -1,0 +1,239 @@
+"""Evaluation inputs: deterministic sample calls shaped like the pipeline's, or calls recorded from a real run.
+
+`sample_calls` builds a conditional call on [text][image] and an unconditional call on the image tokens with zeroed
+text features, as `Ideogram4Pipeline.__call__` builds them; `capture` records what a real pipeline run passes to each
+backbone, and `load_captured` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import model as model_mod
+from ..device import check_device
+from ..errors import IdeoquantError
+
+KEY_CAPTURE = "ideoquant.capture"
+GUIDANCE = 7.0  # g in g * v_cond + (1 - g) * v_uncond, the pipeline's default
+
+
+def sample_inputs(
+    config: dict,
+    *,
+    batch: int = 2,
+    text_tokens: int = 12,
+    grid: tuple[int, int] = (4, 4),
+    timesteps: tuple[float, ...] = (0.3, 0.8),
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, torch.Tensor]:
+    """Packed [left-pad][text][image] inputs shaped like the pipeline's, deterministic for a seed.
+
+    Prompts of different lengths exercise the padding and the block-diagonal mask.
+    """
+    from diffusers.models.transformers.transformer_ideogram4 import (
+        IMAGE_POSITION_OFFSET, LLM_TOKEN_INDICATOR, OUTPUT_IMAGE_INDICATOR, SEQUENCE_PADDING_INDICATOR)
+
+    g = torch.Generator().manual_seed(seed)
+    gh, gw = grid
+    n_img = gh * gw
+    total = text_tokens + n_img
+    h = torch.arange(gh).repeat_interleave(gw)
+    w = torch.arange(gw).repeat(gh)
+    image_pos = torch.stack([torch.zeros_like(h), h, w], dim=1) + IMAGE_POSITION_OFFSET
+    position_ids = torch.zeros(batch, total, 3, dtype=torch.long)
+    segment_ids = torch.full((batch, total), SEQUENCE_PADDING_INDICATOR, dtype=torch.long)
+    indicator = torch.zeros(batch, total, dtype=torch.long)
+    for b in range(batch):
+        n_text = max(1, text_tokens - 3 * b)
+        off = text_tokens - n_text
+        t = torch.arange(n_text)
+        position_ids[b, off:text_tokens] = torch.stack([t, t, t], dim=1)
+        position_ids[b, text_tokens:] = image_pos
+        indicator[b, off:text_tokens] = LLM_TOKEN_INDICATOR
+        indicator[b, text_tokens:] = OUTPUT_IMAGE_INDICATOR
+        segment_ids[b, off:] = 1
+    ts = torch.tensor([timesteps[b % len(timesteps)] for b in range(batch)])
+    return {
+        "hidden_states": torch.randn(batch, total, config["in_channels"], generator=g).to(dtype),
+        "timestep": ts.to(dtype),
+        "encoder_hidden_states": torch.randn(batch, total, config["llm_features_dim"], generator=g).to(dtype),
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "indicator": indicator,
+    }
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """A list of calls; each call maps a component to the keyword arguments of its forward (one denoising step)."""
+
+    calls: list[dict[str, dict[str, torch.Tensor]]]
+    info: dict = field(default_factory=dict)
+
+    def for_component(self, component: str) -> list[dict[str, torch.Tensor]]:
+        return [c[component] for c in self.calls if component in c]
+
+
+def sample_calls(config: dict, *, steps: int = 4, tokens: int = 64, grid: int | tuple[int, int] = 16, batch: int = 2,
+                 seed: int = 0) -> Inputs:
+    """`steps` deterministic denoising steps at timesteps (i + 0.5) / steps, each a conditional call on the packed
+    [left-pad][text][image] sequence (`demo.sample_inputs`) and the matching unconditional call (image tokens only,
+    zero text features), as the pipeline makes them."""
+    if steps < 1 or tokens < 1:
+        raise IdeoquantError("--steps and --tokens must be at least 1")
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    calls = []
+    for i in range(steps):
+        cond = sample_inputs(config, batch=batch, text_tokens=tokens, grid=(gh, gw),
+                             timesteps=((i + 0.5) / steps,), seed=seed + i)
+        calls.append({"transformer": cond, "unconditional_transformer": unconditional(cond, tokens)})
+    info = {"kind": "sample", "steps": steps, "tokens": tokens, "grid": [gh, gw], "batch": batch, "seed": seed}
+    return Inputs(calls, info)
+
+
+def unconditional(cond: dict[str, torch.Tensor], text_tokens: int) -> dict[str, torch.Tensor]:
+    """The pipeline's unconditional call for a conditional one: the image region, zeroed text features."""
+    img = slice(text_tokens, None)
+    return {
+        "hidden_states": cond["hidden_states"][:, img].clone(),
+        "timestep": cond["timestep"].clone(),
+        "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"][:, img]),
+        "position_ids": cond["position_ids"][:, img].clone(),
+        "segment_ids": cond["segment_ids"][:, img].clone(),
+        "indicator": cond["indicator"][:, img].clone(),
+    }
+
+
+def make_inputs(config: dict, inputs: str | Path | Inputs | None = None, **sample) -> Inputs:
+    if isinstance(inputs, Inputs):
+        return inputs
+    if inputs is not None:
+        return load_captured(inputs)
+    return sample_calls(config, **sample)
+
+
+# ---------------------------------------------------------------- capture
+
+
+def capture(pipe, out: str | Path, *args, components=model_mod.COMPONENTS, **kwargs) -> dict:
+    """Run `pipe(*args, **kwargs)` (an `Ideogram4Pipeline`, or anything with the same two backbones) and save the
+    forward kwargs of every call of `transformer` and `unconditional_transformer` to a safetensors file.
+
+    Tensors equal to the same argument of the previous call (the text features, the positions: constant over the
+    denoising loop) are stored once. Returns the capture's description (also in the file's metadata)."""
+    import inspect as inspect_mod
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tensors: dict[str, torch.Tensor] = {}
+    index: dict[str, list[dict[str, str]]] = {c: [] for c in components}
+    last: dict[tuple[str, str], str] = {}
+    handles = []
+
+    def hook_for(component: str, module):
+        params = list(inspect_mod.signature(module.forward).parameters)
+
+        def hook(mod, args, kw):
+            named = dict(zip(params, args))
+            named.update(kw)
+            call = {}
+            n = len(index[component])
+            for k, v in named.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                v = v.detach().to("cpu").contiguous()
+                prev = last.get((component, k))
+                if prev is not None and tensors[prev].dtype == v.dtype and tensors[prev].shape == v.shape \
+                        and torch.equal(tensors[prev], v):
+                    call[k] = prev
+                    continue
+                key = f"{component}.{n:04d}.{k}"
+                tensors[key] = v.clone()
+                last[(component, k)] = key
+                call[k] = key
+            index[component].append(call)
+
+        return hook
+
+    for c in components:
+        module = getattr(pipe, c, None)
+        if module is None:
+            raise IdeoquantError(f"the pipeline has no '{c}'")
+        handles.append(module.register_forward_pre_hook(hook_for(c, module), with_kwargs=True))
+    try:
+        pipe(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    counts = {c: len(v) for c, v in index.items()}
+    if not any(counts.values()):
+        raise IdeoquantError("the pipeline ran without calling its backbones: nothing captured")
+    info = {
+        "pipeline": type(pipe).__name__,
+        "call_kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "calls": counts,
+        "index": index,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata={"format": "pt", KEY_CAPTURE: json.dumps(info)})
+    return {k: v for k, v in info.items() if k != "index"} | {"path": str(out), "bytes": out.stat().st_size}
+
+
+def capture_pipeline(model: str, out: str | Path, *, prompts=("a red fox in fresh snow, photograph",),
+                     height: int = 512, width: int = 512, steps: int = 4, max_sequence_length: int = 256,
+                     guidance_scale: float = GUIDANCE, seed: int = 0, device: str = "cpu", offload: bool = False,
+                     revision: str | None = None) -> dict:
+    """Load an `Ideogram4Pipeline` (text encoder and VAE included: needs the real repo) and `capture` one generation.
+
+    Small sizes keep the file small: the text features are stored once, the latents once per step."""
+    from diffusers import Ideogram4Pipeline
+
+    device = check_device(device)
+    try:
+        pipe = Ideogram4Pipeline.from_pretrained(model, torch_dtype=torch.bfloat16, revision=revision)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        msg = " ".join(str(e).split())
+        raise IdeoquantError(f"cannot load the pipeline {model}: {msg}") from None
+    if offload:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return capture(pipe, out, prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, generator=generator,
+                   output_type="latent")
+
+
+def load_captured(path: str | Path) -> Inputs:
+    """Inputs recorded by `capture`: the i-th call of each backbone forms step i."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise IdeoquantError(f"no such inputs file: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if KEY_CAPTURE not in meta:
+                raise IdeoquantError(f"{path} was not written by `ideoquant capture` (no {KEY_CAPTURE} metadata)")
+            info = json.loads(meta[KEY_CAPTURE])
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise IdeoquantError(f"cannot read {path}: {e}") from None
+    steps = max(len(v) for v in info["index"].values())
+    calls: list[dict] = [{} for _ in range(steps)]
+    for component, entries in info["index"].items():
+        for i, call in enumerate(entries):
+            calls[i][component] = {k: stored[key] for k, key in call.items()}
+    desc = {"kind": "captured", "path": str(path), "pipeline": info.get("pipeline"),
+            "calls": info["calls"], "call_kwargs": info.get("call_kwargs", {})}
+    return Inputs(calls, desc)

@@ -1,0 +1,85 @@
+"""Upload a verified output folder to the Hub in one commit, with a model card.
+
+The token is handed to `huggingface_hub` and nothing else: it never appears in a message, the manifest or the card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from .. import manifest
+from ..errors import IdeoquantError
+from ..source.hub import hub_error, hub_exceptions
+from . import card
+from .verify import LOADABLE_SUFFIXES, verify
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
+
+
+def upload(folder, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
+           commit_message: str | None = None, dry_run: bool = False, keep_card: bool = False,
+           token: str | None = None, progress: bool = True) -> dict:
+    """Verify `folder`, then push exactly the files its manifest lists, the manifest and a model card in ONE commit.
+
+    Nothing is sent when verification fails or with dry_run. The card is generated in memory (the verified folder
+    is never modified); with keep_card an existing README.md in the folder is uploaded instead. Weight and config
+    files already in the repo (at that revision) that this upload does not replace are deleted in the same commit,
+    so a loader never mixes two uploads; other files (docs, images) stay.
+    """
+    folder = Path(folder)
+    result = verify(folder)
+    if not result.ok:
+        shown = "; ".join(result.problems[:3]) + (f"; and {len(result.problems) - 3} more"
+                                                  if len(result.problems) > 3 else "")
+        raise IdeoquantError(f"refusing to upload {folder}: verification failed: {shown}")
+    m = manifest.read(folder)
+    own = folder / "README.md"
+    card_text = own.read_text() if keep_card and own.is_file() else card.model_card(m, repo_id)
+    paths = sorted(m["files"]) + [manifest.MANIFEST]
+    files = [{"path": p, "size": (folder / p).stat().st_size} for p in paths]
+    files.append({"path": "README.md", "size": len(card_text.encode())})
+    message = commit_message or f"Upload {m['kind'].upper()} quantization of {_base_name(m)} (ideoquant)"
+    plan = {"repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr, "private": private,
+            "commit_message": message, "files": files, "card": card_text, "dry_run": dry_run,
+            "commit_url": None, "pr_url": None, "deleted": None}  # deleted: only known once the repo is listed
+    if dry_run:
+        return plan
+
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in paths]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
+    api = HfApi(token=token)
+    try:
+        with _progress_bars(progress):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            # Weights or configs of an earlier upload that this one does not replace (other shard names, a stale
+            # index.json) would be loaded next to the new files: delete them in the same commit.
+            stale = sorted(f for f in api.list_repo_files(repo_id, revision=revision)
+                           if f not in m["files"] and f.endswith(LOADABLE_SUFFIXES)
+                           and f not in (manifest.MANIFEST, "README.md"))
+            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
+            info = api.create_commit(repo_id, ops, commit_message=message, revision=revision, create_pr=create_pr)
+    except hub_exceptions() as e:
+        raise hub_error(e, repo_id, revision, "upload to") from None
+    plan.update(commit_url=info.commit_url, pr_url=info.pr_url, commit=info.oid, deleted=stale)
+    return plan
+
+
+def _base_name(m: dict) -> str:
+    return m.get("source", {}).get("repo_id") or "Ideogram 4"

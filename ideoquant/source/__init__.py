@@ -1,0 +1,11 @@
+"""Source: what is there to quantize (a Hub repo, a pipeline or component folder, single files).
+
+`open_source` resolves it into components with a canonical, diffusers-named view of their tensors, built from the
+safetensors headers alone; `SourceTensor.read` reads rows on demand.
+"""
+
+from .open import Component, Source, hf_cache_sha256, open_source
+from .tensors import FileMaps, ReadAhead, SourceTensor, StoredTensor
+
+__all__ = ["Component", "FileMaps", "ReadAhead", "Source", "SourceTensor", "StoredTensor", "hf_cache_sha256",
+           "open_source"]

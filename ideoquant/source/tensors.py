@@ -1,0 +1,236 @@
+"""Source tensors: one tensor as a file holds it, and its rows read on demand.
+
+Reading touches only the bytes of the rows asked for (positional reads, or views of shared memory maps);
+`ReadAhead` asks the kernel for the next tensors while this one is encoded.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..encode.fp8 import dequantize_fp8r
+from ..errors import IdeoquantError
+
+FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+FP8_DTYPES = {"F8_E4M3"}
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}
+STORED_DTYPES = {**FLOAT_DTYPES, "F8_E4M3": torch.float8_e4m3fn}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as the file holds it."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int = 0  # where the data starts in the file
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES.get(self.dtype, 1)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor under its diffusers name: possibly a row block of a fused tensor, possibly FP8 with a row scale."""
+
+    name: str
+    shape: tuple[int, ...]
+    stored: StoredTensor
+    rows: tuple[int, int] | None = None  # row block of a fused original-layout tensor
+    scale: StoredTensor | None = None  # FP8 per-row `weight_scale`
+
+    @property
+    def dtype(self) -> str:
+        return self.stored.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from the source for this tensor (its share of a fused tensor, plus its FP8 scale)."""
+        share = (self.rows[1] - self.rows[0]) / self.stored.shape[0] if self.rows else 1.0
+        scale = self.scale.nbytes if self.scale is not None else 0
+        return int((self.stored.nbytes + scale) * share)
+
+    def read(self, rows: tuple[int, int] | None = None, maps: "FileMaps | None" = None,
+             out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor (or rows [a, b) of it) in its stored float dtype; FP8 is dequantized exactly in float32.
+
+        maps: read through these memory maps (a view of the page cache, no copy) instead of a fresh buffer.
+        out, index: float32 and int32 buffers of the block's shape for dequantizing FP8 (see `dequantize_fp8r`).
+        """
+        if self.scale is not None:
+            return dequantize_fp8r(*self.read_fp8(rows, maps), out, index)
+        return _read_rows(self.stored, self._file_rows(rows), maps)
+
+    def read_fp8(self, rows: tuple[int, int] | None = None, maps: "FileMaps | None" = None):
+        """An FP8 tensor's rows as stored, not dequantized: (e4m3fn codes [r, K], float32 scale per row [r])."""
+        t = _read_rows(self.stored, self._file_rows(rows), maps)
+        per_row = bool(self.scale.shape) and self.scale.shape[0] == self.stored.shape[0]
+        s = _read_rows(self.scale, self._file_rows(rows) if per_row else None).to(torch.float32).reshape(-1)
+        return t, (s.expand(t.shape[0]) if s.numel() == 1 else s)
+
+    def _file_rows(self, rows: tuple[int, int] | None) -> tuple[int, int] | None:
+        """Rows of this tensor -> rows of the stored tensor (a fused tensor holds several)."""
+        if rows is None:
+            rows = (0, self.shape[0]) if self.shape else None
+        if rows is not None and self.rows is not None:
+            rows = (self.rows[0] + rows[0], self.rows[0] + rows[1])
+        return rows
+
+    def row_ranges(self, max_elements: int = 1 << 20) -> list[tuple[int, int] | None]:
+        """Row ranges [a, b) of about max_elements each, covering the tensor (None: a 1-D tensor, read whole)."""
+        if len(self.shape) < 2:
+            return [None]
+        step = max(1, max_elements // math.prod(self.shape[1:]))
+        return [(a, min(a + step, self.shape[0])) for a in range(0, self.shape[0], step)]
+
+    def row_blocks(self, max_elements: int = 1 << 20):
+        """Yield (first_row, block) covering the tensor, each block holding about max_elements: bounded memory."""
+        for rows in self.row_ranges(max_elements):
+            yield (rows[0] if rows else 0), self.read(rows)
+
+
+def _byte_range(stored: StoredTensor, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
+    """(file offset, length, shape) of rows [a, b) of a stored tensor (None: all of it)."""
+    shape = stored.shape
+    if rows is None or not shape:
+        return stored.offset, stored.nbytes, shape
+    row_bytes = stored.nbytes // shape[0]
+    return stored.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes, (rows[1] - rows[0], *shape[1:])
+
+
+def _read_rows(stored: StoredTensor, rows: tuple[int, int] | None, maps: "FileMaps | None" = None) -> torch.Tensor:
+    """Rows [a, b) of a stored tensor (None: all of it), at the offset its header gave (checked by safe_open when
+    the source was opened): positional reads, or views of `maps`. Not safe_open per read: it maps the whole file
+    on every call, and that costs more CPU than the copy."""
+    start, n, shape = _byte_range(stored, rows)
+    if maps is not None:
+        data = maps.view(stored.file, start, n)
+        if start % STORED_DTYPES[stored.dtype].itemsize:  # a misaligned tensor (hand-made file): an aligned copy
+            data = data.clone()
+    else:
+        data = torch.empty(n, dtype=torch.uint8)
+        try:
+            fd = os.open(stored.file, os.O_RDONLY)
+            try:
+                got, view = 0, memoryview(data.numpy())
+                while got < n and (k := os.preadv(fd, [view[got:]], start + got)):
+                    got += k
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise IdeoquantError(f"cannot read {stored.key} from {stored.file}: {e}") from None
+        if got != n:
+            raise IdeoquantError(f"cannot read {stored.key} from {stored.file}: the file is truncated")
+    return data.view(STORED_DTYPES[stored.dtype]).view(shape)
+
+
+_CAN_DROP = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
+
+
+class FileMaps:
+    """Read-only memory maps of source files, shared by the encoder threads.
+
+    A block of rows is then a view of the page cache: no copy into a buffer (measured: the kernel's copy cost about
+    a third as much CPU as encoding the block). `release` unmaps a block once it is encoded, so the resident size
+    stays a few blocks however large the file; the page cache itself is the kernel's to keep or drop.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def view(self, path: Path, start: int, n: int) -> torch.Tensor:
+        with self._lock:
+            if path not in self._maps:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    # copy-on-write (never written): a writable buffer, which torch.frombuffer wants
+                    mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+                self._maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+            mm, whole = self._maps[path]
+        if start + n > whole.numel():
+            raise IdeoquantError(f"cannot read {path}: the file is truncated")
+        return whole[start : start + n]
+
+    def release(self, t: SourceTensor, rows: tuple[int, int] | None) -> None:
+        """Unmap the pages of a block that is done with (re-reading it would just map them again)."""
+        start, n, _ = _byte_range(t.stored, t._file_rows(rows))
+        entry = self._maps.get(t.stored.file)
+        if entry is not None and n and _CAN_DROP:
+            first = start - start % mmap.PAGESIZE
+            entry[0].madvise(mmap.MADV_DONTNEED, first, start + n - first)
+
+    def close(self) -> None:
+        with self._lock:
+            maps, self._maps = self._maps, {}
+        while maps:
+            mm, whole = maps.popitem()[1]
+            del whole
+            try:
+                mm.close()
+            except BufferError:  # a block is still referenced somewhere: unmapped when it goes
+                pass
+
+
+class ReadAhead:
+    """Ask the kernel to read the next tensors while this one is encoded (posix_fadvise WILLNEED).
+
+    Reading a cold checkpoint is disk-bound; with the hint, disk reads overlap with the CPU work instead of
+    alternating with it. It affects only the page cache, never this process's memory.
+    """
+
+    def __init__(self, tensors: list[SourceTensor], window: int = 512 << 20):
+        self.ranges = []
+        for t in tensors:
+            s = t.stored
+            share = (t.rows[1] - t.rows[0]) / s.shape[0] if t.rows else 1.0
+            start = s.offset + (int(s.nbytes * t.rows[0] / s.shape[0]) if t.rows else 0)
+            self.ranges.append((s.file, start, int(s.nbytes * share)))
+        self.window, self.done, self.hinted, self.next = window, 0, 0, 0
+        self.fds: dict[Path, int] = {}
+        self._hint()
+
+    def consumed(self, nbytes: int) -> None:
+        self.done += nbytes
+        self._hint()
+
+    def _hint(self) -> None:
+        while self.next < len(self.ranges) and self.hinted < self.done + self.window:
+            path, start, length = self.ranges[self.next]
+            will_need(path, start, length, self.fds)
+            self.hinted += length
+            self.next += 1
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def will_need(path: Path, start: int, length: int, fds: dict | None = None) -> None:
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = fds.get(path) if fds is not None else None
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            if fds is not None:
+                fds[path] = fd
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+        if fds is None:
+            os.close(fd)
+    except OSError:
+        pass
