@@ -133,7 +133,9 @@ class Accumulator:
         if total is None:
             total = np.zeros(x.shape[1], np.float32)
         elif total.shape[0] != x.shape[1]:
-            raise IdeoquantError(f"imatrix activations for {name} have {x.shape[1]} columns, earlier ones {total.shape[0]}")
+            raise IdeoquantError(
+                f"imatrix activations for {name} have {x.shape[1]} columns, earlier ones {total.shape[0]}"
+            )
         for start in range(0, x.shape[0], 256):  # bounded scratch memory; cumsum keeps the sequential order
             sq = np.square(x[start : start + 256])
             sq[0] += total
@@ -436,7 +438,8 @@ def write_gguf(path: str | Path, imatrix: ImportanceMatrix) -> None:
         e = imatrix.entries[name]
         s = np.ascontiguousarray(e.in_sum2, dtype="<f4")
         c = np.ascontiguousarray(e.counts, dtype="<f4")
-        for tname, ne, arr in ((name + SUFFIX_SUM2, [s.shape[1], s.shape[0]], s), (name + SUFFIX_COUNTS, [1, c.shape[0]], c)):
+        pairs = ((name + SUFFIX_SUM2, [s.shape[1], s.shape[0]], s), (name + SUFFIX_COUNTS, [1, c.shape[0]], c))
+        for tname, ne, arr in pairs:
             while len(ne) > 1 and ne[-1] == 1:  # ggml_n_dims
                 ne.pop()
             infos += _gguf_str(tname) + _U32.pack(len(ne)) + b"".join(_U64.pack(d) for d in ne)
@@ -536,7 +539,9 @@ def candidate_keys(tensor_name: str, convention: str = "llama", uncond: bool = F
     return [sd, name] if convention == "sdcpp" else [name, sd]
 
 
-def lookup(imatrix: ImportanceMatrix, tensor_name: str, *, convention: str = "llama", uncond: bool = False) -> Entry | None:
+def lookup(
+    imatrix: ImportanceMatrix, tensor_name: str, *, convention: str = "llama", uncond: bool = False
+) -> Entry | None:
     """The entry for a tensor of ideoquant's GGUF output, under any key form either tool writes; None if absent.
 
     With `uncond=False` an `uncond.`-prefixed entry is never used, and with `uncond=True` a conditional one is
