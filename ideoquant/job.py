@@ -93,7 +93,8 @@ def run(src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, *, ov
             reporter.start(name, plan.bytes_in)
             ahead = ReadAhead([s for t in plan.tensors for s in t.sources])
             try:
-                sink = formats.Sink(staging, pool, hasher, _ReadAheadReporter(reporter, ahead), src, recipe, options)
+                sink = formats.Sink(staging, pool, hasher, _ReadAheadReporter(reporter, ahead), src, recipe, options,
+                                    formats.BLOCK_ELEMENTS)
                 tensors, files = fmt.write_component(plan, sink)
             finally:
                 ahead.close()

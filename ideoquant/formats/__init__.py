@@ -34,6 +34,7 @@ class Sink:
     source: Any  # source.Source
     recipe: Any  # recipe.Recipe
     options: Any  # the format's own options object
+    block_elements: int = BLOCK_ELEMENTS  # elements per row block: the unit of reading, encoding and memory
 
 
 class Format(Protocol):

@@ -23,7 +23,7 @@ from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
 from ..recipe import Recipe, resolve
 from ..write.gguf import GGUFFile
-from . import BLOCK_ELEMENTS, CardText, Sink, catalog
+from . import CardText, Sink, catalog
 
 ARCH = "ideogram4"
 KEY_COMPONENT = "ideogram4.component"
@@ -304,7 +304,7 @@ def _write_tensors(tensors: list[TensorPlan], f: GGUFFile, component: str, sink:
             f.write(t.name, outs.pop(i))
             records.append(manifest.tensor_record(t, stats[i].sqnr_db))
 
-    sink.pool.run(encode, row_blocks(tensors, BLOCK_ELEMENTS), done)
+    sink.pool.run(encode, row_blocks(tensors, sink.block_elements), done)
     if len(records) != len(tensors):
         raise RuntimeError(f"GGUF {component}: encoded {len(records)} of {len(tensors)} planned tensors")
     return records

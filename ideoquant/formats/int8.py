@@ -23,7 +23,7 @@ from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
 from ..source import FileMaps
 from ..write.safetensors import DTYPE_NAMES, ShardWriter, Slot, shard_groups
-from . import BLOCK_ELEMENTS, CardText, Sink
+from . import CardText, Sink
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -311,7 +311,7 @@ def _write_tensors(tensors: list[TensorPlan], writer: ShardWriter, component: st
         sink.reporter.advance(component, src.nbytes * n // max(1, math.prod(src.shape)))
 
     try:
-        pool.run(encode, row_blocks(tensors, BLOCK_ELEMENTS), done)
+        pool.run(encode, row_blocks(tensors, sink.block_elements), done)
     finally:
         maps.close()
     return [manifest.tensor_record(t, total.sqnr_db) for t, total in zip(tensors, totals)]
