@@ -602,13 +602,30 @@ def _encode_gguf_tensor(t: TensorPlan, threads, reporter: Reporter, component: s
     return out, stats.sqnr_db
 
 
+def encode_rows(rows, qtype: str, threads) -> "np.ndarray":
+    """ggml bytes of float32 rows [r, cols]: `ggml.encode` on row chunks split over `threads` threads (its kernels
+    release the GIL; rows are independent, so the bytes do not depend on the split)."""
+    from .encode import ggml
+
+    n = rows.shape[0]
+    threads = max(1, min(int(threads or os.cpu_count() or 1), n))
+    if threads == 1:
+        return ggml.encode(rows, qtype)
+    bs, ts = ggml.type_size(qtype)
+    out = np.empty((n, rows.shape[1] // bs * ts), np.uint8)
+    step = -(-n // threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda r0: ggml.encode(rows[r0 : r0 + step], qtype, out=out[r0 : r0 + step]), range(0, n, step)))
+    return out
+
+
 def _encode_block(block: torch.Tensor, dtype: str, threads):
     """(flat uint8 bytes, the float values they decode to) for one block of rows."""
     from .encode import ggml
 
-    if dtype in ggml.QTYPES:
-        rows = block.reshape(-1, block.shape[-1]).to(torch.float32).numpy()
-        q = ggml.quantize(rows, dtype, threads=threads)
+    if dtype in ggml.QTYPES and dtype not in ("F16", "BF16"):  # plain float outputs keep the path below
+        rows = block.reshape(-1, block.shape[-1]).to(torch.float32).contiguous().numpy()
+        q = encode_rows(rows, dtype, threads)
         return q.reshape(-1), torch.from_numpy(ggml.dequantize(q, dtype))
     kept = block.to(torch.bfloat16 if dtype == "BF16" else torch.float32).contiguous()
     return kept.reshape(-1).view(torch.uint8).numpy(), kept

@@ -82,12 +82,14 @@ class _Quantizer:
 
         for n in names:
             qtype = self.planned[n][0]
-            if qtype not in ggml.QTYPES:
+            if qtype not in ggml.QTYPES or qtype in ("F16", "BF16"):
                 continue
             mod = self.modules[n]
             w = mod.weight
             self.saved[n] = w
-            q = ggml.quantize(w.detach().float().cpu().numpy(), qtype, threads=self.threads)
+            from .job import encode_rows
+
+            q = encode_rows(w.detach().float().cpu().contiguous().numpy().reshape(-1, w.shape[-1]), qtype, self.threads)
             deq = torch.from_numpy(ggml.dequantize(q, qtype)).reshape(w.shape).to(device=w.device, dtype=w.dtype)
             mod.weight = torch.nn.Parameter(deq, requires_grad=False)
             changed = True
