@@ -127,6 +127,8 @@ def quantize(x: Any, qtype: Any, imatrix: Any = None) -> np.ndarray:
     if arr.ndim < 1:
         raise ValueError("quantize expects an array with at least one dimension")
     cols = arr.shape[-1]
+    if not can_quantize(name, cols):
+        raise ValueError(f"{name}: row length {cols} is not a positive multiple of the block size {type_size(name)[0]}")
     q = encode(arr.reshape(-1, cols), name, None if imatrix is None else _to_float32(imatrix))
     return q.reshape(*arr.shape[:-1], q.shape[-1])
 
