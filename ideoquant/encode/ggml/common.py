@@ -263,12 +263,12 @@ def make_q3_quants(X, nmax, L, scale):
                 fnl = F32(nl)
                 slx2 = slx + wx * fnl
                 sl22 = sl2 + (w * fnl) * fnl
-                if slx > ZERO and nl != li and sl22 > ZERO and \
-                        (slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22:
-                    L[i, k] = nl
-                    sumlx[k] = slx2
-                    suml2[k] = sl22
-                    changed += 1
+                acc = (slx > ZERO) & (nl != li) & (sl22 > ZERO) & \
+                    ((slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22)
+                L[i, k] = nl if acc else li  # branch-free: the lanes vectorise
+                sumlx[k] = slx2 if acc else sumlx[k]
+                suml2[k] = sl22 if acc else suml2[k]
+                changed += np.int32(acc)
         if changed == 0:  # a pass without a change leaves the state as it was: every later pass would be the same
             break
     for k in range(g):
@@ -454,12 +454,12 @@ def make_qp_quants(X, W, nmax, L, scale):
                 fnl = F32(nl)
                 slx2 = slx + (w * x) * fnl
                 sl22 = sl2 + (w * fnl) * fnl
-                if slx > ZERO and sl2 > ZERO and nl != li and \
-                        (slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22:
-                    L[i, k] = nl & 0xFF
-                    sumlx[k] = slx2
-                    suml2[k] = sl22
-                    changed += 1
+                acc = (slx > ZERO) & (sl2 > ZERO) & (nl != li) & \
+                    ((slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22)
+                L[i, k] = (nl & 0xFF) if acc else li
+                sumlx[k] = slx2 if acc else sumlx[k]
+                suml2[k] = sl22 if acc else suml2[k]
+                changed += np.int32(acc)
         if changed == 0:
             break
     for k in range(g):

@@ -26,10 +26,11 @@ def _signed_absmax(xr, base):
         m = a if a > m else m
     if m == 0:
         return ZERO
-    for j in range(QK):
-        if (f32_bits(xr[base + j]) & ABS) == m:
-            return xr[base + j]
-    return ZERO
+    first = QK
+    for j in range(QK):  # the first index holding the max, as a (vectorisable) min reduction
+        t = j if (f32_bits(xr[base + j]) & ABS) == m else QK
+        first = t if t < first else first
+    return xr[base + first]
 
 
 @jit
@@ -187,17 +188,20 @@ def _encode_x_0(x, imat, weighted, out, bits):
                 idv = ONE / d if d != ZERO else ZERO
                 pos = b * bpb
                 put_fp16(o, pos, d)
-                if np.isinf(idv):
-                    for j in range(QK):
-                        q[j] = 0
+                if np.isinf(idv):  # C's float -> int conversion of +-inf / NaN gives 0 on x86
+                    idv = ZERO
+                    bz = ZERO
                 else:
-                    for j in range(QK):
-                        v = _trunc_i(xr[base + j] * idv + bias)
-                        v = ((v + 128) & 255) - 128  # (int8_t)
-                        q[j] = min(top, v)
+                    bz = bias
+                h = np.uint32(0)
+                for j in range(16):
+                    v0 = min(top, ((_trunc_i(xr[base + j] * idv + bz) + 128) & 255) - 128)  # MIN(top, (int8_t)..)
+                    v1 = min(top, ((_trunc_i(xr[base + j + 16] * idv + bz) + 128) & 255) - 128)
+                    o[pos + qs_off + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+                    h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
                 if bits == 5:
-                    _put_qh(o, pos + 2, q)
-                _put_nibbles(o, pos + qs_off, q)
+                    for t in range(4):
+                        o[pos + 2 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
 
 
 @jit
@@ -246,16 +250,25 @@ def _encode_x_1(x, imat, weighted, out, bits):
                 pos = b * bpb
                 put_fp16(o, pos, d)
                 put_fp16(o, pos + 2, lo)
-                if np.isinf(idv):
-                    for j in range(QK):
-                        q[j] = 0
-                elif bits == 4:
-                    for j in range(QK):
-                        v = _trunc_i((xr[base + j] - lo) * idv + F32(0.5))
-                        q[j] = min(15, ((v + 128) & 255) - 128)  # MIN(15, (int8_t)...)
+                if np.isinf(idv):  # C's float -> int conversion of +-inf / NaN gives 0 on x86
+                    idv = ZERO
+                    hz = ZERO
+                    lz = ZERO
                 else:
-                    for j in range(QK):
-                        q[j] = _trunc_i((xr[base + j] - lo) * idv + F32(0.5)) & 255  # (uint8_t), no clamp
+                    hz = F32(0.5)
+                    lz = lo
+                h = np.uint32(0)
+                for j in range(16):
+                    v0 = _trunc_i((xr[base + j] - lz) * idv + hz)
+                    v1 = _trunc_i((xr[base + j + 16] - lz) * idv + hz)
+                    if bits == 4:
+                        v0 = min(15, ((v0 + 128) & 255) - 128)  # MIN(15, (int8_t)...)
+                        v1 = min(15, ((v1 + 128) & 255) - 128)
+                    else:
+                        v0 = v0 & 255  # (uint8_t), no clamp
+                        v1 = v1 & 255
+                    o[pos + qs_off + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+                    h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
                 if bits == 5:
-                    _put_qh(o, pos + 4, q)
-                _put_nibbles(o, pos + qs_off, q)
+                    for t in range(4):
+                        o[pos + 4 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
