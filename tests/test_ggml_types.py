@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-
-import gguf
 from gguf import GGMLQuantizationType
 
 from ideoquant.encode import ggml

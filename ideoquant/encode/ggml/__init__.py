@@ -17,21 +17,20 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from gguf import GGMLQuantizationType
 
 from .quants import TYPES
 
 __all__ = [
     "QTYPES",
-    "normalize_qtype",
-    "type_size",
     "can_quantize",
-    "has_imatrix_path",
-    "encode",
     "decode",
-    "quantize",
     "dequantize",
+    "encode",
+    "has_imatrix_path",
+    "normalize_qtype",
+    "quantize",
+    "type_size",
 ]
 
 QTYPES: tuple[str, ...] = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",

@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import (F32, GROUP_MAX_EPS, ONE, ZERO, jit, make_q3_quants, make_qkx_quants, make_qp_quants,
-                     make_qx_quants, nearest_int, put_fp16)
+from .common import (
+    F32,
+    GROUP_MAX_EPS,
+    ONE,
+    ZERO,
+    jit,
+    make_q3_quants,
+    make_qkx_quants,
+    make_qp_quants,
+    make_qx_quants,
+    nearest_int,
+    put_fp16,
+)
 
 QK_K = 256
 SB = 8  # super-blocks per chunk

@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import (F32, ONE, ZERO, bits_f32, f32_bits, jit, make_qkx_quants, make_qx_quants, put_fp16,
-                     roundf_i)
+from .common import (
+    F32,
+    ONE,
+    ZERO,
+    bits_f32,
+    f32_bits,
+    jit,
+    make_qkx_quants,
+    make_qx_quants,
+    put_fp16,
+    roundf_i,
+)
 
 QK = 32
 LANES = 64  # blocks per chunk on the weighted paths

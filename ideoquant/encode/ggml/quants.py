@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
-import numpy as np
-
 import gguf
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import floats, kquants, legacy
