@@ -1,10 +1,13 @@
 """GGUF encoders as a public API (like gguf-py's `quants`), bit-exact with ggml's quantizers.
 
-    q = ideoquant.gguf.quantize(x, "Q4_K")          # uint8 [..., bytes_per_row]
-    x2 = ideoquant.gguf.dequantize(q, "Q4_K")       # float32 [..., cols]
+    q = ideoquant.gguf.quantize(x, "Q4_K")                  # uint8 [..., bytes_per_row]
+    q = ideoquant.gguf.quantize(x, "Q4_K", imatrix=w)       # ggml's importance-weighted path
+    x2 = ideoquant.gguf.dequantize(q, "Q4_K")               # float32 [..., cols]
 
-Rows are independent, so they are split over `threads` workers (default: every CPU this process may use); the
-bytes do not depend on the thread count. The encoders themselves are `ideoquant.encode.ggml` (pure functions).
+Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F16, BF16. `imatrix` is one non-negative
+float32 weight per column (ggml's `quant_weights`); Q8_0, F16 and BF16 ignore it, as ggml does. Rows are
+independent, so they are split over `threads` workers (default: every CPU this process may use); the bytes do not
+depend on the thread count. The encoders themselves are `ideoquant.encode.ggml` (pure functions).
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ from typing import Any
 import numpy as np
 
 from .encode import ggml
-from .encode.ggml import QTYPES, can_quantize, dequantize, type_size  # noqa: F401  (public API)
+from .encode.ggml import QTYPES, can_quantize, dequantize, has_imatrix_path, type_size  # noqa: F401  (public API)
 from .formats.gguf import read_metadata  # noqa: F401  (public API)
 from .workers import Pool, thread_count
 
-_ROWS_PER_TASK_ELEMENTS = 1 << 20  # rows handed to a worker at a time
+_TASK_ELEMENTS = 1 << 20  # rows handed to a worker at a time
 
 
-def quantize(x: Any, qtype: Any, threads: int | None = None) -> np.ndarray:
-    """Quantize the rows of `x` (float array or torch tensor `[..., cols]`) exactly as ggml does."""
+def quantize(x: Any, qtype: Any, imatrix: Any = None, threads: int | None = None) -> np.ndarray:
+    """Quantize the rows of `x` (float array or torch tensor `[..., cols]`) exactly as ggml's
+    `ggml_quantize_chunk(type, x, ..., imatrix)` does."""
     if hasattr(x, "detach"):  # a torch tensor, any float dtype
         import torch
 
@@ -30,11 +34,15 @@ def quantize(x: Any, qtype: Any, threads: int | None = None) -> np.ndarray:
     arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if arr.ndim < 1:
         raise ValueError("quantize expects an array with at least one dimension")
+    name = ggml.normalize_qtype(qtype)
+    w = None if imatrix is None else np.ascontiguousarray(np.asarray(imatrix, dtype=np.float32))
     rows = arr.reshape(-1, arr.shape[-1])
-    step = max(1, _ROWS_PER_TASK_ELEMENTS // max(1, rows.shape[1]))
+    block, size = type_size(name)
+    if rows.shape[1] % block:
+        raise ValueError(f"{name}: row length {rows.shape[1]} is not a multiple of the block size {block}")
+    out = np.empty((rows.shape[0], rows.shape[1] // block * size), np.uint8)
+    step = max(1, _TASK_ELEMENTS // max(1, rows.shape[1]))
     chunks = [(a, min(a + step, rows.shape[0])) for a in range(0, rows.shape[0], step)]
     with Pool(max(1, min(len(chunks), thread_count(threads)))) as pool:
-        parts = pool.map(lambda r: ggml.quantize(rows[r[0]:r[1]], qtype, threads=1), chunks)
-    if not parts:
-        return ggml.quantize(arr, qtype, threads=1)
-    return np.concatenate(parts).reshape(*arr.shape[:-1], -1)
+        pool.map(lambda r: ggml.encode(rows[r[0]:r[1]], name, w, out=out[r[0]:r[1]]), chunks)
+    return out.reshape(*arr.shape[:-1], out.shape[-1])

@@ -1,22 +1,18 @@
 #!/usr/bin/env python3
-"""Throughput of ideoquant's numpy ggml quantizers against gguf-py and ggml's C code.
+"""Throughput of ideoquant's compiled ggml encoders against ggml's own C quantizer, every type, with and without imatrix.
 
-Measures, on one float32 matrix (default 4608 x 12288, N(0, 0.02^2)), the best
-of a few runs, in million elements per second:
+Measures, on one float32 matrix (default 1024 x 12288, N(0, 0.02^2)), the best of a few runs, in million elements
+per second, for every type of ``ideoquant.encode.ggml`` (Q4_0 .. Q8_0, Q2_K .. Q6_K, F16, BF16), without and
+(for the types that have a weighted path) with an importance matrix:
 
-* ideoquant ``Q8_0`` / ``Q4_K`` (and ``Q5_K`` / ``Q6_K``) with threads=1 and
-  threads=<cpu count>;
-* gguf-py's numpy ``gguf.quants.quantize(x, Q8_0)`` (its only encoder of these four);
-* ggml's C reference (``ggml_quantize_chunk``, no imatrix) for ``Q8_0`` and
-  ``Q4_K``, single-threaded and row-split over threads, when the ``ggml``
-  Python package (PyPI ``ggml-python``) can be imported.  It is optional and
-  never a dependency of ideoquant.
+* ideoquant ``encode`` on 1 thread and row-split over ``--threads`` threads (a ThreadPoolExecutor in this script;
+  the kernels release the GIL);
+* ggml's C quantizer (``ggml_quantize_chunk`` from PyPI ``ggml-python``), the same way, when importable.
 
-It also checks that the bytes agree (ideoquant vs gguf-py for Q8_0, ideoquant
-vs ggml C when present), prints a markdown table with ratios, and writes it to
-``docs/bench_gguf.md`` (``--out``; ``--out -`` to skip writing).
+It checks that the bytes agree with ggml C, prints a markdown table with ratios (ideoquant / ggml C at the same
+thread count), and writes it to ``docs/bench_gguf.md`` (``--out``; ``--out -`` to skip writing).
 
-    python scripts/bench_gguf.py [--rows 4608 --cols 12288 --repeats 3]
+    python scripts/bench_gguf.py [--rows 1024 --cols 12288 --repeats 3 --types Q4_K,Q8_0]
 """
 
 from __future__ import annotations
@@ -95,7 +91,24 @@ def load_ggml_c():
         return None
 
 
-def ggml_c_quantize(mod, qtype: str, x: np.ndarray, threads: int) -> np.ndarray:
+def split_rows(fn, rows: int, threads: int) -> None:
+    """fn(r0, r1) on `threads` contiguous row ranges, in a thread pool (or inline for one thread)."""
+    if threads <= 1:
+        fn(0, rows)
+        return
+    step = (rows + threads - 1) // threads
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda r: fn(r, min(rows, r + step)), range(0, rows, step)))
+
+
+def iq_encode(qtype: str, x: np.ndarray, imatrix, threads: int) -> np.ndarray:
+    bs, ts = iq.type_size(qtype)
+    out = np.empty((x.shape[0], x.shape[1] // bs * ts), np.uint8)
+    split_rows(lambda r0, r1: iq.encode(x[r0:r1], qtype, imatrix, out=out[r0:r1]), x.shape[0], threads)
+    return out
+
+
+def ggml_c_quantize(mod, qtype: str, x: np.ndarray, threads: int, imatrix=None) -> np.ndarray:
     t = getattr(mod, f"GGML_TYPE_{qtype}")
     bs, ts = iq.type_size(qtype)
     rows, cols = x.shape
@@ -103,109 +116,83 @@ def ggml_c_quantize(mod, qtype: str, x: np.ndarray, threads: int) -> np.ndarray:
     mod.ggml_quantize_init(t)
     src = x.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
+    qw = None if imatrix is None else imatrix.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
     def run(r0: int, r1: int) -> None:
         # ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix):
         # start is an element offset into src; dst is the start of the whole output
-        mod.ggml_quantize_chunk(t, src, ctypes.c_void_p(out.ctypes.data), r0 * cols, r1 - r0, cols, None)
+        mod.ggml_quantize_chunk(t, src, ctypes.c_void_p(out.ctypes.data), r0 * cols, r1 - r0, cols, qw)
 
-    if threads <= 1:
-        run(0, rows)
-    else:
-        step = (rows + threads - 1) // threads
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda r: run(r, min(rows, r + step)), range(0, rows, step)))
+    split_rows(run, rows, threads)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=4608)
+    ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=12288)
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the multi-thread setting")
-    ap.add_argument("--types", default="Q8_0,Q4_K,Q5_K,Q6_K", help="ideoquant types to time")
+    ap.add_argument("--types", default=",".join(iq.QTYPES), help="types to time")
     ap.add_argument("--out", default=str(REPO / "docs" / "bench_gguf.md"), help="markdown output ('-': none)")
     args = ap.parse_args(argv)
 
     busy0, own0, wall0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((args.rows, args.cols), dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+    # an activation-like importance vector: per-column mean of squares, log-normal column scales
+    imat = (np.exp(rng.standard_normal(args.cols)) * rng.chisquare(512, args.cols) / 512).astype(np.float32)
     n = x.size
     nt = max(1, args.threads)
     thread_settings = [1] if nt == 1 else [1, nt]
-    results: list[tuple[str, str, str, float, float, float]] = []  # impl, type, threads, Mel/s, wall s, cpu s
+    results: list[tuple[str, str, str, float, float, float]] = []  # impl, case, threads, Mel/s, wall s, cpu s
     outputs: dict[tuple[str, str, str], np.ndarray] = {}
     notes: list[str] = []
-
-    # (implementation, type, threads, function) - run round-robin, so that a
-    # burst of load from other jobs hits every case alike; the best run is kept
-    cases: list[tuple[str, str, str, object]] = []
-    types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
-    for qtype in types:
-        for th in thread_settings:
-            cases.append(("ideoquant (numpy)", qtype, str(th),
-                          lambda qtype=qtype, th=th: iq.quantize(x, qtype, threads=th)))
-    cases.append(("gguf-py (numpy)", "Q8_0", "1",
-                  lambda: gguf.quants.quantize(x, GGMLQuantizationType.Q8_0)))
     mod = load_ggml_c()
     if mod is None:
         notes.append("ggml C reference: skipped (the `ggml` package from PyPI `ggml-python` is not importable)")
         print("ggml-python not importable: skipping the C reference", flush=True)
-    else:
-        c_name = "ggml C ref (ggml-python)"
-        for qtype in ("Q8_0", "Q4_K"):
+    IQ, C = "ideoquant (numba)", "ggml C (ggml-python)"
+
+    # (implementation, case, threads, function) - run round-robin, so that a burst of load from other jobs hits
+    # every case alike; the best run is kept
+    cases: list[tuple[str, str, str, object]] = []
+    case_names: list[str] = []
+    for qtype in [iq.normalize_qtype(t) for t in args.types.split(",") if t.strip()]:
+        for w in [None, imat] if iq.has_imatrix_path(qtype) else [None]:
+            case = qtype + (" +imatrix" if w is not None else "")
+            case_names.append(case)
+            iq.encode(x[:1], qtype, w)  # compile / load outside the timing
             for th in thread_settings:
-                cases.append((c_name, qtype, str(th),
-                              lambda qtype=qtype, th=th: ggml_c_quantize(mod, qtype, x, th)))
+                cases.append((IQ, case, str(th), lambda qtype=qtype, w=w, th=th: iq_encode(qtype, x, w, th)))
+                if mod is not None:
+                    cases.append((C, case, str(th), lambda qtype=qtype, w=w, th=th: ggml_c_quantize(mod, qtype, x, th, w)))
 
     best: dict[int, tuple[float, float]] = {}
     for rep in range(max(1, args.repeats)):
-        for i, (impl, qtype, th, fn) in enumerate(cases):
+        for i, (impl, case, th, fn) in enumerate(cases):
             wall, cpu, q = best_time(fn, 1)
             if i not in best or wall < best[i][0]:
                 best[i] = (wall, cpu)
-            print(f"run {rep + 1}: {impl:<30} {qtype:<5} threads={th:<3} {n / wall / 1e6:8.1f} M el/s "
+            print(f"run {rep + 1}: {impl:<22} {case:<14} threads={th:<3} {n / wall / 1e6:8.1f} M el/s "
                   f"({wall:.3f} s wall, {cpu:.3f} s CPU)", flush=True)
             if rep == 0:
-                outputs[(impl, qtype, th)] = q
+                outputs[(impl, case, th)] = q
             del q
-    for i, (impl, qtype, th, _) in enumerate(cases):
+    for i, (impl, case, th, _) in enumerate(cases):
         wall, cpu = best[i]
-        results.append((impl, qtype, th, n / wall / 1e6, wall, cpu))
+        results.append((impl, case, th, n / wall / 1e6, wall, cpu))
 
     # byte checks
-    ref_q8 = outputs.get(("ideoquant (numpy)", "Q8_0", "1"))
-    if ref_q8 is not None:
-        same = np.array_equal(ref_q8, outputs[("gguf-py (numpy)", "Q8_0", "1")])
-        notes.append(f"ideoquant Q8_0 bytes == gguf-py Q8_0 bytes: {same}")
-    for (impl, qtype, th), q in outputs.items():
-        mine = outputs.get(("ideoquant (numpy)", qtype, "1"))
-        if impl.startswith("ggml C") and mine is not None:
-            agree = float((mine == q).mean())
-            notes.append(f"ideoquant {qtype} vs ggml C (threads={th}): {agree:.6%} of bytes equal")
-        if impl.startswith("ideoquant") and th != "1" and mine is not None:
-            notes.append(f"ideoquant {qtype} threads={th} bytes == threads=1 bytes: {np.array_equal(mine, q)}")
+    for (impl, case, th), q in outputs.items():
+        if impl == C:
+            mine = outputs[(IQ, case, th)]
+            notes.append(f"{case} threads={th}: ideoquant bytes == ggml C bytes: {np.array_equal(mine, q)}")
+        elif th != "1":
+            notes.append(f"{case}: ideoquant threads={th} bytes == threads=1 bytes: "
+                         f"{np.array_equal(outputs[(IQ, case, '1')], q)}")
 
-    # ratios
-    def rate(impl_prefix: str, qtype: str, threads: str) -> float | None:
-        for impl, qt, th, r, _, _ in results:
-            if impl.startswith(impl_prefix) and qt == qtype and th == threads:
-                return r
-        return None
-
-    ratios: list[str] = []
-    base = rate("gguf-py", "Q8_0", "1")
-    for th in thread_settings:
-        r = rate("ideoquant", "Q8_0", str(th))
-        if base and r:
-            ratios.append(f"ideoquant Q8_0 (threads={th}) / gguf-py Q8_0: {r / base:.2f}x")
-    for qtype in ("Q8_0", "Q4_K"):
-        c1 = rate("ggml C", qtype, "1")
-        for th in thread_settings:
-            r = rate("ideoquant", qtype, str(th))
-            if c1 and r:
-                ratios.append(f"ideoquant {qtype} (threads={th}) / ggml C {qtype} (1 thread): {r / c1:.2f}x")
-
+    rate = {(impl, case, th): r for impl, case, th, r, _, _ in results}
     busy1 = machine_busy_seconds()
     if busy0 is not None and busy1 is not None:
         others = max(0.0, (busy1 - busy0) - (time.process_time() - own0)) / (time.perf_counter() - wall0)
@@ -214,25 +201,35 @@ def main(argv: list[str] | None = None) -> int:
     else:
         contention = "CPU use of other processes unknown"
     lines = [
-        "# GGUF quantizer throughput",
+        "# GGUF quantizer throughput: ideoquant (numba) vs ggml C",
         "",
         f"- date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}",
         f"- python {platform.python_version()}, numpy {np.__version__}, gguf {pkg_version('gguf')}"
         + (f", ggml-python {pkg_version('ggml-python')} (C reference; optional, not a dependency: "
            "`pip install --target DIR ggml-python`, then `PYTHONPATH=DIR`)" if mod is not None else ""),
-        f"- input: {args.rows} x {args.cols} float32, N(0, 0.02^2); best of {args.repeats} runs "
+        f"- input: {args.rows} x {args.cols} float32, N(0, 0.02^2) (imatrix: log-normal column energies); best of {args.repeats} runs "
         f"(cases run round-robin); {contention}",
         f"- command: `python scripts/bench_gguf.py --rows {args.rows} --cols {args.cols} --repeats {args.repeats}`",
         "",
-        "| implementation | type | threads | M elements/s | wall s | CPU s |",
-        "|---|---|---:|---:|---:|---:|",
+        "Ratio = ideoquant / ggml C at the same thread count (higher is faster).",
+        "",
+        "| type | threads | ideoquant M el/s | ggml C M el/s | ratio |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for impl, qt, th, r, s, c in results:
-        lines.append(f"| {impl} | {qt} | {th} | {r:.1f} | {s:.3f} | {c:.3f} |")
+    for case in case_names:
+        for th in map(str, thread_settings):
+            r = rate.get((IQ, case, th))
+            c = rate.get((C, case, th))
+            ratio = f"{r / c:.2f}x" if r and c else "-"
+            cs = f"{c:.1f}" if c else "-"
+            lines.append(f"| {case} | {th} | {r:.1f} | {cs} | {ratio} |")
     lines.append("")
-    if ratios:
-        lines += ["Ratios:", ""] + [f"- {t}" for t in ratios] + [""]
+    lines += ["All runs:", "", "| implementation | case | threads | M elements/s | wall s | CPU s |",
+              "|---|---|---:|---:|---:|---:|"]
+    for impl, case, th, r, s_, c in results:
+        lines.append(f"| {impl} | {case} | {th} | {r:.1f} | {s_:.3f} | {c:.3f} |")
+    lines.append("")
     if notes:
         lines += ["Checks:", ""] + [f"- {t}" for t in notes] + [""]
     text = "\n".join(lines)

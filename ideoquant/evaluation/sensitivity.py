@@ -84,7 +84,7 @@ class _Quantizer:
             return True
         for n in names:
             qtype = self.planned[n][0]
-            if qtype not in ggml.QTYPES:
+            if qtype not in ggml.QTYPES or qtype in ("F16", "BF16"):
                 continue
             mod = self.modules[n]
             w = mod.weight

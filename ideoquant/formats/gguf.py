@@ -266,10 +266,10 @@ def gguf_metadata(plan: ComponentPlan, src, recipe: Recipe, label: str) -> dict:
 
 def encode_block(block: torch.Tensor, dtype: str) -> tuple[np.ndarray, torch.Tensor]:
     """(flat uint8 bytes, the float values they decode to) for one block of rows of a GGUF tensor."""
-    if dtype in ggml.QTYPES:
-        rows = block.reshape(-1, block.shape[-1]).to(torch.float32).numpy()
-        q = ggml.quantize(rows, dtype, threads=1)
-        return q.reshape(-1), torch.from_numpy(ggml.dequantize(q, dtype))
+    if dtype not in PLAIN:
+        rows = block.reshape(-1, block.shape[-1]).to(torch.float32).contiguous().numpy()
+        q = ggml.encode(rows, dtype)
+        return q.reshape(-1), torch.from_numpy(ggml.decode(q, dtype))
     kept = block.to(torch.bfloat16 if dtype == "BF16" else torch.float32).contiguous()
     return kept.reshape(-1).view(torch.uint8).numpy(), kept
 

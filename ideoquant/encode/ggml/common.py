@@ -1,0 +1,470 @@
+"""Shared compiled helpers: ggml's float32 arithmetic, nearest_int, fp16 rounding and the make_*_quants searches.
+
+Every search works on *lanes*: ``X[n, g]`` holds ``g`` independent groups (sub-blocks, blocks or super-blocks)
+of ``n`` values, column ``k`` being one group. Each loop runs over the position ``i`` outside and the lane ``k``
+inside, so the inner loops are element-wise over contiguous memory (the compiler vectorises them) while every
+running sum of one group is still added in ggml's order, ``i = 0, 1, ...``. Arithmetic is float32 exactly where
+ggml's C code is, one IEEE rounding per operation: no fast-math, no FMA contraction (numba passes no ``contract``
+flag without fastmath), constants are float32, and integer quants are converted to float32 before they meet a
+float32 (numba would widen float32 * int64 to float64).
+
+Branches of ggml's per-group code (early exits, accepted trials) become per-lane selects; lanes that C would have
+left early still run through the search, and their results are overwritten at the end, so they never leak into
+the bytes.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+F32 = np.float32
+MAGIC = F32(12582912.0)  # 1.5 * 2**23: nearest_int's constant
+GROUP_MAX_EPS = F32(1e-15)
+ZERO = F32(0.0)
+ONE = F32(1.0)
+TENTH = F32(0.1)
+HALF_DOWN_BITS = np.int32(0x3EFFFFFF)  # largest float32 below 0.5: trunc(v + copysign(it, v)) == roundf(v)
+
+
+def jit(fn=None, **options):
+    """nb.njit, GIL-free, numpy error model (x/0 is inf, not an exception), cached on disk where numba can write a
+    cache; compiled per process where it cannot (numba refuses to decorate then)."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    options.setdefault("error_model", "numpy")
+    try:
+        return nb.njit(nogil=True, cache=True, **options)(fn)
+    except RuntimeError:
+        return nb.njit(nogil=True, **options)(fn)
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bits of a float32 as int32 (a register move)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, b):
+    """The low 32 bits of an integer as a float32 bit pattern."""
+    if not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if b.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif b.bitwidth < 32:
+            v = builder.sext(v, ir.IntType(32)) if b.signed else builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(b), codegen
+
+
+@jit
+def nearest_int(f):
+    """ggml's nearest_int: bits(f + 12582912.f) & 0x7fffff - 0x400000 (round half to even for |f| <= 4194303,
+    and the same wrap-around as C outside that range)."""
+    return (f32_bits(f + MAGIC) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+@jit
+def roundf_i(v):
+    """C's roundf (half away from zero) of a finite float32 with |v| < 2**31, as int32."""
+    h = bits_f32((f32_bits(v) & np.int32(-0x80000000)) | HALF_DOWN_BITS)
+    return np.int32(np.trunc(v + h))
+
+
+@jit
+def fp16_bits(f):
+    """float32 -> IEEE binary16 bits (int32 0..0xFFFF): round to nearest even, subnormals included; |x| >= 65520
+    gives inf; NaN gives 0x7E00 | sign (ggml's GGML_FP32_TO_FP16)."""
+    b = f32_bits(f)
+    sign = (b >> 16) & np.int32(0x8000)
+    x = b & np.int32(0x7FFFFFFF)
+    if x > np.int32(0x7F800000):
+        return sign | np.int32(0x7E00)
+    if x >= np.int32(0x477FF000):
+        return sign | np.int32(0x7C00)
+    if x >= np.int32(0x38800000):  # normal half
+        return sign | ((x - np.int32(0x38000000) + np.int32(0xFFF) + ((x >> 13) & np.int32(1))) >> 13)
+    if x < np.int32(0x33000000):  # below 2**-25 (a tie with 0 at exactly 2**-25 goes to 0 as well)
+        return sign
+    e = x >> 23
+    m = (x & np.int32(0x7FFFFF)) | np.int32(0x800000)
+    shift = np.int32(126) - e  # 14..24
+    h = m >> shift
+    rem = m & ((np.int32(1) << shift) - np.int32(1))
+    half = np.int32(1) << (shift - np.int32(1))
+    if rem > half or (rem == half and (h & np.int32(1)) != 0):
+        h += np.int32(1)
+    return sign | h
+
+
+@jit
+def fp16_value(h):
+    """IEEE binary16 bits (int32) -> float32, exact."""
+    sign = (h & np.int32(0x8000)) << 16
+    e = (h >> 10) & np.int32(0x1F)
+    m = h & np.int32(0x3FF)
+    if e == 0:
+        v = F32(m) * F32(5.9604644775390625e-08)  # m * 2**-24, exact
+        return bits_f32(f32_bits(v) | sign)
+    if e == 31:
+        return bits_f32(sign | np.int32(0x7F800000) | (m << 13))
+    return bits_f32(sign | ((e + np.int32(112)) << 23) | (m << 13))
+
+
+@jit
+def fp16_round(f):
+    """float32 rounded through binary16 and back: what C reads back from GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))."""
+    return fp16_value(fp16_bits(f))
+
+
+@jit
+def put_fp16(out, pos, f):
+    """Store fp16(f) little-endian at out[pos:pos+2]; return the rounded value as float32."""
+    h = fp16_bits(f)
+    out[pos] = np.uint8(h & 0xFF)
+    out[pos + 1] = np.uint8((h >> 8) & 0xFF)
+    return fp16_value(h)
+
+
+@jit
+def amax_signed(X, mx, amax):
+    """Per lane: the signed value with the largest |x| (the first one on ties; +0 when all are 0) and its |x|."""
+    n, g = X.shape
+    for k in range(g):
+        amax[k] = ZERO
+        mx[k] = ZERO
+    for i in range(n):
+        for k in range(g):
+            v = X[i, k]
+            a = abs(v)
+            take = a > amax[k]
+            amax[k] = a if take else amax[k]
+            mx[k] = v if take else mx[k]
+
+
+@jit
+def make_qx_quants(X, W, nmax, L, scale):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=W) on every lane of X [n, g].
+
+    W [n, g]: the weights (x*x for qw = NULL). Writes L [n, g] (int32, 0..2*nmax-1; 0 for an all-zero group) and
+    scale [g]."""
+    n, g = X.shape
+    mx = np.empty(g, F32)
+    amax = np.empty(g, F32)
+    amax_signed(X, mx, amax)
+    WX = np.empty((n, g), F32)
+    for i in range(n):
+        for k in range(g):
+            WX[i, k] = W[i, k] * X[i, k]
+    fn = F32(nmax)
+    lo = -nmax
+    hi = nmax - 1
+    isc = np.empty(g, F32)
+    best_isc = np.empty(g, F32)
+    best = np.empty(g, F32)
+    sumlx = np.empty(g, F32)
+    suml2 = np.empty(g, F32)
+    for k in range(g):
+        isc[k] = F32(-nmax) / mx[k]
+    for step in range(-10, 10):
+        if step == 0:
+            continue
+        if step > -10:
+            c = fn + TENTH * F32(step)
+            for k in range(g):
+                isc[k] = (-c) / mx[k]
+        for k in range(g):
+            sumlx[k] = ZERO
+            suml2[k] = ZERO
+        for i in range(n):
+            for k in range(g):
+                l = nearest_int(isc[k] * X[i, k])
+                l = min(max(l, lo), hi)
+                fl = F32(l)
+                sumlx[k] += WX[i, k] * fl
+                suml2[k] += (W[i, k] * fl) * fl
+        if step == -10:  # the first, unconditional pass
+            for k in range(g):
+                s = sumlx[k] / suml2[k] if suml2[k] != ZERO else ZERO
+                scale[k] = s
+                best[k] = s * sumlx[k]
+                best_isc[k] = isc[k]
+        else:
+            for k in range(g):
+                if suml2[k] > ZERO and sumlx[k] * sumlx[k] > best[k] * suml2[k]:
+                    s = sumlx[k] / suml2[k]
+                    scale[k] = s
+                    best[k] = s * sumlx[k]
+                    best_isc[k] = isc[k]
+    for i in range(n):
+        for k in range(g):
+            l = nearest_int(best_isc[k] * X[i, k])
+            L[i, k] = nmax + min(max(l, lo), hi)
+    for k in range(g):
+        if amax[k] < GROUP_MAX_EPS:
+            scale[k] = ZERO
+            for i in range(n):
+                L[i, k] = 0
+
+
+@jit
+def make_q3_quants(X, nmax, L, scale):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) on every lane of X [n, g]. L [n, g] int32 0..2*nmax-1."""
+    n, g = X.shape
+    mx = np.empty(g, F32)
+    amax = np.empty(g, F32)
+    amax_signed(X, mx, amax)
+    lo = -nmax
+    hi = nmax - 1
+    W = np.empty((n, g), F32)
+    WX = np.empty((n, g), F32)
+    sumlx = np.zeros(g, F32)
+    suml2 = np.zeros(g, F32)
+    isc = np.empty(g, F32)
+    for k in range(g):
+        isc[k] = F32(-nmax) / mx[k]
+    for i in range(n):
+        for k in range(g):
+            x = X[i, k]
+            w = x * x
+            W[i, k] = w
+            WX[i, k] = w * x
+            l = min(max(nearest_int(isc[k] * x), lo), hi)
+            L[i, k] = l
+            fl = F32(l)
+            sumlx[k] += WX[i, k] * fl
+            suml2[k] += (w * fl) * fl
+    for itry in range(5):
+        changed = 0
+        for i in range(n):
+            for k in range(g):
+                w = W[i, k]
+                wx = WX[i, k]
+                x = X[i, k]
+                li = L[i, k]
+                fl = F32(li)
+                slx = sumlx[k] - wx * fl
+                sl2 = suml2[k] - (w * fl) * fl
+                nl = min(max(nearest_int((x * sl2) / slx), lo), hi)
+                fnl = F32(nl)
+                slx2 = slx + wx * fnl
+                sl22 = sl2 + (w * fnl) * fnl
+                acc = (slx > ZERO) & (nl != li) & (sl22 > ZERO) & \
+                    ((slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22)
+                L[i, k] = nl if acc else li  # branch-free: the lanes vectorise
+                sumlx[k] = slx2 if acc else sumlx[k]
+                suml2[k] = sl22 if acc else suml2[k]
+                changed += np.int32(acc)
+        if changed == 0:  # a pass without a change leaves the state as it was: every later pass would be the same
+            break
+    for k in range(g):
+        zero = amax[k] < GROUP_MAX_EPS
+        scale[k] = ZERO if zero or not suml2[k] > ZERO else sumlx[k] / suml2[k]
+        for i in range(n):
+            L[i, k] = 0 if zero else L[i, k] + nmax
+
+
+@jit
+def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min):
+    """make_qkx2_quants / make_qkx3_quants(n, nmax, x, weights=W, ...) on every lane of X [n, g].
+
+    (The two agree whenever weights are given: max == min and max <= min are the same test once min <= 0.)
+    Writes L [n, g] (int32 0..nmax), scale [g] and the_min [g] (= -min)."""
+    n, g = X.shape
+    fn = F32(nmax)
+    mn = np.empty(g, F32)
+    mx = np.empty(g, F32)
+    sum_w = np.empty(g, F32)
+    sum_x = np.empty(g, F32)
+    for k in range(g):
+        mn[k] = X[0, k]
+        mx[k] = X[0, k]
+        sum_w[k] = W[0, k]
+        sum_x[k] = W[0, k] * X[0, k]
+    for i in range(1, n):
+        for k in range(g):
+            x = X[i, k]
+            w = W[i, k]
+            mn[k] = x if x < mn[k] else mn[k]
+            mx[k] = x if x > mx[k] else mx[k]
+            sum_w[k] += w
+            sum_x[k] += w * x
+    valid = np.empty(g, np.bool_)
+    mn0 = np.empty(g, F32)
+    isc = np.empty(g, F32)
+    best = np.zeros(g, F32)
+    best_isc = np.empty(g, F32)
+    best_mn = np.empty(g, F32)
+    for k in range(g):
+        m = mn[k] if mn[k] <= ZERO else ZERO  # if (min > 0) min = 0
+        mn[k] = m
+        mn0[k] = m
+        valid[k] = mx[k] != m
+        isc[k] = fn / (mx[k] - m)
+        scale[k] = ONE / isc[k]
+        best_isc[k] = isc[k]
+        best_mn[k] = m
+    for i in range(n):
+        for k in range(g):
+            x = X[i, k]
+            l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), 0), nmax))
+            diff = (scale[k] * l + mn[k]) - x
+            diff = abs(diff) if use_mad else diff * diff
+            best[k] += W[i, k] * diff
+    Laux = np.empty((n, g), F32)
+    sum_l = np.empty(g, F32)
+    sum_l2 = np.empty(g, F32)
+    sum_xl = np.empty(g, F32)
+    t_scale = np.empty(g, F32)
+    t_min = np.empty(g, F32)
+    cur = np.empty(g, F32)
+    for step in range(nstep + 1):
+        c = (rmin + rdelta * F32(step)) + fn
+        for k in range(g):
+            isc[k] = c / (mx[k] - mn[k])
+            sum_l[k] = ZERO
+            sum_l2[k] = ZERO
+            sum_xl[k] = ZERO
+            cur[k] = ZERO
+        for i in range(n):
+            for k in range(g):
+                x = X[i, k]
+                l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), 0), nmax))
+                Laux[i, k] = l
+                wl = W[i, k] * l
+                sum_l[k] += wl
+                sum_l2[k] += wl * l
+                sum_xl[k] += wl * x
+        for k in range(g):
+            D = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k]
+            ts = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / D
+            tm = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / D
+            if tm > ZERO:
+                tm = ZERO
+                ts = sum_xl[k] / sum_l2[k]
+            t_scale[k] = ts
+            t_min[k] = tm if D > ZERO else F32(np.nan)  # a NaN error never wins: the trial is skipped
+        if use_mad:
+            for i in range(n):
+                for k in range(g):
+                    diff = (t_scale[k] * Laux[i, k] + t_min[k]) - X[i, k]
+                    cur[k] += W[i, k] * abs(diff)
+        else:
+            for i in range(n):
+                for k in range(g):
+                    diff = (t_scale[k] * Laux[i, k] + t_min[k]) - X[i, k]
+                    cur[k] += W[i, k] * (diff * diff)
+        for k in range(g):
+            if cur[k] < best[k]:
+                best[k] = cur[k]
+                scale[k] = t_scale[k]
+                best_isc[k] = isc[k]
+                best_mn[k] = mn[k]
+                mn[k] = t_min[k]
+    for i in range(n):
+        for k in range(g):
+            l = min(max(nearest_int(best_isc[k] * (X[i, k] - best_mn[k])), 0), nmax)
+            L[i, k] = l if valid[k] else 0
+    for k in range(g):
+        if not valid[k]:
+            scale[k] = ZERO
+            mn[k] = mn0[k]
+        the_min[k] = -mn[k]
+
+
+@jit
+def make_qp_quants(X, W, nmax, L, scale):
+    """make_qp_quants(n, nmax, x, L, quant_weights=W) on every lane of X [n, g]. L [n, g] int32: the uint8 that C
+    stores (a negative nearest_int wraps)."""
+    n, g = X.shape
+    fn = F32(nmax)
+    mx = np.zeros(g, F32)
+    for i in range(n):
+        for k in range(g):
+            x = X[i, k]
+            mx[k] = mx[k] if mx[k] > x else x  # MAX(max, x)
+    isc = np.empty(g, F32)
+    sc = np.empty(g, F32)
+    best = np.zeros(g, F32)
+    mse = np.empty(g, F32)
+    for k in range(g):
+        isc[k] = fn / mx[k]
+        sc[k] = ONE / isc[k]
+    for i in range(n):
+        for k in range(g):
+            x = X[i, k]
+            l = F32(nearest_int(isc[k] * x) & 0xFF)
+            diff = x - sc[k] * l
+            best[k] += (W[i, k] * diff) * diff
+    isi = np.empty(g, F32)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        c = TENTH * F32(step) + fn
+        for k in range(g):
+            isi[k] = c / mx[k]
+            sc[k] = ONE / isi[k]
+            mse[k] = ZERO
+        for i in range(n):
+            for k in range(g):
+                x = X[i, k]
+                l = F32(min(nmax, nearest_int(isi[k] * x)))
+                diff = x - sc[k] * l
+                mse[k] += (W[i, k] * diff) * diff
+        for k in range(g):
+            if mse[k] < best[k]:
+                best[k] = mse[k]
+                isc[k] = isi[k]
+    sumlx = np.zeros(g, F32)
+    suml2 = np.zeros(g, F32)
+    for i in range(n):
+        for k in range(g):
+            x = X[i, k]
+            l = min(nmax, nearest_int(isc[k] * x))
+            L[i, k] = l & 0xFF  # stored as uint8; the sums use the int
+            fl = F32(l)
+            w = W[i, k]
+            sumlx[k] += (w * x) * fl
+            suml2[k] += (w * fl) * fl
+    for itry in range(5):
+        changed = 0
+        for i in range(n):
+            for k in range(g):
+                w = W[i, k]
+                x = X[i, k]
+                li = L[i, k]
+                fl = F32(li)
+                slx = sumlx[k] - (w * x) * fl
+                sl2 = suml2[k] - (w * fl) * fl
+                nl = min(nmax, nearest_int((x * sl2) / slx))
+                fnl = F32(nl)
+                slx2 = slx + (w * x) * fnl
+                sl22 = sl2 + (w * fnl) * fnl
+                acc = (slx > ZERO) & (sl2 > ZERO) & (nl != li) & \
+                    ((slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22)
+                L[i, k] = (nl & 0xFF) if acc else li
+                sumlx[k] = slx2 if acc else sumlx[k]
+                suml2[k] = sl22 if acc else suml2[k]
+                changed += np.int32(acc)
+        if changed == 0:
+            break
+    for k in range(g):
+        zero = mx[k] < GROUP_MAX_EPS
+        scale[k] = ZERO if zero or not suml2[k] > ZERO else sumlx[k] / suml2[k]
+        if zero:
+            for i in range(n):
+                L[i, k] = 0

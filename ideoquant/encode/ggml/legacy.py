@@ -1,0 +1,284 @@
+"""Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: ggml's ``quantize_row_<t>_ref`` (no imatrix) and ``quantize_row_<t>_impl``.
+
+The reference paths work one 32-element block at a time with loops over the block (max/min as integer reductions
+on the float bits, which order like the values do for finite inputs). The weighted paths transpose a chunk of
+blocks into lanes and run the shared make_qx_quants / make_qkx3_quants searches on all of them at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import (
+    F32,
+    ONE,
+    ZERO,
+    bits_f32,
+    f32_bits,
+    jit,
+    make_qkx_quants,
+    make_qx_quants,
+    put_fp16,
+    roundf_i,
+)
+
+QK = 32
+LANES = 64  # blocks per chunk on the weighted paths
+ABS = np.int32(0x7FFFFFFF)
+
+
+@jit
+def _signed_absmax(xr, base):
+    """(the signed value with the largest |x|, first on ties, +0 if all are 0), as ggml's legacy _ref loops."""
+    m = np.int32(0)
+    for j in range(QK):
+        a = f32_bits(xr[base + j]) & ABS
+        m = a if a > m else m
+    if m == 0:
+        return ZERO
+    first = QK
+    for j in range(QK):  # the first index holding the max, as a (vectorisable) min reduction
+        t = j if (f32_bits(xr[base + j]) & ABS) == m else QK
+        first = t if t < first else first
+    return xr[base + first]
+
+
+@jit
+def _key(v):
+    """A signed int32 that orders like the float32 v (finite values; -0 just below +0)."""
+    b = f32_bits(v)
+    return b ^ ((b >> 31) & ABS)
+
+
+@jit
+def _min_max(xr, base):
+    """(min, max) as ggml's `if (v < min) min = v; if (v > max) max = v;` loop: the first of equal values."""
+    lo = np.int32(0x7FFFFFFF)
+    hi = np.int32(-0x80000000)
+    for j in range(QK):
+        k = _key(xr[base + j])
+        lo = k if k < lo else lo
+        hi = k if k > hi else hi
+    mn = bits_f32(lo ^ ((lo >> 31) & ABS))
+    mx = bits_f32(hi ^ ((hi >> 31) & ABS))
+    if mn == ZERO or mx == ZERO:  # +0 and -0 compare equal: C keeps the first zero it meets
+        for j in range(QK):
+            if xr[base + j] == ZERO:
+                if mn == ZERO:
+                    mn = xr[base + j]
+                if mx == ZERO:
+                    mx = xr[base + j]
+                break
+    return mn, mx
+
+
+@jit
+def _trunc_i(v):
+    """C's float -> int conversion (toward zero) of a finite float32."""
+    return np.int32(v)
+
+
+@jit
+def _row_sigma2(xr):
+    s = ZERO
+    for j in range(xr.shape[0]):
+        s += xr[j] * xr[j]
+    return s / F32(xr.shape[0])
+
+
+@jit
+def _gather(xr, qw, b0, g, sigma2, X, W):
+    for i in range(QK):
+        for k in range(g):
+            x = xr[(b0 + k) * QK + i]
+            X[i, k] = x
+            W[i, k] = qw[(b0 + k) * QK + i] * np.sqrt(sigma2 + x * x)
+
+
+@jit
+def _put_nibbles(o, pos, q):
+    for j in range(16):
+        o[pos + j] = np.uint8((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4))
+
+
+@jit
+def _put_qh(o, pos, q):
+    h = np.uint32(0)
+    for j in range(QK):
+        h |= np.uint32((q[j] >> 4) & 1) << np.uint32(j)
+    for t in range(4):
+        o[pos + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
+
+
+@jit
+def encode_q8_0(x, out):
+    rows, cols = x.shape
+    for r in range(rows):
+        xr = x[r]
+        o = out[r]
+        for b in range(cols // QK):
+            base = b * QK
+            m = np.int32(0)
+            for j in range(QK):
+                a = f32_bits(xr[base + j]) & ABS
+                m = a if a > m else m
+            d = bits_f32(m) / F32(127)
+            idv = ONE / d if d != ZERO else ZERO
+            pos = b * 34
+            put_fp16(o, pos, d)
+            if np.isinf(idv):  # x*inf: C's float->int8 conversion gives 0 on x86
+                for j in range(QK):
+                    o[pos + 2 + j] = 0
+            else:
+                for j in range(QK):
+                    o[pos + 2 + j] = np.uint8(roundf_i(xr[base + j] * idv) & 0xFF)
+
+
+@jit
+def encode_q4_0(x, imat, weighted, out):
+    _encode_x_0(x, imat, weighted, out, 4)
+
+
+@jit
+def encode_q5_0(x, imat, weighted, out):
+    _encode_x_0(x, imat, weighted, out, 5)
+
+
+@jit
+def encode_q4_1(x, imat, weighted, out):
+    _encode_x_1(x, imat, weighted, out, 4)
+
+
+@jit
+def encode_q5_1(x, imat, weighted, out):
+    _encode_x_1(x, imat, weighted, out, 5)
+
+
+@jit
+def _encode_x_0(x, imat, weighted, out, bits):
+    """Q4_0 (bits=4: d, qs[16]; 18 B) and Q5_0 (bits=5: d, qh[4], qs[16]; 22 B)."""
+    rows, cols = x.shape
+    nb = cols // QK
+    bpb = 18 if bits == 4 else 22
+    qs_off = 2 if bits == 4 else 6
+    nmax = 8 if bits == 4 else 16
+    top = 15 if bits == 4 else 31
+    bias = F32(8.5) if bits == 4 else F32(16.5)
+    q = np.empty(QK, np.int32)
+    X = np.empty(QK * LANES, F32)
+    W = np.empty(QK * LANES, F32)
+    L = np.empty(QK * LANES, np.int32)
+    sc = np.empty(LANES, F32)
+    for r in range(rows):
+        xr = x[r]
+        o = out[r]
+        if weighted:
+            sigma2 = _row_sigma2(xr)
+            for b0 in range(0, nb, LANES):
+                g = min(LANES, nb - b0)
+                Xg = X[: QK * g].reshape((QK, g))
+                Wg = W[: QK * g].reshape((QK, g))
+                Lg = L[: QK * g].reshape((QK, g))
+                sg = sc[:g]
+                _gather(xr, imat, b0, g, sigma2, Xg, Wg)
+                make_qx_quants(Xg, Wg, nmax, Lg, sg)
+                for k in range(g):
+                    pos = (b0 + k) * bpb
+                    put_fp16(o, pos, sg[k])
+                    for j in range(QK):
+                        q[j] = Lg[j, k]
+                    if bits == 5:
+                        _put_qh(o, pos + 2, q)
+                    _put_nibbles(o, pos + qs_off, q)
+        else:
+            for b in range(nb):
+                base = b * QK
+                mx = _signed_absmax(xr, base)
+                d = mx / F32(-nmax)
+                idv = ONE / d if d != ZERO else ZERO
+                pos = b * bpb
+                put_fp16(o, pos, d)
+                if np.isinf(idv):  # C's float -> int conversion of +-inf / NaN gives 0 on x86
+                    idv = ZERO
+                    bz = ZERO
+                else:
+                    bz = bias
+                h = np.uint32(0)
+                for j in range(16):
+                    v0 = min(top, ((_trunc_i(xr[base + j] * idv + bz) + 128) & 255) - 128)  # MIN(top, (int8_t)..)
+                    v1 = min(top, ((_trunc_i(xr[base + j + 16] * idv + bz) + 128) & 255) - 128)
+                    o[pos + qs_off + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+                    h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
+                if bits == 5:
+                    for t in range(4):
+                        o[pos + 2 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
+
+
+@jit
+def _encode_x_1(x, imat, weighted, out, bits):
+    """Q4_1 (d, m, qs[16]; 20 B) and Q5_1 (d, m, qh[4], qs[16]; 24 B)."""
+    rows, cols = x.shape
+    nb = cols // QK
+    bpb = 20 if bits == 4 else 24
+    qs_off = 4 if bits == 4 else 8
+    nmax = 15 if bits == 4 else 31
+    q = np.empty(QK, np.int32)
+    X = np.empty(QK * LANES, F32)
+    W = np.empty(QK * LANES, F32)
+    L = np.empty(QK * LANES, np.int32)
+    sc = np.empty(LANES, F32)
+    mn = np.empty(LANES, F32)
+    for r in range(rows):
+        xr = x[r]
+        o = out[r]
+        if weighted:
+            sigma2 = _row_sigma2(xr)
+            for b0 in range(0, nb, LANES):
+                g = min(LANES, nb - b0)
+                Xg = X[: QK * g].reshape((QK, g))
+                Wg = W[: QK * g].reshape((QK, g))
+                Lg = L[: QK * g].reshape((QK, g))
+                sg = sc[:g]
+                mg = mn[:g]
+                _gather(xr, imat, b0, g, sigma2, Xg, Wg)
+                make_qkx_quants(Xg, Wg, nmax, F32(-0.9), F32(0.05), 36, False, Lg, sg, mg)
+                for k in range(g):
+                    pos = (b0 + k) * bpb
+                    put_fp16(o, pos, sg[k])
+                    put_fp16(o, pos + 2, -mg[k])
+                    for j in range(QK):
+                        q[j] = Lg[j, k]
+                    if bits == 5:
+                        _put_qh(o, pos + 4, q)
+                    _put_nibbles(o, pos + qs_off, q)
+        else:
+            for b in range(nb):
+                base = b * QK
+                lo, hi = _min_max(xr, base)
+                d = (hi - lo) / F32(nmax)
+                idv = ONE / d if d != ZERO else ZERO
+                pos = b * bpb
+                put_fp16(o, pos, d)
+                put_fp16(o, pos + 2, lo)
+                if np.isinf(idv):  # C's float -> int conversion of +-inf / NaN gives 0 on x86
+                    idv = ZERO
+                    hz = ZERO
+                    lz = ZERO
+                else:
+                    hz = F32(0.5)
+                    lz = lo
+                h = np.uint32(0)
+                for j in range(16):
+                    v0 = _trunc_i((xr[base + j] - lz) * idv + hz)
+                    v1 = _trunc_i((xr[base + j + 16] - lz) * idv + hz)
+                    if bits == 4:
+                        v0 = min(15, ((v0 + 128) & 255) - 128)  # MIN(15, (int8_t)...)
+                        v1 = min(15, ((v1 + 128) & 255) - 128)
+                    else:
+                        v0 = v0 & 255  # (uint8_t), no clamp
+                        v1 = v1 & 255
+                    o[pos + qs_off + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+                    h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
+                if bits == 5:
+                    for t in range(4):
+                        o[pos + 4 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
