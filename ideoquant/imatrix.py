@@ -547,7 +547,13 @@ def lookup(
     With `uncond=False` an `uncond.`-prefixed entry is never used, and with `uncond=True` a conditional one is
     never used, so one backbone's statistics do not silently quantize the other.
     """
-    for key in candidate_keys(tensor_name, convention, uncond):
+    keys = candidate_keys(tensor_name, convention, uncond)
+    if uncond and any(k.startswith(SDCPP_UNCOND_PREFIX) for k in imatrix.entries):
+        # A file holding both backbones: the unconditional one's entries are the prefixed ones, never the others.
+        keys = [k for k in keys if k.startswith(SDCPP_UNCOND_PREFIX)]
+    elif not uncond:
+        keys = [k for k in keys if not k.startswith(SDCPP_UNCOND_PREFIX)]
+    for key in keys:
         if key in imatrix.entries:
             return imatrix.entries[key]
     return None

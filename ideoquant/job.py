@@ -154,7 +154,7 @@ def convert_gguf(
     source: str | None = None,
     out: str | Path = "ideogram4-gguf",
     *,
-    qtype: str = "q4_k",
+    qtype: str | None = "q4_k",
     recipe: str | Recipe | None = None,
     type_rules=(),
     protect=(),
@@ -165,11 +165,21 @@ def convert_gguf(
     token: str | None = None,
     overwrite: bool = False,
     threads: int | None = None,
+    imatrix: str | Path | None = None,
+    imatrix_convention: str = "llama",
     reporter: Reporter | None = None,
 ) -> dict:
-    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest."""
-    from .formats.gguf import Options
+    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest.
+
+    qtype: a GGML type or a mixture (`formats.catalog.GGUF_TYPES`); None: the recipe's own type.
+    imatrix: "ones" (stable-diffusion.cpp's converter: every weight 1.0) or an importance-matrix file (llama.cpp
+    GGUF or `.dat`, or stable-diffusion.cpp's); ggml's weighted quantizers then use it, with the vector derived as
+    llama-quantize (`imatrix_convention="llama"`) or sd-cli (`"sdcpp"`) derives it."""
+    from .formats.gguf import Options, load_importance
 
     r, label = gguf_recipe(qtype, recipe, type_rules, protect, no_protect)
+    importance = load_importance(imatrix, imatrix_convention)
     src, plans = prepare(source, r, components=components, revision=revision, token=token, layout=layout)
-    return run(src, r, plans, out, overwrite=overwrite, options=Options(label), threads=threads, reporter=reporter)
+    extra = {"imatrix": importance.record} if importance is not None else None
+    return run(src, r, plans, out, overwrite=overwrite, options=Options(label, importance), threads=threads,
+               reporter=reporter, extra=extra)

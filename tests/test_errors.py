@@ -163,7 +163,7 @@ def test_killed_process_leaves_no_out(tmp_path):
     (["gguf", "{src}", "--type", "q9_k"], "'q9_k' is not one of"),
     (["gguf", "{src}", "--type-rule", "noequals"], "bad --type-rule"),
     (["gguf", "{src}", "--type-rule", "([=Q8_0"], "bad type rule regex"),
-    (["gguf", "{src}", "--type-rule", "w1=Q3_K"], "unknown GGUF type 'Q3_K'"),
+    (["gguf", "{src}", "--type-rule", "w1=Q9_K"], "unknown GGUF type 'Q9_K'"),
     (["convert", "{src}", "--protect", "layers.*.nothing"], "matches no module"),
     (["convert", "/nonexistent/path"], "source not found"),
     (["convert", "{src}", "--components", "vae"], "unknown component 'vae'"),

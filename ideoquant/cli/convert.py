@@ -10,7 +10,7 @@ from rich.table import Table
 
 from . import render
 from .app import app, job_runtime
-from .options import (Components, DeviceOpt, GGUFType, Json, Layout, NoProtect, Overwrite, Protect, Revision,
+from .options import (Components, Convention, DeviceOpt, GGUFType, Json, Layout, NoProtect, Overwrite, Protect, Revision,
                       SourceArg, Threads, Token)
 
 
@@ -80,6 +80,12 @@ def gguf(
     token: Token = None,
     overwrite: Overwrite = False,
     threads: Threads = None,
+    imatrix: Annotated[Optional[str], typer.Option(
+        metavar="FILE|ones", help="Importance weights for ggml's weighted quantizers: an imatrix file (from "
+        "`ideoquant calibrate --imatrix`, llama-imatrix or sd-cli), or 'ones' (what stable-diffusion.cpp's "
+        "converter uses).", show_default=False)] = None,
+    imatrix_convention: Annotated[Convention, typer.Option(
+        help="How the file's sums become ggml's weights: as llama-quantize or as sd-cli derives them.")] = "llama",
     as_json: Json = False,
 ):
     """Write one GGUF per backbone, bit-exact with ggml's quantizers."""
@@ -89,5 +95,6 @@ def gguf(
         m = render.with_progress(lambda rep: api(
             source, out, qtype=getattr(qtype, "value", qtype), recipe=recipe, type_rules=type_rule, protect=protect,
             no_protect=no_protect, layout=getattr(layout, "value", layout), components=components or None,
-            revision=revision, token=token, overwrite=overwrite, threads=threads, reporter=rep), as_json)
+            revision=revision, token=token, overwrite=overwrite, threads=threads, imatrix=imatrix,
+            imatrix_convention=getattr(imatrix_convention, "value", imatrix_convention), reporter=rep), as_json)
     render.print_json(m) if as_json else summary(m, out)

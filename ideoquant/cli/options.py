@@ -20,6 +20,7 @@ SOURCE_HELP = "Hub repo id (ORG/NAME), local pipeline folder, component folder o
 GGUFType = Enum("GGUFType", {t: t for t in catalog.GGUF_TYPES}, type=str)
 Layout = Enum("Layout", {x: x for x in catalog.GGUF_LAYOUTS}, type=str)
 Device = Enum("Device", {x: x for x in DEVICES}, type=str)
+Convention = Enum("Convention", {x: x for x in ("llama", "sdcpp")}, type=str)
 
 SourceArg = Annotated[Optional[str], typer.Argument(metavar="SOURCE",
     help=SOURCE_HELP + " [default: ideogram-ai/ideogram-4-fp8]", show_default=False)]

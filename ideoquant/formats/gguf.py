@@ -43,12 +43,59 @@ OTHER_DTYPE = "F32"  # norms, biases, the image-indicator embedding (small; F32 
 @dataclass(frozen=True)
 class Options:
     label: str  # names the files and the file type: Q4_K, Q4_K_M, ...
+    importance: "Importance | None" = None  # importance weights for ggml's weighted quantizers
 
 
-def gguf_recipe(qtype: str = "q4_k", recipe: str | Recipe | None = None, type_rules=(), protect=(),
+@dataclass(frozen=True)
+class Importance:
+    """What `--imatrix` gave: all-ones weights (stable-diffusion.cpp's converter without a file), or a file's
+    entries, turned into ggml's vector as llama-quantize (`llama`) or sd-cli (`sdcpp`) derives it."""
+
+    matrix: object | None  # imatrix.ImportanceMatrix; None: all ones
+    convention: str = "llama"
+    record: dict | None = None  # for the manifest: file name, sha256, what it was computed from
+
+    def vector(self, tensor: str, n_cols: int, uncond: bool) -> np.ndarray | None:
+        from .. import imatrix
+
+        if self.matrix is None:
+            return imatrix.ones(n_cols)
+        return imatrix.weights(self.matrix, tensor, n_cols, self.convention, uncond=uncond)
+
+
+def load_importance(spec: str | Path | None, convention: str = "llama") -> Importance | None:
+    """`--imatrix ones` or an imatrix file (llama.cpp GGUF or `.dat`, stable-diffusion.cpp `.dat`)."""
+    from .. import imatrix
+    from ..write.hashing import sha256_file
+
+    if spec is None:
+        return None
+    if str(spec).strip().lower() == "ones":
+        return Importance(None, convention, {"kind": "ones", "note": "every weight 1.0, as stable-diffusion.cpp's "
+                                                                     "converter passes without an imatrix file"})
+    path = Path(spec)
+    if not path.is_file():
+        raise IdeoquantError(f"no such imatrix file: {path} (give a file, or 'ones')")
+    if convention not in imatrix.CONVENTIONS:
+        raise IdeoquantError(f"unknown imatrix convention '{convention}': choose {', '.join(imatrix.CONVENTIONS)}")
+    m = imatrix.read(path)
+    return Importance(m, convention, {"kind": "file", "file": path.name, "sha256": sha256_file(path),
+                                      "format": m.source_format, "convention": convention,
+                                      "datasets": list(m.datasets), "chunk_count": m.chunk_count,
+                                      "chunk_size": m.chunk_size, "entries": len(m.entries)})
+
+
+def gguf_recipe(qtype: str | None = "q4_k", recipe: str | Recipe | None = None, type_rules=(), protect=(),
                 no_protect=()) -> tuple[Recipe, str]:
-    """`--type` is shorthand: q8_0/q4_k/q5_k/q6_k set the base type of recipe `gguf`; a mixture (q4_k_m) is a
-    recipe of its own. Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...)."""
+    """`--type` is shorthand: a type name (q4_k, q8_0, bf16, ...) sets the base type of recipe `gguf` (or of the
+    given recipe); a mixture (q4_k_m, ...) is a recipe of its own. With no type, the recipe's own type is used.
+    Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...)."""
+    if qtype is None:
+        r = resolve(recipe or "gguf", protect, no_protect, None, type_rules)
+        if r.format != "gguf":
+            raise IdeoquantError(f"recipe '{r.name}' is an {r.format} recipe; use it with `ideoquant convert`")
+        mixture = next((m for m, name in MIXTURES.items() if name == r.name), None)
+        return r, (mixture or r.type).upper()
     q = qtype.strip().lower()
     if q not in TYPES:
         raise IdeoquantError(f"unknown --type '{qtype}': choose from {', '.join(TYPES)}")
@@ -102,9 +149,9 @@ class GGUFFormat:
         if layout not in LAYOUTS:
             raise IdeoquantError(f"unknown layout '{layout}': choose original or diffusers")
         for qtype in [recipe.type, *(t for _, t in recipe.rules)]:
-            if qtype not in FALLBACK:
+            if qtype not in catalog.GGUF_QUANT_TYPES and qtype not in ("BF16", "F16"):
                 raise IdeoquantError(f"unknown GGUF type '{qtype}': choose from "
-                                     f"{', '.join(q.lower() for q in FALLBACK)}")
+                                     f"{', '.join(q.lower() for q in (*catalog.GGUF_QUANT_TYPES, 'BF16', 'F16'))}")
         spec = component.spec
         protected = protected_modules(component, recipe)
         groups: dict[str, list] = {}
@@ -264,20 +311,29 @@ def gguf_metadata(plan: ComponentPlan, src, recipe: Recipe, label: str) -> dict:
     return kv
 
 
-def encode_block(block: torch.Tensor, dtype: str) -> tuple[np.ndarray, torch.Tensor]:
+def encode_block(block: torch.Tensor, dtype: str, imatrix: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """(flat uint8 bytes, the float values they decode to) for one block of rows of a GGUF tensor."""
-    if dtype not in PLAIN:
-        rows = block.reshape(-1, block.shape[-1]).to(torch.float32).contiguous().numpy()
-        q = ggml.encode(rows, dtype)
-        return q.reshape(-1), torch.from_numpy(ggml.decode(q, dtype))
-    kept = block.to(torch.bfloat16 if dtype == "BF16" else torch.float32).contiguous()
-    return kept.reshape(-1).view(torch.uint8).numpy(), kept
+    if dtype == "F32":
+        kept = block.to(torch.float32).contiguous()
+        return kept.reshape(-1).view(torch.uint8).numpy(), kept
+    if dtype == "BF16" and block.dtype == torch.bfloat16:  # bf16 kept as bf16: the same bits, no conversion
+        kept = block.contiguous()
+        return kept.reshape(-1).view(torch.uint8).numpy(), kept
+    rows = block.reshape(-1, block.shape[-1]).to(torch.float32).contiguous().numpy()
+    q = ggml.encode(rows, dtype, imatrix)
+    return q.reshape(-1), torch.from_numpy(ggml.decode(q, dtype))
 
 
 def _write_tensors(tensors: list[TensorPlan], f: GGUFFile, component: str, sink: Sink) -> list[dict]:
     """Every row block of every tensor encoded on the pool, in one stream; a tensor is written once its last block
     is in (its encoded bytes are the memory bound)."""
     stats = [ErrorStats() for _ in tensors]
+    importance: Importance | None = sink.options.importance
+    uncond = component == "unconditional_transformer"
+    # ggml's importance vector per tensor, keyed by the original-layout name the imatrix tools use.
+    vectors = [importance.vector(model.diffusers_to_original(t.sources[0].name)[0], t.shape[-1], uncond)
+               if importance is not None and t.quantize and ggml.has_imatrix_path(t.dtype) else None
+               for t in tensors]
     outs: dict[int, np.ndarray] = {}
     pos = [0] * len(tensors)
     records: list[dict] = []
@@ -286,7 +342,7 @@ def _write_tensors(tensors: list[TensorPlan], f: GGUFFile, component: str, sink:
         i, src, rows = block
         data = src.read(rows)
         check_finite(tensors[i].name, data)
-        q, approx = encode_block(data, tensors[i].dtype)
+        q, approx = encode_block(data, tensors[i].dtype, vectors[i])
         s = ErrorStats()
         s.add(data, approx)
         return q, s, data.numel()
@@ -302,7 +358,10 @@ def _write_tensors(tensors: list[TensorPlan], f: GGUFFile, component: str, sink:
         sink.reporter.advance(component, src.nbytes * n // max(1, numel(src.shape)))
         if pos[i] == out.size and _last_block(t, src, block):
             f.write(t.name, outs.pop(i))
-            records.append(manifest.tensor_record(t, stats[i].sqnr_db))
+            record = manifest.tensor_record(t, stats[i].sqnr_db)
+            if importance is not None and t.quantize:
+                record["imatrix"] = vectors[i] is not None  # False: not in the file, ggml's unweighted path
+            records.append(record)
 
     sink.pool.run(encode, row_blocks(tensors, sink.block_elements), done)
     if len(records) != len(tensors):
