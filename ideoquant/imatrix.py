@@ -50,8 +50,12 @@ SUFFIX_COUNTS = ".counts"
 # `--uncond-diffusion-model` file the second one (shared/notes/imatrix.md 3.2, consumers.md 3).
 SDCPP_PREFIX = "model.diffusion_model."
 SDCPP_UNCOND_PREFIX = "model.diffusion_model.uncond."
+# ideoquant's own files hold both backbones; the unconditional one's keys carry this prefix (sd.cpp's would not fit
+# ggml's 64-byte tensor names with the `.in_sum2` suffix: `...uncond.final_layer.adaln_modulation.weight.in_sum2`).
+UNCOND_PREFIX = "uncond."
+_UNCOND = (SDCPP_UNCOND_PREFIX, UNCOND_PREFIX)
 # Prefixes that name the same tensor: sd.cpp's `convert_tensor_name` maps these to `model.diffusion_model.`.
-_ALIASES = (SDCPP_UNCOND_PREFIX, SDCPP_PREFIX, "diffusion_model.", "transformer.", "unet.")
+_ALIASES = (SDCPP_UNCOND_PREFIX, SDCPP_PREFIX, UNCOND_PREFIX, "diffusion_model.", "transformer.", "unet.")
 
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
@@ -536,7 +540,8 @@ def candidate_keys(tensor_name: str, convention: str = "llama", uncond: bool = F
     _convention(convention)
     name = canonical(tensor_name)
     sd = (SDCPP_UNCOND_PREFIX if uncond else SDCPP_PREFIX) + name
-    return [sd, name] if convention == "sdcpp" else [name, sd]
+    keys = [sd, name] if convention == "sdcpp" else [name, sd]
+    return [UNCOND_PREFIX + name, *keys] if uncond else keys
 
 
 def lookup(
@@ -548,11 +553,11 @@ def lookup(
     never used, so one backbone's statistics do not silently quantize the other.
     """
     keys = candidate_keys(tensor_name, convention, uncond)
-    if uncond and any(k.startswith(SDCPP_UNCOND_PREFIX) for k in imatrix.entries):
+    if uncond and any(k.startswith(_UNCOND) for k in imatrix.entries):
         # A file holding both backbones: the unconditional one's entries are the prefixed ones, never the others.
-        keys = [k for k in keys if k.startswith(SDCPP_UNCOND_PREFIX)]
+        keys = [k for k in keys if k.startswith(_UNCOND)]
     elif not uncond:
-        keys = [k for k in keys if not k.startswith(SDCPP_UNCOND_PREFIX)]
+        keys = [k for k in keys if not k.startswith(_UNCOND)]
     for key in keys:
         if key in imatrix.entries:
             return imatrix.entries[key]

@@ -110,3 +110,36 @@ def _diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
+
+
+def build_outlier_checkpoint(path: str | Path, outlier: float = 100.0) -> Path:
+    """The tiny model with activation outlier channels, the way they arise in real transformers: a few channels of
+    the norms before q/k/v, w1/w3 and llm_cond_proj are `outlier` times larger, and the weight columns that read
+    them as much smaller, so the bf16 model computes the same function while those linears' inputs carry outliers
+    (which per-token int8 activation quantization handles badly and SmoothQuant moves into the weights, and which
+    make those small weight columns matter: what an importance matrix tells the GGUF quantizers)."""
+    from safetensors.torch import load_file, save_file
+
+    path = build_checkpoint(path, max_shard_size="100MB")
+    ch, text_ch = [3, 77, 150, 201], [5, 300]
+
+    def scale(sd, key, idx, factor, dim):
+        w = sd[key].float()
+        if dim == 0:
+            w[idx] *= factor
+        else:
+            w[:, idx] *= factor
+        sd[key] = w.bfloat16()
+
+    for c in model.COMPONENTS:
+        f = path / c / "diffusion_pytorch_model.safetensors"
+        sd = load_file(f)
+        for k in list(sd):
+            if k.endswith(("attention_norm1.weight", "ffn_norm1.weight")):
+                scale(sd, k, ch, outlier, 0)
+            if k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "w1.weight", "w3.weight")):
+                scale(sd, k, ch, 1 / outlier, 1)
+        scale(sd, "llm_cond_norm.weight", text_ch, outlier, 0)
+        scale(sd, "llm_cond_proj.weight", text_ch, 1 / outlier, 1)
+        save_file(sd, f, metadata={"format": "pt"})
+    return path

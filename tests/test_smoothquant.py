@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import ideoquant
@@ -31,39 +31,9 @@ OUTLIER = 100.0
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def build_outliers(path):
-    """The tiny model with activation outlier channels, the way they arise in real transformers: a few channels of
-    the norms before q/k/v, w1/w3 and llm_cond_proj are 100x larger, and the weight columns that read them are 100x
-    smaller, so the bf16 model computes the same function while those linears' inputs carry 100x outliers (which
-    per-token int8 activation quantization handles badly, and SmoothQuant moves into the weights)."""
-    path = testing.build_checkpoint(path, max_shard_size="100MB")
-    ch, text_ch = [3, 77, 150, 201], [5, 300]
-
-    def scale(sd, key, idx, factor, dim):
-        w = sd[key].float()
-        if dim == 0:
-            w[idx] *= factor
-        else:
-            w[:, idx] *= factor
-        sd[key] = w.bfloat16()
-
-    for c in model.COMPONENTS:
-        f = path / c / "diffusion_pytorch_model.safetensors"
-        sd = load_file(f)
-        for k in list(sd):
-            if k.endswith(("attention_norm1.weight", "ffn_norm1.weight")):
-                scale(sd, k, ch, OUTLIER, 0)
-            if k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "w1.weight", "w3.weight")):
-                scale(sd, k, ch, 1 / OUTLIER, 1)
-        scale(sd, "llm_cond_norm.weight", text_ch, OUTLIER, 0)
-        scale(sd, "llm_cond_proj.weight", text_ch, 1 / OUTLIER, 1)
-        save_file(sd, f, metadata={"format": "pt"})
-    return path
-
-
 @pytest.fixture(scope="module")
 def outlier_source(tmp_path_factory):
-    return build_outliers(tmp_path_factory.mktemp("outliers") / "src")
+    return testing.build_outlier_checkpoint(tmp_path_factory.mktemp("outliers") / "src", OUTLIER)
 
 
 @pytest.fixture(scope="module")

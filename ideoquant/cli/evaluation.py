@@ -193,8 +193,12 @@ def sensitivity(
 @app.command()
 def calibrate(
     source: RequiredSource,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Statistics file (.safetensors) for `convert --smoothquant`.",
-                                      show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="SmoothQuant statistics file "
+                                                "(.safetensors) for `convert --smoothquant`.", show_default=False)]
+    = None,
+    imatrix: Annotated[Optional[Path], typer.Option("--imatrix", metavar="FILE", help="Record an importance "
+                                                    "matrix instead (llama.cpp's GGUF imatrix format), for "
+                                                    "`ideoquant gguf --imatrix FILE`.", show_default=False)] = None,
     recipe: Annotated[str, typer.Option(metavar="RECIPE", help="INT8 recipe: statistics for every linear it quantizes.")] = "int8-w8a8",
     protect: Protect = [],
     no_protect: NoProtect = [],
@@ -209,9 +213,24 @@ def calibrate(
     token: Token = None,
     as_json: Json = False,
 ):
-    """Record SmoothQuant statistics (per-input-channel activation absmax of every quantized linear)."""
+    """Record SmoothQuant statistics (--out) or an importance matrix for GGUF (--imatrix) from the source's
+    activations."""
     quiet_diffusers()
     from ..evaluation.calibrate import calibrate as api
+    from ..evaluation.calibrate import calibrate_imatrix
+
+    if (out is None) == (imatrix is None):
+        raise IdeoquantError("give exactly one of --out STATS.safetensors (SmoothQuant) and --imatrix FILE (GGUF)")
+    if imatrix is not None:
+        res = render.with_progress(lambda rep: calibrate_imatrix(
+            source, imatrix, components=components or None, inputs=inputs, steps=steps, tokens=tokens, grid=grid,
+            batch=batch, device=_value(device), revision=revision, token=token, reporter=rep), as_json, steps=True)
+        if as_json:
+            return render.print_json(res)
+        render.out_console.print(f"importance matrix: {res['entries']} weights → {imatrix} "
+                                 f"({render.human_bytes(res['bytes'])}); next: ideoquant gguf {source} --type q4_k_m "
+                                 f"--imatrix {imatrix}", highlight=False)
+        return
 
     res = render.with_progress(lambda rep: api(
         source, out, recipe=recipe, protect=protect, no_protect=no_protect, components=components or None,

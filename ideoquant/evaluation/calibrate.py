@@ -136,3 +136,93 @@ def calibrate(
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out, metadata={"format": "pt", KEY_STATS: json.dumps(provenance)})
     return {"out": str(out), "bytes": out.stat().st_size, "provenance": provenance, "components": summary}
+
+
+# ---------------------------------------------------------------- importance matrix
+
+
+def imatrix_key(component: str, module: str) -> str:
+    """The imatrix key of a linear module: its weight's name in ideoquant's GGUF output (original layout, as
+    llama.cpp keys entries); the unconditional backbone's entries carry the prefix `uncond.`, so one file serves
+    both backbones."""
+    from ..imatrix import UNCOND_PREFIX
+
+    name = model_mod.diffusers_to_original(f"{module}.weight")[0]
+    return (UNCOND_PREFIX + name) if component == "unconditional_transformer" else name
+
+
+class SquareSumObserver:
+    """Forward pre-hooks on every linear: per-column sums of squared inputs (llama-imatrix's collector). q, k and v
+    read the same input and are one fused `attention.qkv` weight in the GGUF: counted once, from to_q."""
+
+    def __init__(self, m: torch.nn.Module, component: str, accumulator):
+        self.acc = accumulator
+        self._handles = []
+        for name, mod in m.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not name.endswith(("attention.to_k", "attention.to_v")):
+                self._handles.append(mod.register_forward_pre_hook(self._hook(imatrix_key(component, name))))
+
+    def _hook(self, key: str):
+        def hook(mod, args):
+            self.acc.add(key, args[0].detach().float().cpu().numpy())
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def calibrate_imatrix(
+    source: str | None,
+    out: str | Path,
+    *,
+    components: list[str] | None = None,
+    inputs=None,
+    steps: int = 4,
+    tokens: int = 64,
+    grid: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+    revision: str | None = None,
+    token: str | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Record an importance matrix for every linear of both backbones (per-column sum of squared inputs and the
+    row counts over the calibration inputs) and write it in llama.cpp's GGUF imatrix format, for
+    `ideoquant gguf --imatrix` (and llama.cpp / stable-diffusion.cpp tools that map the names)."""
+    from .. import imatrix
+
+    reporter = reporter or Reporter()
+    device = check_device(device)
+    src = open_source(source, components=components, revision=revision, token=token)
+    first = next(iter(src.components.values()))
+    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
+    described = ins.info.get("path") or (f"ideoquant sample inputs: {ins.info.get('steps')} steps, "
+                                         f"{ins.info.get('tokens')} text tokens, grid {ins.info.get('grid')}, "
+                                         f"batch {ins.info.get('batch')}, seed {seed}")
+    acc = imatrix.Accumulator(datasets=[str(described)])
+    counts = {}
+    for c, comp in src.components.items():
+        calls = ins.for_component(c)
+        if not calls:
+            raise IdeoquantError(f"the inputs hold no calls of {c}")
+        task = f"imatrix/{c}"
+        reporter.start(task, len(calls))
+        m = source_model(comp, device)
+        obs = SquareSumObserver(m, c, acc)
+        with torch.no_grad():
+            for kw in calls:
+                m(**to_device(kw, device), return_dict=False)
+                reporter.advance(task, 1)
+        obs.remove()
+        reporter.finish(task)
+        counts[c] = len(calls)
+        free(m)
+        m = obs = None
+    result = acc.result()
+    out = Path(out)
+    imatrix.write_gguf(out, result)
+    return {"out": str(out), "bytes": out.stat().st_size, "entries": len(result.entries), "calls": counts,
+            "inputs": ins.info, "datasets": result.datasets}
