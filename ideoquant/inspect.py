@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from . import formats
+from .errors import IdeoquantError
+from .formats import catalog
 from .formats.gguf import gguf_recipe
 from .job import prepare
 from .plan import numel
@@ -18,8 +21,11 @@ GPU_BUDGET_GIB = 24 * 1e9 / GIB
 
 
 def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None, revision=None, components=None,
-            token=None) -> dict:
-    """The plan for `recipe` (default int8-w8a8; a GGUF plan when `qtype` is given or the recipe is a gguf one)."""
+            token=None, vram_gb: float | None = None) -> dict:
+    """The plan for `recipe` (default int8-w8a8; a GGUF plan when `qtype` is given or the recipe is a gguf one).
+
+    vram_gb: also list, for INT8 and every GGUF type, the size of both backbones and whether they fit on a card of
+    that size, all resident or one at a time (CPU offload)."""
     base = load_recipe(recipe) if recipe else None
     if qtype or (base and base.format == "gguf"):
         r, _ = gguf_recipe(qtype or base.type.lower(), recipe)
@@ -47,6 +53,7 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
             key = (t.dtype, t.reason)
             decisions[key] += 1
             sizes[key] += t.bytes_out
+    fit = _fit_table(src, float(vram_gb)) if vram_gb is not None else None
     weights = sum(c["bytes_out"] for c in comps.values()) / GIB
     largest = max(c["bytes_out"] for c in comps.values()) / GIB
     peak = weights + ACTIVATION_OVERHEAD_GIB
@@ -68,4 +75,23 @@ def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None,
             "note": f"weights of {len(comps)} backbone(s) resident + ~{ACTIVATION_OVERHEAD_GIB:.0f} GiB activations; "
                     "text encoder and VAE offloaded",
         },
+        "fit": fit,
     }
+
+
+def _fit_table(src, vram_gb: float) -> dict:
+    """Every output type's size for these backbones, and whether it fits `vram_gb` (decimal GB, as cards are sold)."""
+    if not 0 < vram_gb < 10_000:
+        raise IdeoquantError(f"--vram must be a card size in GB (e.g. 24), not {vram_gb:g}")
+    budget = vram_gb * 1e9 / GIB
+    rows = []
+    choices = [("int8-w8a8", None)] + [(None, t) for t in catalog.GGUF_TYPES]
+    for recipe_name, qtype in choices:
+        r = resolve(recipe_name) if recipe_name else gguf_recipe(qtype)[0]
+        fmt = formats.get(r.format)
+        sizes = [fmt.plan(c, r).bytes_out for c in src.components.values()]
+        weights, largest = sum(sizes) / GIB, max(sizes) / GIB
+        rows.append({"type": recipe_name or qtype, "format": r.format, "weights_gib": round(weights, 3),
+                     "fits": weights + ACTIVATION_OVERHEAD_GIB <= budget,
+                     "fits_with_offload": largest + ACTIVATION_OVERHEAD_GIB <= budget})
+    return {"vram_gb": vram_gb, "budget_gib": round(budget, 2), "types": rows}

@@ -24,13 +24,18 @@ def inspect(
     revision: Revision = None,
     token: Token = None,
     components: Components = [],
+    vram: Annotated[Optional[float], typer.Option(
+        "--vram", metavar="GB", min=0.1, max=10000,
+        help="List which types fit both backbones on a card of this size, with and without CPU offload.",
+        show_default=False)] = None,
     as_json: Json = False,
 ):
     """Show what a source holds and what a recipe would do to it, with sizes and GPU memory."""
     from ..inspect import inspect as api
 
     report = render.with_progress(lambda rep: api(source, recipe, qtype=getattr(qtype, "value", qtype),
-                                                  revision=revision, components=components or None, token=token),
+                                                  revision=revision, components=components or None, token=token,
+                                                  vram_gb=vram),
                                   as_json)
     if as_json:
         return render.print_json(report)
@@ -62,6 +67,16 @@ def inspect(
         verdict = "[green]fits[/green]" if g["fits_with_offload"] else "[red]does not fit[/red]"
         out.print(f"one backbone at a time (pipe.enable_model_cpu_offload()): "
                   f"{g['offload_peak_gib']:.2f} GiB → {verdict}")
+    if report["fit"]:
+        fit = report["fit"]
+        f = Table(title=f"what fits a {fit['vram_gb']:g} GB card (weights + ~3 GiB activations)", title_justify="left")
+        for col in ("type", "both backbones", "both resident", "one at a time (offload)"):
+            f.add_column(col, justify="left" if col == "type" else "right")
+        yes, no = "[green]fits[/green]", "[red]no[/red]"
+        for row in fit["types"]:
+            f.add_row(row["type"], f"{row['weights_gib']:.2f} GiB", yes if row["fits"] else no,
+                      yes if row["fits_with_offload"] else no)
+        out.print(f)
 
 
 @app.command()
