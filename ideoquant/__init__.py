@@ -27,7 +27,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _LAZY = {
     "convert": ".job",
     "convert_gguf": ".job",
-    "inspect": ".inspect",
+    "inspect": ".inspection",
     "verify": ".publish.verify",
     "upload": ".publish.upload",
     "evaluate": ".evaluation.evaluate",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import formats, manifest, model
@@ -71,13 +72,36 @@ def _model_index(src: Source) -> str:
     return json.dumps(index, indent=2) + "\n"
 
 
+@dataclass
+class Output:
+    """One output of a job: a recipe, its plans, the format's options, and where it goes in OUT ("" for OUT itself;
+    a subfolder when one pass writes several)."""
+
+    recipe: Recipe
+    plans: dict[str, ComponentPlan]
+    options: object = None
+    folder: str = ""
+    extra: dict | None = None
+
+
 def run(src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, *, overwrite: bool = False,
         options=None, threads: int | None = None, reporter: Reporter | None = None, extra: dict | None = None) -> dict:
     """Write every planned component with its format's sink, then the manifest; returns the manifest."""
-    fmt = formats.get(recipe.format)
+    return run_outputs(src, [Output(recipe, plans, options, "", extra)], out, overwrite=overwrite, threads=threads,
+                       reporter=reporter)[0]
+
+
+def run_outputs(src: Source, outputs: list[Output], out, *, overwrite: bool = False, threads: int | None = None,
+                reporter: Reporter | None = None) -> list[dict]:
+    """The streaming skeleton: every output's components, then each output's manifest. Outputs of one format that
+    can share reads (`write_components`) are written from one read of the source; returns the manifests."""
+    fmt = formats.get(outputs[0].recipe.format)
+    if any(o.recipe.format != fmt.name for o in outputs):
+        raise IdeoquantError("one pass writes outputs of one format")
     reporter = reporter or Reporter()
     out = Path(out)
-    check_free_space(out.parent if out.parent != Path("") else Path("."), sum(p.bytes_out for p in plans.values()))
+    check_free_space(out.parent if out.parent != Path("") else Path("."),
+                     sum(p.bytes_out for o in outputs for p in o.plans.values()))
     source_files = _source_files(src)
     with Hasher() as hasher, Pool(threads) as pool, staged_output(out, overwrite) as staging:
         # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded.
@@ -87,30 +111,47 @@ def run(src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, *, ov
                 src.file_hashes[rel] = known
             else:
                 hasher.add("source:" + rel, path)
-        records = {}
-        for name, plan in plans.items():
+        records: list[dict] = [{} for _ in outputs]
+        for o in outputs:
+            (staging / o.folder).mkdir(parents=True, exist_ok=True)
+        for name in outputs[0].plans:
+            plans = [o.plans[name] for o in outputs]
             t0 = time.perf_counter()
-            reporter.start(name, plan.bytes_in)
-            ahead = ReadAhead([s for t in plan.tensors for s in t.sources])
+            reporter.start(name, plans[0].bytes_in)
+            ahead = ReadAhead([s for t in plans[0].tensors for s in t.sources])
             try:
-                sink = formats.Sink(staging, pool, hasher, _ReadAheadReporter(reporter, ahead), src, recipe, options,
-                                    formats.BLOCK_ELEMENTS)
-                tensors, files = fmt.write_component(plan, sink)
+                sinks = [formats.Sink(staging / o.folder, pool, hasher, _ReadAheadReporter(reporter, ahead), src,
+                                      o.recipe, o.options, formats.BLOCK_ELEMENTS, f"{o.folder}/" if o.folder else "")
+                         for o in outputs]
+                if len(outputs) > 1 and hasattr(fmt, "write_components"):
+                    written = fmt.write_components(list(zip(plans, sinks)))
+                else:
+                    written = [fmt.write_component(p, s) for p, s in zip(plans, sinks)]
             finally:
                 ahead.close()
             reporter.finish(name)
-            records[name] = manifest.component_record(plan, tensors, files, time.perf_counter() - t0)
-        (staging / "model_index.json").write_text(_model_index(src))
-        hasher.add("model_index.json", staging / "model_index.json")
+            seconds = time.perf_counter() - t0
+            for k, (tensors, files) in enumerate(written):
+                records[k][name] = manifest.component_record(plans[k], tensors, files, seconds)
+        for o in outputs:
+            (staging / o.folder / "model_index.json").write_text(_model_index(src))
+            hasher.add(f"{o.folder}/model_index.json" if o.folder else "model_index.json",
+                       staging / o.folder / "model_index.json")
         hashes = hasher.results()
-        outputs = {k: v for k, v in sorted(hashes.items()) if not k.startswith("source:")}
         source = src.describe()
         source["files"] = {rel: {"size": p.stat().st_size,
                                  "sha256": src.file_hashes.get(rel) or hashes["source:" + rel]["sha256"]}
                            for rel, p in source_files.items()}
-        m = manifest.build(fmt.name, recipe.to_dict(), source, records, outputs, extra)
-        manifest.write(staging, m)
-    return m
+        manifests = []
+        for o, recs in zip(outputs, records):
+            prefix = f"{o.folder}/" if o.folder else ""
+            files = {k[len(prefix):]: v for k, v in sorted(hashes.items())
+                     if not k.startswith("source:") and k.startswith(prefix)
+                     and (prefix or not any(k.startswith(f"{x.folder}/") for x in outputs if x.folder))}
+            m = manifest.build(fmt.name, o.recipe.to_dict(), source, recs, files, o.extra)
+            manifest.write(staging / o.folder, m)
+            manifests.append(m)
+    return manifests
 
 
 def convert(

@@ -275,7 +275,7 @@ def test_cli_upload(hub_env, local_out):
 
 def test_inspect_hub_source_reads_headers_only(hub_env, seeded, source, tmp_path):
     """inspect plans a Hub repo from its configs and safetensors headers: no weights land in the cache."""
-    from ideoquant.inspect import inspect
+    from ideoquant.inspection import inspect
 
     repo, sha = seeded
     remote = inspect(repo, "int8-w8a8")

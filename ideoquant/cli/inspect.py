@@ -31,7 +31,7 @@ def inspect(
     as_json: Json = False,
 ):
     """Show what a source holds and what a recipe would do to it, with sizes and GPU memory."""
-    from ..inspect import inspect as api
+    from ..inspection import inspect as api
 
     report = render.with_progress(lambda rep: api(source, recipe, qtype=getattr(qtype, "value", qtype),
                                                   revision=revision, components=components or None, token=token,

@@ -157,3 +157,12 @@ def load() -> None:
     quantize_fp8(codes, scale, np.zeros(256, np.float32), qdata, scale, energy)
     max_magnitude_bits(bits.reshape(-1), np.uint16(0x7FFF))
     max_magnitude_bits(x.view(np.uint32).reshape(-1), np.uint32(0x7FFFFFFF))
+
+
+@_jit
+def widen_bf16(bits, out):
+    """bfloat16 bits [r, k] (uint16) -> float32 [r, k]: exact (the bits shifted into the high half)."""
+    o = out.view(np.uint32)
+    for i in range(bits.shape[0]):
+        for j in range(bits.shape[1]):
+            o[i, j] = np.uint32(bits[i, j]) << np.uint32(16)

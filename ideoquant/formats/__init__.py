@@ -35,6 +35,11 @@ class Sink:
     recipe: Any  # recipe.Recipe
     options: Any  # the format's own options object
     block_elements: int = BLOCK_ELEMENTS  # elements per row block: the unit of reading, encoding and memory
+    prefix: str = ""  # where this output sits in the job's folder ("Q4_K_M/" when one pass writes several)
+
+    def key(self, rel: str) -> str:
+        """The hasher key of a file of this output (its path in the job's folder)."""
+        return self.prefix + rel
 
 
 class Format(Protocol):
@@ -43,6 +48,9 @@ class Format(Protocol):
     def plan(self, component, recipe, layout: str): ...  # -> plan.ComponentPlan
 
     def write_component(self, plan, sink: Sink) -> tuple[list[dict], list[str]]: ...  # (tensor records, files)
+
+    # Optional: several outputs of one component from one read of the source (GGUF: one per type).
+    # def write_components(self, jobs: list[tuple[plan, Sink]]) -> list[tuple[list[dict], list[str]]]: ...
 
     def check_stored(self, folder: Path, name: str, comp: dict, manifest: dict) -> tuple[list[str], list[str]]: ...
 

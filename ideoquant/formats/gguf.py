@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from .. import __version__, manifest, model
-from ..encode import ggml
+from ..encode import ggml, kernels
 from ..encode.finite import check_finite
 from ..errors import IdeoquantError
 from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
 from ..recipe import Recipe, resolve
+from ..source import FileMaps
 from ..write.gguf import GGUFFile
 from . import CardText, Sink, catalog
 
@@ -188,23 +189,35 @@ class GGUFFormat:
     # ------------------------------------------------------------ sink
 
     def write_component(self, plan: ComponentPlan, sink: Sink) -> tuple[list[dict], list[str]]:
-        label = sink.options.label
-        name = plan.component.name
-        filename = gguf_filename(name, label)
-        f = GGUFFile(sink.staging / filename, ARCH, gguf_metadata(plan, sink.source, sink.recipe, label),
-                     [(t.name, t.shape, t.dtype) for t in plan.tensors])
+        return self.write_components([(plan, sink)])[0]
+
+    def write_components(self, jobs: list[tuple[ComponentPlan, Sink]]) -> list[tuple[list[dict], list[str]]]:
+        """One component written to several outputs (one per type) from one read of the source: each block is read,
+        checked and widened once, then encoded once per distinct type."""
+        name = jobs[0][0].component.name
+        files = []
         try:
-            records = _write_tensors(plan.tensors, f, name, sink)
-            f.close()
+            for plan, sink in jobs:
+                label = sink.options.label
+                files.append(GGUFFile(sink.staging / gguf_filename(name, label), ARCH,
+                                      gguf_metadata(plan, sink.source, sink.recipe, label),
+                                      [(t.name, t.shape, t.dtype) for t in plan.tensors]))
+            records = _write_tensors(jobs, files, name)
+            for f in files:
+                f.close()
         except BaseException:
-            f.abort()
+            for f in files:
+                f.abort()
             raise
-        sink.hasher.add(filename, sink.staging / filename)
-        folder = sink.staging / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(output_config(plan), indent=2, sort_keys=True) + "\n")
-        sink.hasher.add(f"{name}/config.json", folder / "config.json")
-        return records, [filename, f"{name}/config.json"]
+        results = []
+        for (plan, sink), f, recs in zip(jobs, files, records):
+            sink.hasher.add(sink.key(f.path.name), f.path)
+            folder = sink.staging / name
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps(output_config(plan), indent=2, sort_keys=True) + "\n")
+            sink.hasher.add(sink.key(f"{name}/config.json"), folder / "config.json")
+            results.append((recs, [f.path.name, f"{name}/config.json"]))
+        return results
 
     # ------------------------------------------------------------ verify
 
@@ -311,67 +324,151 @@ def gguf_metadata(plan: ComponentPlan, src, recipe: Recipe, label: str) -> dict:
     return kv
 
 
-def encode_block(block: torch.Tensor, dtype: str, imatrix: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor]:
-    """(flat uint8 bytes, the float values they decode to) for one block of rows of a GGUF tensor."""
-    if dtype == "F32":
-        kept = block.to(torch.float32).contiguous()
-        return kept.reshape(-1).view(torch.uint8).numpy(), kept
-    if dtype == "BF16" and block.dtype == torch.bfloat16:  # bf16 kept as bf16: the same bits, no conversion
-        kept = block.contiguous()
-        return kept.reshape(-1).view(torch.uint8).numpy(), kept
-    rows = block.reshape(-1, block.shape[-1]).to(torch.float32).contiguous().numpy()
-    q = ggml.encode(rows, dtype, imatrix)
-    return q.reshape(-1), torch.from_numpy(ggml.decode(q, dtype))
+SAMPLE_ROWS = 8  # rows per block whose error feeds the manifest's SQNR: a bounded sample, not a second pass
 
 
-def _write_tensors(tensors: list[TensorPlan], f: GGUFFile, component: str, sink: Sink) -> list[dict]:
-    """Every row block of every tensor encoded on the pool, in one stream; a tensor is written once its last block
-    is in (its encoded bytes are the memory bound)."""
-    stats = [ErrorStats() for _ in tensors]
-    importance: Importance | None = sink.options.importance
+class _Output:
+    """One output file of a component: its planned tensors, importance vectors, open file and running state."""
+
+    def __init__(self, plan: ComponentPlan, sink: Sink, f: GGUFFile, uncond: bool):
+        self.tensors, self.file, self.sink = plan.tensors, f, sink
+        importance: Importance | None = sink.options.importance
+        self.importance = importance
+        # ggml's importance vector per tensor, keyed by the original-layout name the imatrix tools use.
+        self.vectors = [importance.vector(model.diffusers_to_original(t.sources[0].name)[0], t.shape[-1], uncond)
+                        if importance is not None and t.quantize and ggml.has_imatrix_path(t.dtype) else None
+                        for t in plan.tensors]
+        self.stats = [ErrorStats() for _ in plan.tensors]
+        self.buffers: dict[int, np.ndarray] = {}
+        self.records: list[dict] = []
+
+    def row_bytes(self, i: int) -> int:
+        t = self.tensors[i]
+        return t.bytes_out // t.shape[0] if len(t.shape) > 1 else t.bytes_out
+
+
+def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile], component: str) -> list[list[dict]]:
+    """Every row block of every tensor encoded on the pool straight into its tensor's buffer (one per output), in one
+    stream; a tensor is written once its last block is in (its encoded bytes are the memory bound)."""
     uncond = component == "unconditional_transformer"
-    # ggml's importance vector per tensor, keyed by the original-layout name the imatrix tools use.
-    vectors = [importance.vector(model.diffusers_to_original(t.sources[0].name)[0], t.shape[-1], uncond)
-               if importance is not None and t.quantize and ggml.has_imatrix_path(t.dtype) else None
-               for t in tensors]
-    outs: dict[int, np.ndarray] = {}
-    pos = [0] * len(tensors)
-    records: list[dict] = []
+    outputs = [_Output(plan, sink, f, uncond) for (plan, sink), f in zip(jobs, files)]
+    first = outputs[0]
+    for o in outputs[1:]:
+        if [(t.name, t.shape) for t in o.tensors] != [(t.name, t.shape) for t in first.tensors]:
+            raise IdeoquantError("outputs of one pass must share the tensor layout (one --layout for every --type)")
+    pool, reporter = first.sink.pool, first.sink.reporter
+    remaining = [sum(1 for _ in row_blocks([t], first.sink.block_elements)) for t in first.tensors]
+    offsets: dict[tuple[int, int], int] = {}  # (tensor, source index) -> first row of that source in the tensor
+    for i, t in enumerate(first.tensors):
+        row = 0
+        for k, s in enumerate(t.sources):
+            offsets[i, k] = row
+            row += s.shape[0] if s.shape else 0
+    maps = FileMaps()
+    spare: list[np.ndarray] = []  # buffers of tensors already written, reused (no fresh page faults per tensor)
+
+    def take(nbytes: int) -> np.ndarray:
+        for j, b in enumerate(spare):
+            if b.size >= nbytes:
+                return spare.pop(j)[:nbytes]
+        return np.empty(nbytes, np.uint8)
+
+    def blocks():
+        for i, t in enumerate(first.tensors):
+            for o in outputs:
+                o.buffers[i] = take(o.tensors[i].bytes_out)
+            for k, s in enumerate(t.sources):
+                for rows in s.row_ranges(first.sink.block_elements):
+                    yield i, k, s, rows
 
     def encode(block):
-        i, src, rows = block
-        data = src.read(rows)
-        check_finite(tensors[i].name, data)
-        q, approx = encode_block(data, tensors[i].dtype, vectors[i])
-        s = ErrorStats()
-        s.add(data, approx)
-        return q, s, data.numel()
+        i, k, src, rows = block
+        ws = pool.workspace()
+        name = first.tensors[i].name
+        fp8 = src.scale is not None and rows is not None
+        if fp8:
+            shape = (rows[1] - rows[0], *src.shape[1:])
+            data = src.read(rows, maps, ws.take("fp8", shape, torch.float32), ws.take("fp8 index", shape, torch.int32))
+        else:
+            data = src.read(rows, maps)
+        check_finite(name, data)
+        x = _float32_rows(data, ws)
+        start = offsets[i, k] + (rows[0] if rows else 0)
+        done_types: dict[tuple, tuple[np.ndarray, float, float]] = {}
+        energies = []
+        for o in outputs:
+            t, vec = o.tensors[i], o.vectors[i]
+            rb = o.row_bytes(i)
+            dest = o.buffers[i][start * rb : start * rb + x.shape[0] * rb].reshape(x.shape[0], rb)
+            key = (t.dtype, id(vec))
+            if key in done_types:  # another output wants the same bytes: copy, do not encode again
+                dest[...] = done_types[key][0]
+                energies.append(done_types[key][1:])
+                continue
+            _encode_rows(data, x, t.dtype, vec, dest)
+            signal, noise = _sampled_error(x, dest, t.dtype)
+            done_types[key] = (dest, signal, noise)
+            energies.append((signal, noise))
+        maps.release(src, rows)
+        return energies, x.size
 
     def done(block, result) -> None:
-        i, src, _ = block
-        q, s, n = result
-        t = tensors[i]
-        out = outs.setdefault(i, np.empty(t.bytes_out, np.uint8))
-        out[pos[i] : pos[i] + q.size] = q
-        pos[i] += q.size
-        stats[i].add_energies(s.signal, s.noise)
-        sink.reporter.advance(component, src.nbytes * n // max(1, numel(src.shape)))
-        if pos[i] == out.size and _last_block(t, src, block):
-            f.write(t.name, outs.pop(i))
-            record = manifest.tensor_record(t, stats[i].sqnr_db)
-            if importance is not None and t.quantize:
-                record["imatrix"] = vectors[i] is not None  # False: not in the file, ggml's unweighted path
-            records.append(record)
+        i, _, src, _ = block
+        energies, n = result
+        reporter.advance(component, src.nbytes * n // max(1, numel(src.shape)))
+        remaining[i] -= 1
+        for o, (signal, noise) in zip(outputs, energies):
+            o.stats[i].add_energies(signal, noise)
+            if remaining[i] == 0:
+                t, buf = o.tensors[i], o.buffers.pop(i)
+                o.file.write(t.name, buf)
+                spare.append(buf.base if buf.base is not None else buf)
+                record = manifest.tensor_record(t, o.stats[i].sqnr_db)
+                if o.importance is not None and t.quantize:
+                    record["imatrix"] = o.vectors[i] is not None  # False: not in the file, ggml's unweighted path
+                o.records.append(record)
 
-    sink.pool.run(encode, row_blocks(tensors, sink.block_elements), done)
-    if len(records) != len(tensors):
-        raise RuntimeError(f"GGUF {component}: encoded {len(records)} of {len(tensors)} planned tensors")
-    return records
+    try:
+        pool.run(encode, blocks(), done)
+    finally:
+        maps.close()
+    for o in outputs:
+        if len(o.records) != len(o.tensors):
+            raise RuntimeError(f"GGUF {component}: encoded {len(o.records)} of {len(o.tensors)} planned tensors")
+    return [o.records for o in outputs]
 
 
-def _last_block(t: TensorPlan, src, block) -> bool:
-    rows = block[2]
-    return src is t.sources[-1] and (rows is None or rows[1] == src.shape[0])
+def _float32_rows(data: torch.Tensor, ws) -> np.ndarray:
+    """The block as float32 rows [r, cols] (a view when it already is; bf16 widened in this thread's buffer)."""
+    cols = data.shape[-1] if data.dim() else 1
+    if data.dtype == torch.float32:
+        return data.reshape(-1, cols).contiguous().numpy()
+    out = ws.take("f32", (data.numel() // cols, cols), torch.float32).numpy()
+    if data.dtype == torch.bfloat16:
+        kernels.widen_bf16(data.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(out.shape), out)
+    else:
+        out[...] = data.reshape(out.shape).numpy()
+    return out
+
+
+def _encode_rows(data: torch.Tensor, x: np.ndarray, dtype: str, vec, dest: np.ndarray) -> None:
+    """The GGUF bytes of these rows into `dest` [r, row bytes]."""
+    if dtype == "F32":
+        dest.view(np.float32)[...] = x
+    elif dtype == "BF16" and data.dtype == torch.bfloat16:  # bf16 kept as bf16: the same bits
+        dest.view(np.uint16)[...] = data.reshape(x.shape).contiguous().view(torch.int16).numpy().view(np.uint16)
+    else:
+        ggml.encode(x, dtype, vec, out=dest)
+
+
+def _sampled_error(x: np.ndarray, q: np.ndarray, dtype: str) -> tuple[float, float]:
+    """Signal and noise energies of at most SAMPLE_ROWS evenly spaced rows of the block (exact types: no noise)."""
+    if dtype == "F32":
+        return 0.0, 0.0
+    step = max(1, x.shape[0] // SAMPLE_ROWS)
+    ref = x[::step].astype(np.float64)
+    approx = ggml.decode(np.ascontiguousarray(q[::step]), dtype).astype(np.float64).reshape(ref.shape)
+    return float(np.square(ref).sum()), float(np.square(ref - approx).sum())
 
 
 FORMAT = GGUFFormat()

@@ -103,7 +103,7 @@ class Int8Format:
                 raise
             writer.close()
             weight_map.update({k: filename for n in group for k in slots[n]})
-            sink.hasher.add_known(f"{name}/{filename}", folder / filename, writer.sha256)
+            sink.hasher.add_known(sink.key(f"{name}/{filename}"), folder / filename, writer.sha256)
         files = [f"{name}/{f}" for f in filenames]
         if len(groups) > 1:
             total = sum(s.nbytes for d in slots.values() for s in d.values())
@@ -116,7 +116,7 @@ class Int8Format:
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files.append(f"{name}/config.json")
         for f in files[len(filenames):]:
-            sink.hasher.add(f, sink.staging / f)
+            sink.hasher.add(sink.key(f), sink.staging / f)
         return records, files
 
     # ------------------------------------------------------------ verify
