@@ -166,10 +166,15 @@ def convert_gguf(
     overwrite: bool = False,
     threads: int | None = None,
     reporter: Reporter | None = None,
+    arch: str = "ideogram4",
 ) -> dict:
-    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest."""
-    from .formats.gguf import Options
+    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest.
+    `arch` is written as `general.architecture`; the manifest records it and the layout's `warnings`."""
+    from .formats.gguf import Options, check_arch, layout_warnings
 
     r, label = gguf_recipe(qtype, recipe, type_rules, protect, no_protect)
+    check_arch(arch)
     src, plans = prepare(source, r, components=components, revision=revision, token=token, layout=layout)
-    return run(src, r, plans, out, overwrite=overwrite, options=Options(label), threads=threads, reporter=reporter)
+    extra = {"gguf": {"arch": arch, "layout": layout}, "warnings": layout_warnings(layout)}
+    return run(src, r, plans, out, overwrite=overwrite, options=Options(label, arch), threads=threads,
+               reporter=reporter, extra=extra)

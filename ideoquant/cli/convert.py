@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -14,16 +15,21 @@ from .options import (Components, DeviceOpt, GGUFType, Json, Layout, NoProtect, 
                       SourceArg, Threads, Token)
 
 
-def summary(m: dict, out: Path) -> None:
+def summary(m: dict, out: Path, wall: float | None = None) -> None:
+    """The table; `time` is each backbone's wall time from its first read to its last write (its source bytes per
+    second beside it), and `wall` the whole command's, start-up, hashing and manifest included."""
     t = Table(title=f"{m['kind'].upper()} → {out}", title_justify="left")
     for col in ("component", "tensors q/kept", "source", "output", "ratio", "min weight SQNR", "time"):
         t.add_column(col, justify="right" if col != "component" else "left")
     for name, c in m["components"].items():
         t.add_row(name, f"{c['tensors_quantized']}/{c['tensors_kept']}", render.human_bytes(c["bytes_in"]),
                   render.human_bytes(c["bytes_out"]), f"{c['bytes_out'] / c['bytes_in']:.2f}x",
-                  render.db(c["weight_sqnr_db_min"]), f"{c['seconds']:.1f} s")
+                  render.db(c["weight_sqnr_db_min"]), render.duration(c["seconds"], c["bytes_in"]))
     render.out_console.print(t)
+    if wall is not None:
+        render.out_console.print(f"total: {wall:.1f} s wall", highlight=False)
     render.out_console.print(f"manifest: {out / 'ideoquant.json'}", soft_wrap=True, highlight=False)
+    render.print_warnings(m)
 
 
 @app.command()
@@ -51,13 +57,14 @@ def convert(
     """Quantize both backbones to INT8 W8A8 (torchao format: stock diffusers loads it)."""
     from ..job import convert as api
 
+    t0 = time.perf_counter()
     with job_runtime():
         m = render.with_progress(lambda rep: api(
             source, out, recipe=recipe, protect=protect, no_protect=no_protect, components=components or None,
             revision=revision, token=token, overwrite=overwrite, device=getattr(device, "value", device),
             max_shard_size=max_shard_size, threads=threads, reporter=rep, smoothquant=smoothquant, alpha=alpha),
             as_json)
-    render.print_json(m) if as_json else summary(m, out)
+    render.print_json(m) if as_json else summary(m, out, time.perf_counter() - t0)
 
 
 @app.command()
@@ -75,6 +82,9 @@ def gguf(
     layout: Annotated[Layout, typer.Option(
         help="original: fused qkv, as ComfyUI and stable-diffusion.cpp name it; diffusers: diffusers names.")]
     = "original",
+    arch: Annotated[str, typer.Option("--arch", metavar="NAME", help=(
+        "general.architecture to write. Only ComfyUI-GGUF reads it: its PRs #455/#460 list ideogram4, #459 "
+        "ideogram; stable-diffusion.cpp and diffusers ignore it."))] = "ideogram4",
     components: Components = [],
     revision: Revision = None,
     token: Token = None,
@@ -82,12 +92,16 @@ def gguf(
     threads: Threads = None,
     as_json: Json = False,
 ):
-    """Write one GGUF per backbone, bit-exact with ggml's quantizers."""
+    """Write one GGUF per backbone, bytes equal to ggml's reference quantizers (no importance weights)."""
     from ..job import convert_gguf as api
 
+    t0 = time.perf_counter()
     with job_runtime():
         m = render.with_progress(lambda rep: api(
             source, out, qtype=getattr(qtype, "value", qtype), recipe=recipe, type_rules=type_rule, protect=protect,
             no_protect=no_protect, layout=getattr(layout, "value", layout), components=components or None,
-            revision=revision, token=token, overwrite=overwrite, threads=threads, reporter=rep), as_json)
-    render.print_json(m) if as_json else summary(m, out)
+            revision=revision, token=token, overwrite=overwrite, threads=threads, reporter=rep, arch=arch), as_json)
+    if as_json:
+        render.print_warnings(m)  # stderr: stdout stays one JSON document
+        return render.print_json(m)
+    summary(m, out, time.perf_counter() - t0)
