@@ -14,6 +14,10 @@ def test_convert_and_inspect_and_recipes(bf16_source, tmp_path):
     r = runner.invoke(app, ["convert", str(bf16_source), "--out", str(out), "--max-shard-size", "1MB"])
     assert r.exit_code == 0, r.output
     assert "transformer" in r.output and "ideoquant.json" in r.output
+    # Each backbone's time comes with its rate (a fast backbone reads as fast), and the command's wall time.
+    m = json.loads((out / "ideoquant.json").read_text())
+    assert m["components"]["transformer"]["seconds"] > 0
+    assert "iB/s" in r.output and "total:" in r.output and "s wall" in r.output
     assert (out / "transformer" / "config.json").exists()
 
     r = runner.invoke(app, ["convert", str(bf16_source), "--out", str(out), "--json", "--overwrite",
@@ -64,6 +68,13 @@ def test_gguf_command(bf16_source, tmp_path):
 
 
 def test_demo(tmp_path):
+    # Each pair of progress bars names its variant; speeds in binary units, as the tables.
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 0, r.output
+    for label in ("int8-w8a8", "gguf-q8_0", "gguf-q4_k", "gguf-q4_k_m"):
+        for c in ("transformer", "unconditional_transformer"):
+            assert f"{label}/{c} " in r.output, (label, c)
+    assert "iB/s" in r.output and "MB/s" not in r.output
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
