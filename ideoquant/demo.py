@@ -13,7 +13,28 @@ from .evaluation.runner import velocity
 from .job import convert, convert_gguf
 from .load import load_transformer
 from .metrics import sqnr_db
+from .progress import Reporter
 from .testing import TINY_CONFIG, build_checkpoint
+
+
+class LabelledReporter(Reporter):
+    """Passes reports on with task names prefixed by the variant (`int8/transformer`, `gguf-q4_k/transformer`), so
+    the demo's pairs of progress bars say which variant each belongs to."""
+
+    def __init__(self, inner: Reporter | None, label: str):
+        self.inner, self.label = inner or Reporter(), label
+
+    def _name(self, task: str) -> str:
+        return f"{self.label}/{task}"
+
+    def start(self, task: str, total: int) -> None:
+        self.inner.start(self._name(task), total)
+
+    def advance(self, task: str, n: int) -> None:
+        self.inner.advance(self._name(task), n)
+
+    def finish(self, task: str) -> None:
+        self.inner.finish(self._name(task))
 
 
 def run_demo(out: str | Path = "ideoquant-demo", reporter=None) -> dict:
@@ -30,11 +51,15 @@ def run_demo(out: str | Path = "ideoquant-demo", reporter=None) -> dict:
     out.mkdir(parents=True)
     (out / ".ideoquant-demo").write_text("made by `ideoquant demo`; safe to delete\n")
     source = build_checkpoint(out / "source", fmt="bf16")
+    def rep(label):
+        return LabelledReporter(reporter, label)
+
     runs = [
-        ("int8-w8a8", lambda: convert(source, out / "int8", reporter=reporter)),
-        ("gguf q8_0", lambda: convert_gguf(source, out / "gguf-q8_0", qtype="q8_0", reporter=reporter)),
-        ("gguf q4_k", lambda: convert_gguf(source, out / "gguf-q4_k", qtype="q4_k", reporter=reporter)),
-        ("gguf q4_k_m", lambda: convert_gguf(source, out / "gguf-q4_k_m", qtype="q4_k_m", reporter=reporter)),
+        ("int8-w8a8", lambda: convert(source, out / "int8", reporter=rep("int8-w8a8"))),
+        ("gguf q8_0", lambda: convert_gguf(source, out / "gguf-q8_0", qtype="q8_0", reporter=rep("gguf-q8_0"))),
+        ("gguf q4_k", lambda: convert_gguf(source, out / "gguf-q4_k", qtype="q4_k", reporter=rep("gguf-q4_k"))),
+        ("gguf q4_k_m", lambda: convert_gguf(source, out / "gguf-q4_k_m", qtype="q4_k_m",
+                                             reporter=rep("gguf-q4_k_m"))),
     ]
     variants = []
     refs = {c: Ideogram4Transformer2DModel.from_pretrained(source / c, torch_dtype=torch.bfloat16)

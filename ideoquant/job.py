@@ -195,7 +195,7 @@ def convert_gguf(
     source: str | None = None,
     out: str | Path = "ideogram4-gguf",
     *,
-    qtype: str | None = "q4_k",
+    qtype: str | list[str] | None = "q4_k",
     recipe: str | Recipe | None = None,
     type_rules=(),
     protect=(),
@@ -209,18 +209,33 @@ def convert_gguf(
     imatrix: str | Path | None = None,
     imatrix_convention: str = "llama",
     reporter: Reporter | None = None,
-) -> dict:
+    arch: str = "ideogram4",
+) -> dict | list[dict]:
     """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest.
 
-    qtype: a GGML type or a mixture (`formats.catalog.GGUF_TYPES`); None: the recipe's own type.
+    qtype: a GGML type or a mixture (`formats.catalog.GGUF_TYPES`); None: the recipe's own type. Several types
+    (a list, or "q4_k_m,q5_k_m,q8_0") are written in one pass, each block of the source read and widened once:
+    OUT then holds one complete output per type (`OUT/Q4_K_M/`, ...) and a list of their manifests is returned.
     imatrix: "ones" (stable-diffusion.cpp's converter: every weight 1.0) or an importance-matrix file (llama.cpp
     GGUF or `.dat`, or stable-diffusion.cpp's); ggml's weighted quantizers then use it, with the vector derived as
-    llama-quantize (`imatrix_convention="llama"`) or sd-cli (`"sdcpp"`) derives it."""
-    from .formats.gguf import Options, load_importance
+    llama-quantize (`imatrix_convention="llama"`) or sd-cli (`"sdcpp"`) derives it.
+    arch: written as `general.architecture`; the manifest records it and the layout's `warnings`."""
+    from .formats.gguf import Options, check_arch, layout_warnings, load_importance
 
-    r, label = gguf_recipe(qtype, recipe, type_rules, protect, no_protect)
+    types = [t.strip() for t in qtype.split(",")] if isinstance(qtype, str) else list(qtype or [None])
+    if len(types) > 1 and (len(set(t.lower() for t in types)) != len(types) or "" in types):
+        raise IdeoquantError(f"--type lists each type once: {','.join(types)}")
+    chosen = [gguf_recipe(t, recipe, type_rules, protect, no_protect) for t in types]
+    check_arch(arch)
     importance = load_importance(imatrix, imatrix_convention)
-    src, plans = prepare(source, r, components=components, revision=revision, token=token, layout=layout)
-    extra = {"imatrix": importance.record} if importance is not None else None
-    return run(src, r, plans, out, overwrite=overwrite, options=Options(label, importance), threads=threads,
-               reporter=reporter, extra=extra)
+    src = open_source(source, components=components, revision=revision, token=token)
+    fmt = formats.get("gguf")
+    outputs = []
+    for r, label in chosen:
+        extra = {"gguf": {"arch": arch, "layout": layout, "label": label}, "warnings": layout_warnings(layout)}
+        if importance is not None:
+            extra["imatrix"] = importance.record
+        plans = {name: fmt.plan(c, r, layout) for name, c in src.components.items()}
+        outputs.append(Output(r, plans, Options(label, importance, arch), label if len(chosen) > 1 else "", extra))
+    manifests = run_outputs(src, outputs, out, overwrite=overwrite, threads=threads, reporter=reporter)
+    return manifests if len(chosen) > 1 else manifests[0]

@@ -1,5 +1,11 @@
 """Load quantized backbones: INT8 output folders through stock diffusers, GGUF files through diffusers' GGUF
-machinery; and the same INT8 recipe applied at load time by diffusers (`pipeline_quantization_config`)."""
+machinery; and the same INT8 recipe applied at load time by diffusers (`pipeline_quantization_config`).
+
+A pipeline needs a *base*: the text encoder, tokenizer, VAE and scheduler, in diffusers layout, from a repo that stock
+diffusers can load. `ideogram-ai/ideogram-4-fp8` (the quantizer's default source) is not one: its backbones are fused
+FP8 and its text encoder is weight-only FP8 under `language_model.*` keys. The bases that work are in
+`BASE_PIPELINES`; the two backbones always come from the quantized output, so diffusers never downloads the base's.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,17 @@ from .encode import int8
 from .errors import IdeoquantError
 from .formats.gguf import KEY_CONFIG, read_metadata
 from .recipe import Recipe, load_recipe
+
+# The default base: the repo diffusers' own docs and examples load. Its text encoder is bitsandbytes NF4.
+DEFAULT_BASE_PIPELINE = "ideogram-ai/ideogram-4-nf4-diffusers"
+BF16_BASE_PIPELINE = "CalamitousFelicitousness/Ideogram-4-bf16-Diffusers"
+# What each base needs (the backbones are ideoquant's in every case).
+BASE_PIPELINES = {
+    DEFAULT_BASE_PIPELINE: "the official diffusers-layout release; its Qwen3-VL text encoder is bitsandbytes NF4, so "
+                           "it needs `pip install bitsandbytes` and a CUDA GPU",
+    BF16_BASE_PIPELINE: "a community diffusers-layout bf16 repack; no bitsandbytes, runs anywhere torch does, but the "
+                        "bf16 Qwen3-VL-8B text encoder is about 16 GB",
+}
 
 
 def load_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, device: str | None = None):
@@ -32,20 +49,37 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat
     return m.eval()
 
 
-def load_pipeline(quantized: str | Path, base: str = model.DEFAULT_SOURCE, compute_dtype=torch.bfloat16, **kwargs):
-    """An `Ideogram4Pipeline` from `base` (text encoder, VAE, scheduler) with both backbones from `quantized`:
-    an INT8 output folder, or a folder holding the two GGUF files ideoquant writes."""
+def load_pipeline(quantized: str | Path, base: str | Path = DEFAULT_BASE_PIPELINE, compute_dtype=torch.bfloat16,
+                  **kwargs):
+    """An `Ideogram4Pipeline` with both backbones from `quantized` (an INT8 output folder, or a folder holding the
+    two GGUF files ideoquant writes) and everything else from `base`: a diffusers-layout Ideogram 4 pipeline (Hub
+    repo id or folder; see `BASE_PIPELINES` for what each needs). `kwargs` go to `from_pretrained` (revision, ...)."""
     from diffusers import Ideogram4Pipeline
 
     quantized = Path(quantized)
-    backbones = {}
-    for c in model.COMPONENTS:
-        ggufs = sorted(quantized.glob(f"*-{c}-*.gguf"))
-        target = ggufs[0] if ggufs else quantized / c
-        if not ggufs and not (target / "config.json").is_file():
-            raise IdeoquantError(f"{quantized} holds no {c} (neither {c}/config.json nor *-{c}-*.gguf)")
-        backbones[c] = load_transformer(target, compute_dtype)
-    return Ideogram4Pipeline.from_pretrained(base, torch_dtype=compute_dtype, **backbones, **kwargs)
+    backbones = {c: load_transformer(backbone_path(quantized, c), compute_dtype) for c in model.COMPONENTS}
+    try:
+        return Ideogram4Pipeline.from_pretrained(base, torch_dtype=compute_dtype, **backbones, **kwargs)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise IdeoquantError(f"cannot load the base pipeline {base}: {' '.join(str(e).split())} "
+                             f"(a base is a diffusers-layout Ideogram 4 pipeline, e.g. {DEFAULT_BASE_PIPELINE}, "
+                             f"which needs bitsandbytes on CUDA, or {BF16_BASE_PIPELINE})") from None
+
+
+def backbone_path(quantized: str | Path, component: str) -> Path:
+    """The file or folder of one backbone in an ideoquant output: `<component>/` (INT8) or the one
+    `*-<component>-*.gguf` (any type label and layout suffix, e.g. `ideogram4-transformer-Q4_K-diffusers.gguf`)."""
+    quantized = Path(quantized)
+    ggufs = sorted(quantized.glob(f"*-{component}-*.gguf"))
+    if len(ggufs) > 1:
+        raise IdeoquantError(f"{quantized} holds {len(ggufs)} {component} GGUF files ({', '.join(f.name for f in ggufs)}); "
+                             "keep one type per folder")
+    if ggufs:
+        return ggufs[0]
+    if not (quantized / component / "config.json").is_file():
+        raise IdeoquantError(f"{quantized} holds no {component} (neither {component}/config.json nor "
+                             f"*-{component}-*.gguf)")
+    return quantized / component
 
 
 def load_gguf_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
@@ -106,6 +140,10 @@ def _logical_shape(t) -> tuple[int, ...]:
 
 def pipeline_quantization_config(recipe: str | Recipe = "int8-w8a8", config: dict | None = None):
     """A diffusers `PipelineQuantizationConfig` that quantizes both backbones with torchao like `convert` does.
+
+    Use it with a base that holds bf16 backbones in diffusers layout (not the FP8 release, not the NF4 repo):
+    `Ideogram4Pipeline.from_pretrained(BF16_BASE_PIPELINE, quantization_config=pipeline_quantization_config(),
+    torch_dtype=torch.bfloat16)`.
 
     `modules_to_not_convert` is the recipe's protected modules expanded against the model's config (default:
     the real Ideogram 4 shape), since diffusers matches them by name, not by glob.

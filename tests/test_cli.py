@@ -14,6 +14,10 @@ def test_convert_and_inspect_and_recipes(bf16_source, tmp_path):
     r = runner.invoke(app, ["convert", str(bf16_source), "--out", str(out), "--max-shard-size", "1MB"])
     assert r.exit_code == 0, r.output
     assert "transformer" in r.output and "ideoquant.json" in r.output
+    # Each backbone's time comes with its rate (a fast backbone reads as fast), and the command's wall time.
+    m = json.loads((out / "ideoquant.json").read_text())
+    assert m["components"]["transformer"]["seconds"] > 0
+    assert "iB/s" in r.output and "total:" in r.output and "s wall" in r.output
     assert (out / "transformer" / "config.json").exists()
 
     r = runner.invoke(app, ["convert", str(bf16_source), "--out", str(out), "--json", "--overwrite",
@@ -33,14 +37,44 @@ def test_convert_and_inspect_and_recipes(bf16_source, tmp_path):
 
 
 def test_gguf_command(bf16_source, tmp_path):
+    """--layout diffusers says so in the file names, the manifest's warnings and the output; --arch is written as
+    general.architecture (read back with gguf-py, not ideoquant)."""
+    import gguf
+
     out = tmp_path / "g"
     r = runner.invoke(app, ["gguf", str(bf16_source), "--out", str(out), "--type", "q8_0", "--layout", "diffusers"])
     assert r.exit_code == 0, r.output
-    assert (out / "ideogram4-transformer-Q8_0.gguf").exists()
-    assert (out / "ideogram4-unconditional_transformer-Q8_0.gguf").exists()
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["ideogram4-transformer-Q8_0-diffusers.gguf",
+                                                          "ideogram4-unconditional_transformer-Q8_0-diffusers.gguf"]
+    m = json.loads((out / "ideoquant.json").read_text())
+    assert len(m["warnings"]) == 1 and "wrong images" in m["warnings"][0] and m["gguf"]["layout"] == "diffusers"
+    assert "warning:" in r.output and "ComfyUI" in r.output and "wrong images" in r.output
+
+    def arch(path):
+        return gguf.GGUFReader(str(path)).fields["general.architecture"].contents()
+
+    assert arch(out / "ideogram4-transformer-Q8_0-diffusers.gguf") == "ideogram4"
+    out2 = tmp_path / "g2"
+    r = runner.invoke(app, ["gguf", str(bf16_source), "--out", str(out2), "--type", "q8_0", "--arch", "ideogram",
+                            "--components", "unconditional_transformer", "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["warnings"] == [] and m["gguf"] == {"arch": "ideogram", "layout": "original", "label": "Q8_0"}
+    assert "warning:" not in r.output
+    assert [p.name for p in out2.glob("*.gguf")] == ["ideogram4-unconditional_transformer-Q8_0.gguf"]
+    assert arch(out2 / "ideogram4-unconditional_transformer-Q8_0.gguf") == "ideogram"
+    r = runner.invoke(app, ["gguf", str(bf16_source), "--out", str(tmp_path / "g3"), "--arch", "Ideogram 4"])
+    assert r.exit_code == 2 and "not an architecture name" in r.output and not (tmp_path / "g3").exists()
 
 
 def test_demo(tmp_path):
+    # Each pair of progress bars names its variant; speeds in binary units, as the tables.
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 0, r.output
+    for label in ("int8-w8a8", "gguf-q8_0", "gguf-q4_k", "gguf-q4_k_m"):
+        for c in ("transformer", "unconditional_transformer"):
+            assert f"{label}/{c} " in r.output, (label, c)
+    assert "iB/s" in r.output and "MB/s" not in r.output
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)

@@ -32,8 +32,8 @@ def exports(bf16_source, tmp_path_factory):
     return out
 
 
-def _file(folder, component, label):
-    return folder / f"ideogram4-{component}-{label}.gguf"
+def _file(folder, component, label, layout="original"):
+    return folder / (f"ideogram4-{component}-{label}" + ("-diffusers" if layout == "diffusers" else "") + ".gguf")
 
 
 def test_metadata(exports, bf16_source):
@@ -77,7 +77,7 @@ def test_every_tensor_bytes_equal_encoder_of_source(exports, bf16_source, key):
     label = key[0].upper()
     src = open_source(str(bf16_source)).components
     for c in model.COMPONENTS:
-        reader = gguf.GGUFReader(_file(folder, c, label))
+        reader = gguf.GGUFReader(_file(folder, c, label, key[1]))
         records = {t["name"]: t for t in m["components"][c]["tensors"]}
         assert {t.name for t in reader.tensors} == set(records)
         for t in reader.tensors:
@@ -107,13 +107,33 @@ def test_every_tensor_bytes_equal_encoder_of_source(exports, bf16_source, key):
 
 def test_fused_qkv_and_layout_names(exports):
     orig = {t.name for t in gguf.GGUFReader(_file(exports["q4_k", "original"][0], "transformer", "Q4_K")).tensors}
-    diff = {t.name for t in gguf.GGUFReader(_file(exports["q4_k", "diffusers"][0], "transformer", "Q4_K")).tensors}
+    diff = {t.name for t in gguf.GGUFReader(_file(exports["q4_k", "diffusers"][0], "transformer", "Q4_K",
+                                                   "diffusers")).tensors}
     assert "layers.0.attention.qkv.weight" in orig and "layers.0.attention.o.weight" in orig
     assert "layers.0.attention.to_q.weight" not in orig
     assert {"layers.0.attention.to_q.weight", "layers.0.attention.to_out.0.weight"} <= diff
     r = gguf.GGUFReader(_file(exports["q4_k", "original"][0], "transformer", "Q4_K"))
     qkv = next(t for t in r.tensors if t.name == "layers.0.attention.qkv.weight")
     assert list(qkv.shape) == [256, 768]  # ggml order: ne0 = row length, ne1 = 3 * hidden rows
+
+
+def test_diffusers_layout_names_and_finders(exports):
+    """A diffusers-layout file says so in its name (and the manifest warns); load_pipeline's and eval's finders
+    still pick the files up, one variant per folder."""
+    from ideoquant.evaluation.variants import resolve_variants
+    from ideoquant.load import backbone_path
+
+    folder, m = exports["q4_k", "diffusers"]
+    assert sorted(p.name for p in folder.glob("*.gguf")) == [
+        "ideogram4-transformer-Q4_K-diffusers.gguf", "ideogram4-unconditional_transformer-Q4_K-diffusers.gguf"]
+    assert "wrong images" in m["warnings"][0] and exports["q4_k", "original"][1]["warnings"] == []
+    for c in model.COMPONENTS:
+        assert backbone_path(folder, c) == _file(folder, c, "Q4_K", "diffusers")
+        assert backbone_path(exports["q4_k", "original"][0], c) == _file(exports["q4_k", "original"][0], c, "Q4_K")
+    (v,) = resolve_variants([folder])
+    assert v.kind == "gguf" and v.paths == {c: str(_file(folder, c, "Q4_K", "diffusers")) for c in model.COMPONENTS}
+    (v,) = resolve_variants([_file(folder, "unconditional_transformer", "Q4_K", "diffusers")])
+    assert list(v.paths) == ["unconditional_transformer"]
 
 
 def test_decisions_protected_fallback_and_mixture(exports):
@@ -140,7 +160,7 @@ def test_load_transformer_close_to_source(exports, bf16_source, inputs, key):
     qtype = qtype.split("-")[0]
     folder, _ = exports[qtype, layout]
     for c in model.COMPONENTS:
-        q = ideoquant.load_transformer(_file(folder, c, qtype.upper()))
+        q = ideoquant.load_transformer(_file(folder, c, qtype.upper(), layout))
         from diffusers.quantizers.gguf.utils import GGUFLinear
         assert isinstance(q.layers[0].feed_forward.w1, GGUFLinear)
         sq = sqnr_db(velocity(load_reference(bf16_source, c), inputs), velocity(q, inputs))

@@ -227,7 +227,25 @@ def test_gguf_card(hub_env, source, tmp_path):
     assert "library_name" not in meta and meta["pipeline_tag"] == "text-to-image"
     assert {"gguf", "q4_k", "q6_k", "quantized", "ideogram4"} <= set(meta["tags"])
     assert 'hf_hub_download("me/ideogram4-gguf", "ideogram4-transformer-Q4_K.gguf")' in result["card"]
-    assert "stable-diffusion.cpp" in result["card"]
+    card = result["card"]
+    # What loads the files today, and the base pipeline (never the FP8 source repo) with what it needs.
+    assert "--uncond-diffusion-model" in card and "does not read `general.architecture`" in card
+    assert "`general.architecture = ideogram4`" in card and "#455" in card and "#459" in card
+    assert "without importance weights" not in card and "no importance weights" in card
+    assert 'from_pretrained(\n    "ideogram-ai/ideogram-4-nf4-diffusers",' in card and "bitsandbytes" in card
+    assert 'from_pretrained(\n    "ideogram-ai/ideogram-4-fp8"' not in card
+    assert "**Warning:**" not in card
+
+
+def test_gguf_card_diffusers_layout_and_arch(hub_env, source, tmp_path):
+    out = tmp_path / "gguf-d"
+    ideoquant.convert_gguf(source, out, qtype="q8_0", layout="diffusers", arch="ideogram",
+                           components=["transformer"])
+    card = upload(out, "me/ideogram4-gguf-d", dry_run=True, base="some/bf16-diffusers")["card"]
+    assert 'hf_hub_download("me/ideogram4-gguf-d", "ideogram4-transformer-Q8_0-diffusers.gguf")' in card
+    assert "**These files use diffusers tensor names**" in card and "**Warning:** --layout diffusers" in card
+    assert 'from_pretrained(\n    "some/bf16-diffusers",' in card and "come from `some/bf16-diffusers`" in card
+    assert "--uncond-diffusion-model" not in card
 
 
 def test_upload_to_branch_and_pr_keep_card(hub_env, local_out, tmp_path):
@@ -262,9 +280,11 @@ def test_cli_upload(hub_env, local_out):
 
     target = f"me/{_uid('cli')}"
     runner = CliRunner()
-    dry = runner.invoke(app, ["upload", str(local_out), "--repo-id", target, "--dry-run"])
+    dry = runner.invoke(app, ["upload", str(local_out), "--repo-id", target, "--dry-run",
+                              "--base", "CalamitousFelicitousness/Ideogram-4-bf16-Diffusers"])
     assert dry.exit_code == 0, dry.output
     assert "README.md" in dry.output and "license_name: ideogram-4-non-commercial" in dry.output
+    assert '"CalamitousFelicitousness/Ideogram-4-bf16-Diffusers",' in dry.output and "no bitsandbytes" in dry.output
     assert hub_env.hub.requests == []
 
     real = runner.invoke(app, ["upload", str(local_out), "--repo-id", target, "--json"])

@@ -64,17 +64,26 @@ def test_int8_ranks_the_fragile_layer_first(int8_report):
     assert abs(sum(u["noise_share"] for u in units) - 1) < 1e-3
 
 
-def test_written_recipe_protects_it(int8_report, fragile_source, tmp_path):
+def test_written_recipe_keeps_the_base_protections_and_adds(int8_report, fragile_source, tmp_path):
+    """int8-w8a8 already protects every w2 (the fragile one included) and final_layer.linear: the written recipe
+    keeps all of them and adds the two most fragile layers int8-w8a8 quantizes."""
+    fresh = [u["unit"] for u in int8_report["units"] if not u["protected_by_recipe"]]
+    assert FRAGILE not in fresh and len(fresh) == 23 - 3
     r = write_recipe(int8_report, tmp_path / "int8-fragile.toml", protect_top=2)
     assert r.name == "int8-fragile" and r.format == "int8"
-    assert r.protect == (FRAGILE, int8_report["units"][1]["unit"])
+    assert r.protect == ("layers.*.feed_forward.w2", "final_layer.linear", *fresh[:2])
     assert "ideoquant sensitivity" in r.source and "int8-w8a8" in r.description
     comp = open_source(str(fragile_source)).components["transformer"]
     plan = formats.get("int8").plan(comp, load_recipe(tmp_path / "int8-fragile.toml"))
-    assert FRAGILE in plan.protected and len(plan.protected) == 2
-    # A budget protects the longest prefix of the ranking that fits.
-    first = int8_report["units"][0]["extra_bytes"]
-    assert [u["unit"] for u in select(int8_report, budget_gb=first / 1e9)] == [FRAGILE]
+    dtypes = {t.name: t.dtype for t in plan.tensors}
+    for name in ["layers.0.feed_forward.w2", FRAGILE, "final_layer.linear", *fresh[:2]]:
+        assert dtypes[name + ".weight"] == "BF16", name
+    assert sorted(plan.protected) == sorted(["layers.0.feed_forward.w2", FRAGILE, "final_layer.linear", *fresh[:2]])
+    assert dtypes[fresh[2] + ".weight"] != "BF16"  # the next one stays quantized
+    # A budget protects the longest prefix of the (not yet protected) ranking that fits.
+    by = {u["unit"]: u for u in int8_report["units"]}
+    first = by[fresh[0]]["extra_bytes"]
+    assert [u["unit"] for u in select(int8_report, budget_gb=first / 1e9)] == [fresh[0]]
     assert select(int8_report, budget_gb=(first - 1) / 1e9) == []
     with pytest.raises(IdeoquantError, match="exactly one"):
         select(int8_report)
@@ -91,7 +100,9 @@ def test_gguf_groups_rank_w2_first_and_recipe_plans(fragile_source, tmp_path):
     assert r.type == "Q4_K" and dict(r.rules) == dict(load_recipe("gguf-q4_k_m").rules)
     comp = open_source(str(fragile_source)).components["transformer"]
     plan = formats.get("gguf").plan(comp, r)  # original layout
-    assert plan.protected == ["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
+    # gguf-q4_k_m's own final_layer.linear stays protected; the w2 group is added.
+    assert plan.protected == ["final_layer.linear", "layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
+    assert r.protect == ("final_layer.linear", "layers.*.feed_forward.w2")
 
 
 def test_cli_sensitivity(fragile_source, tmp_path):
@@ -101,8 +112,10 @@ def test_cli_sensitivity(fragile_source, tmp_path):
                                    "--protect-top", "1", "--plot", str(png), "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert rep["units"][0]["unit"] == FRAGILE and rep["written_recipe"]["protect"] == [FRAGILE]
-    assert load_recipe(out).protect == (FRAGILE,)
+    fresh = [u["unit"] for u in rep["units"] if not u["protected_by_recipe"]]
+    assert rep["units"][0]["unit"] == FRAGILE and rep["units"][0]["protected_by_recipe"]
+    expected = ["layers.*.feed_forward.w2", "final_layer.linear", fresh[0]]
+    assert rep["written_recipe"]["protect"] == expected and list(load_recipe(out).protect) == expected
     assert png.read_bytes()[:4] == b"\x89PNG"
     res = CliRunner().invoke(app, ["sensitivity", str(fragile_source), "--write-recipe", str(out)])
     assert res.exit_code == 2 and "--protect-top" in res.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -9,21 +10,27 @@ import typer
 from rich.table import Table
 
 from . import render
+from ..formats import catalog
 from .app import app, job_runtime
-from .options import (Components, Convention, DeviceOpt, GGUFType, Json, Layout, NoProtect, Overwrite, Protect, Revision,
+from .options import (Components, Convention, DeviceOpt, Json, Layout, NoProtect, Overwrite, Protect, Revision,
                       SourceArg, Threads, Token)
 
 
-def summary(m: dict, out: Path) -> None:
+def summary(m: dict, out: Path, wall: float | None = None) -> None:
+    """The table; `time` is each backbone's wall time from its first read to its last write (its source bytes per
+    second beside it), and `wall` the whole command's, start-up, hashing and manifest included."""
     t = Table(title=f"{m['kind'].upper()} → {out}", title_justify="left")
     for col in ("component", "tensors q/kept", "source", "output", "ratio", "min weight SQNR", "time"):
         t.add_column(col, justify="right" if col != "component" else "left")
     for name, c in m["components"].items():
         t.add_row(name, f"{c['tensors_quantized']}/{c['tensors_kept']}", render.human_bytes(c["bytes_in"]),
                   render.human_bytes(c["bytes_out"]), f"{c['bytes_out'] / c['bytes_in']:.2f}x",
-                  render.db(c["weight_sqnr_db_min"]), f"{c['seconds']:.1f} s")
+                  render.db(c["weight_sqnr_db_min"]), render.duration(c["seconds"], c["bytes_in"]))
     render.out_console.print(t)
+    if wall is not None:
+        render.out_console.print(f"total: {wall:.1f} s wall", highlight=False)
     render.out_console.print(f"manifest: {out / 'ideoquant.json'}", soft_wrap=True, highlight=False)
+    render.print_warnings(m)
 
 
 @app.command()
@@ -51,13 +58,14 @@ def convert(
     """Quantize both backbones to INT8 W8A8 (torchao format: stock diffusers loads it)."""
     from ..job import convert as api
 
+    t0 = time.perf_counter()
     with job_runtime():
         m = render.with_progress(lambda rep: api(
             source, out, recipe=recipe, protect=protect, no_protect=no_protect, components=components or None,
             revision=revision, token=token, overwrite=overwrite, device=getattr(device, "value", device),
             max_shard_size=max_shard_size, threads=threads, reporter=rep, smoothquant=smoothquant, alpha=alpha),
             as_json)
-    render.print_json(m) if as_json else summary(m, out)
+    render.print_json(m) if as_json else summary(m, out, time.perf_counter() - t0)
 
 
 @app.command()
@@ -65,7 +73,9 @@ def gguf(
     source: SourceArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder (created whole or not at all).")]
     = Path("ideogram4-gguf"),
-    qtype: Annotated[GGUFType, typer.Option("--type", help="GGML type, or a mixture (q4_k_m).")] = "q4_k",
+    qtype: Annotated[str, typer.Option(
+        "--type", metavar="TYPE[,TYPE...]", help="GGML type or mixture: " + ", ".join(catalog.GGUF_TYPES)
+        + ". Several, comma-separated, are written in one pass (OUT/<TYPE>/ each).")] = "q4_k",
     recipe: Annotated[Optional[str], typer.Option(metavar="RECIPE",
         help="Recipe name or path [default: gguf, or the mixture's recipe].", show_default=False)] = None,
     type_rule: Annotated[List[str], typer.Option(metavar="REGEX=TYPE",
@@ -75,6 +85,9 @@ def gguf(
     layout: Annotated[Layout, typer.Option(
         help="original: fused qkv, as ComfyUI and stable-diffusion.cpp name it; diffusers: diffusers names.")]
     = "original",
+    arch: Annotated[str, typer.Option("--arch", metavar="NAME", help=(
+        "general.architecture to write. Only ComfyUI-GGUF reads it: its PRs #455/#460 list ideogram4, #459 "
+        "ideogram; stable-diffusion.cpp and diffusers ignore it."))] = "ideogram4",
     components: Components = [],
     revision: Revision = None,
     token: Token = None,
@@ -88,13 +101,22 @@ def gguf(
         help="How the file's sums become ggml's weights: as llama-quantize or as sd-cli derives them.")] = "llama",
     as_json: Json = False,
 ):
-    """Write one GGUF per backbone, bit-exact with ggml's quantizers."""
+    """Write one GGUF per backbone, bytes equal to ggml's reference quantizers (no importance weights)."""
     from ..job import convert_gguf as api
 
+    t0 = time.perf_counter()
     with job_runtime():
         m = render.with_progress(lambda rep: api(
             source, out, qtype=getattr(qtype, "value", qtype), recipe=recipe, type_rules=type_rule, protect=protect,
             no_protect=no_protect, layout=getattr(layout, "value", layout), components=components or None,
             revision=revision, token=token, overwrite=overwrite, threads=threads, imatrix=imatrix,
-            imatrix_convention=getattr(imatrix_convention, "value", imatrix_convention), reporter=rep), as_json)
-    render.print_json(m) if as_json else summary(m, out)
+            imatrix_convention=getattr(imatrix_convention, "value", imatrix_convention), reporter=rep, arch=arch),
+            as_json)
+    manifests = m if isinstance(m, list) else [m]
+    if as_json:
+        for one in manifests:
+            render.print_warnings(one)  # stderr: stdout stays one JSON document
+        return render.print_json(m)
+    for one in manifests:
+        label = one.get("gguf", {}).get("label")
+        summary(one, out / label if isinstance(m, list) and label else out, time.perf_counter() - t0)

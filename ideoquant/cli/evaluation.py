@@ -83,8 +83,10 @@ def eval_(
 
 @app.command()
 def capture(
-    model: Annotated[str, typer.Argument(metavar="PIPELINE", help="An Ideogram 4 pipeline (Hub repo id or folder) with its text encoder.",
-                                         show_default=False)],
+    model: Annotated[Optional[str], typer.Argument(metavar="[PIPELINE]", help="Same as --base.",
+                                                   show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option("--base", metavar="PIPELINE", help=render.BASE_HELP,
+                                                show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Where to save the inputs.")]
     = Path("captured.safetensors"),
     prompt: Annotated[List[str], typer.Option(metavar="TEXT", help="Prompt (repeatable).")]
@@ -106,8 +108,11 @@ def capture(
     quiet_diffusers()
     from ..evaluation.inputs import capture_pipeline
 
+    if model and base and model != base:
+        raise IdeoquantError(f"two pipelines given ({model} and --base {base}): give one")
+    chosen = model or base or render.DEFAULT_BASE
     info = render.with_progress(lambda rep: capture_pipeline(
-        model, out, prompts=prompt, height=height, width=width, steps=steps, max_sequence_length=max_sequence_length,
+        chosen, out, prompts=prompt, height=height, width=width, steps=steps, max_sequence_length=max_sequence_length,
         guidance_scale=guidance_scale, seed=seed, device=_value(device), offload=offload, revision=revision),
         as_json, steps=True)
     if as_json:

@@ -12,6 +12,7 @@ from . import render
 from .app import EXIT_OK, EXIT_PROBLEMS, app, quiet_diffusers
 from .options import Json, Token
 
+
 Folder = Annotated[Path, typer.Argument(metavar="FOLDER", help="An ideoquant output folder.", show_default=False)]
 
 
@@ -50,6 +51,8 @@ def upload(
     keep_card: Annotated[bool, typer.Option(
         help="Keep the folder's own README.md instead of writing a model card.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Show files and the model card; send nothing.")] = False,
+    base: Annotated[Optional[str], typer.Option(metavar="PIPELINE", help=render.BASE_HELP + " Named in the model card's code.",
+                                                show_default=False)] = None,
     token: Token = None,
     as_json: Json = False,
 ):
@@ -59,7 +62,7 @@ def upload(
 
     result = api(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
                  commit_message=commit_message, dry_run=dry_run, keep_card=keep_card, token=token,
-                 progress=not as_json)
+                 progress=not as_json, base=base)
     if as_json:
         return render.print_json(result)
     t = Table(title=("dry run: would upload" if dry_run else "uploaded") + f" to {repo_id}", title_justify="left")

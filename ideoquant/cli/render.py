@@ -9,11 +9,19 @@ import json
 import sys
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
 from ..progress import Reporter
-from ..write.staging import human_bytes  # noqa: F401  (the one byte formatter, re-used here)
+from ..write.staging import human_bytes  # the one byte formatter, re-used here
+
+# The base pipeline (text encoder, tokenizer, VAE, scheduler); the same names as ideoquant.load, which this module
+# does not import (it pulls in torch).
+DEFAULT_BASE = "ideogram-ai/ideogram-4-nf4-diffusers"
+BASE_HELP = (f"Diffusers-layout Ideogram 4 pipeline for the text encoder, tokenizer, VAE and scheduler [default: "
+             f"{DEFAULT_BASE}: its text encoder is NF4, so bitsandbytes on CUDA; or a bf16 diffusers repack such as "
+             "CalamitousFelicitousness/Ideogram-4-bf16-Diffusers].")
 
 console = Console(stderr=True)
 out_console = Console()
@@ -37,10 +45,30 @@ class RichReporter(Reporter):
         self.progress.update(t, completed=self.progress.tasks[t].total)
 
 
+class BinarySpeedColumn(ProgressColumn):
+    """Bytes per second in the units of the tables (KiB/s, MiB/s); rich's TransferSpeedColumn is decimal (MB/s)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
+
+
 def byte_progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description:<26}"), BarColumn(), DownloadColumn(binary_units=True),
-                    TransferSpeedColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    return Progress(TextColumn("[bold]{task.description:<36}"), BarColumn(), DownloadColumn(binary_units=True),
+                    BinarySpeedColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=console, disable=not enabled)
+
+
+def duration(seconds: float, nbytes: int | None = None) -> str:
+    """`1.2 s`, with the rate when bytes are given (`0.1 s, 2.08 GiB/s`): a fast backbone reads as fast, not wrong."""
+    text = f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1000:.0f} ms"
+    return text + (f", {human_bytes(nbytes / seconds)}/s" if nbytes and seconds > 0 else "")
+
+
+def print_warnings(m: dict) -> None:
+    """A manifest's `warnings`, one line each on stderr."""
+    for w in m.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
 def step_progress(enabled: bool) -> Progress:

@@ -16,6 +16,7 @@ import torch
 from .. import model as model_mod
 from ..device import check_device
 from ..errors import IdeoquantError
+from ..load import BF16_BASE_PIPELINE, DEFAULT_BASE_PIPELINE
 
 KEY_CAPTURE = "ideoquant.capture"
 GUIDANCE = 7.0  # g in g * v_cond + (1 - g) * v_uncond, the pipeline's default
@@ -188,29 +189,37 @@ def capture(pipe, out: str | Path, *args, components=model_mod.COMPONENTS, **kwa
     return {k: v for k, v in info.items() if k != "index"} | {"path": str(out), "bytes": out.stat().st_size}
 
 
-def capture_pipeline(model: str, out: str | Path, *, prompts=("a red fox in fresh snow, photograph",),
-                     height: int = 512, width: int = 512, steps: int = 4, max_sequence_length: int = 256,
-                     guidance_scale: float = GUIDANCE, seed: int = 0, device: str = "cpu", offload: bool = False,
-                     revision: str | None = None) -> dict:
-    """Load an `Ideogram4Pipeline` (text encoder and VAE included: needs the real repo) and `capture` one generation.
+def capture_pipeline(base: str | Path = DEFAULT_BASE_PIPELINE, out: str | Path = "captured.safetensors", *,
+                     prompts=("a red fox in fresh snow, photograph",), height: int = 512, width: int = 512,
+                     steps: int = 4, max_sequence_length: int = 256, guidance_scale: float = GUIDANCE, seed: int = 0,
+                     device: str = "cpu", offload: bool = False, revision: str | None = None) -> dict:
+    """Load a whole `Ideogram4Pipeline` from `base` and `capture` one generation.
 
+    `base` is a diffusers-layout Ideogram 4 pipeline (Hub repo id or folder) that stock diffusers loads, text encoder
+    and VAE included: `ideogram-ai/ideogram-4-nf4-diffusers` (the default; bitsandbytes NF4 text encoder and
+    backbones, so a CUDA GPU with bitsandbytes) or a bf16 diffusers repack (`load.BF16_BASE_PIPELINE`; no
+    bitsandbytes). `ideogram-ai/ideogram-4-fp8` is not one (fused FP8 backbones, FP8 weight-only text encoder).
     Small sizes keep the file small: the text features are stored once, the latents once per step."""
     from diffusers import Ideogram4Pipeline
 
     device = check_device(device)
     try:
-        pipe = Ideogram4Pipeline.from_pretrained(model, torch_dtype=torch.bfloat16, revision=revision)
-    except (OSError, ValueError, TypeError, ImportError) as e:
+        pipe = Ideogram4Pipeline.from_pretrained(base, torch_dtype=torch.bfloat16, revision=revision)
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as e:
         msg = " ".join(str(e).split())
-        raise IdeoquantError(f"cannot load the pipeline {model}: {msg}") from None
+        raise IdeoquantError(f"cannot load the pipeline {base}: {msg} (capture needs a whole diffusers-layout "
+                             f"Ideogram 4 pipeline, e.g. {DEFAULT_BASE_PIPELINE} on CUDA with bitsandbytes, or "
+                             f"{BF16_BASE_PIPELINE})") from None
     if offload:
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
     generator = torch.Generator("cpu").manual_seed(seed)
-    return capture(pipe, out, prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, generator=generator,
-                   output_type="latent")
+    # A constant guidance scale replaces the pipeline's default per-step schedule (diffusers refuses both).
+    info = capture(pipe, out, prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, guidance_schedule=None, max_sequence_length=max_sequence_length,
+                   generator=generator, output_type="latent")
+    return info | {"base": str(base)}
 
 
 def load_captured(path: str | Path) -> Inputs:

@@ -8,8 +8,8 @@ per-token dynamic int8 activations included). GGUF recipes: the weight quantized
 included), which is what GGUFLinear computes with. The recipe's own protect list is ignored while measuring (every
 linear is measured) and reported beside the ranking.
 
-`write_recipe` turns a ranking into a recipe TOML that protects the most fragile units (top K, or as many as fit a
-budget of extra bf16 bytes).
+`write_recipe` turns a ranking into a recipe TOML: the measured recipe's own protections, plus the most fragile units
+it does not protect yet (top K, or as many as fit a budget of extra bf16 bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -193,10 +194,11 @@ def _linear_names(component) -> list[str]:
 
 
 def select(report: dict, protect_top: int | None = None, budget_gb: float | None = None) -> list[dict]:
-    """The most fragile units: the top K, or the longest prefix of the ranking whose extra bf16 bytes fit the budget."""
+    """The most fragile units the recipe does not already protect: the top K, or the longest prefix of that ranking
+    whose extra bf16 bytes fit the budget."""
     if (protect_top is None) == (budget_gb is None):
         raise IdeoquantError("give exactly one of --protect-top K and --budget-gb X")
-    ranked = [u for u in report["units"] if u["sqnr_db_min"] is not None]
+    ranked = [u for u in report["units"] if u["sqnr_db_min"] is not None and not u["protected_by_recipe"]]
     if protect_top is not None:
         if protect_top < 0:
             raise IdeoquantError("--protect-top must be 0 or more")
@@ -213,10 +215,21 @@ def select(report: dict, protect_top: int | None = None, budget_gb: float | None
 
 def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = None, budget_gb: float | None = None,
                  name: str | None = None):
-    """Write a recipe TOML protecting the most fragile units of `report`; returns it loaded (`load_recipe`)."""
+    """Write a recipe TOML that keeps every protection of the measured recipe and adds the most fragile units of
+    `report` it does not protect yet; returns it loaded (`load_recipe`).
+
+    Recipe files have no `no_protect`: a base recipe that carries one (overrides given through the API) is written
+    with its protected modules spelled out, which protects exactly the same modules."""
     path = Path(path)
     chosen = select(report, protect_top, budget_gb)
     base = report["recipe"]
+    added = [u["unit"] for u in chosen]
+    kept = list(base.get("protect", []))
+    if base.get("no_protect"):
+        modules = sorted({m for u in report["units"] for m in u["modules"]})
+        kept = [m for m in modules if any(fnmatchcase(m, p) for p in kept)
+                and not any(fnmatchcase(m, p) for p in base["no_protect"])]
+    protect = kept + [a for a in added if a not in kept]
     name = name or path.stem
     src = report["source"].get("repo_id") or report["source"].get("path") or report["source"].get("spec")
     how = f"top {protect_top}" if protect_top is not None else f"as many as fit {budget_gb:g} GB of extra bf16 weights"
@@ -225,8 +238,8 @@ def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = No
     inputs_txt = (f"captured inputs {inputs.get('path')}" if inputs.get("kind") == "captured" else
                   f"{inputs.get('steps')} sample steps, {inputs.get('tokens')} text tokens, "
                   f"{inputs['grid'][0]}x{inputs['grid'][1]} image grid, batch {inputs.get('batch')}")
-    description = (f"{base['name']} with the {len(chosen)} most fragile linear "
-                   f"{'groups' if report['group'] else 'layers'} kept in bf16 ({how}; "
+    description = (f"{base['name']} (its protections kept) with the {len(chosen)} most fragile linear "
+                   f"{'groups' if report['group'] else 'layers'} it quantized also kept in bf16 ({how}; "
                    f"+{extra / 1e6:.1f} MB over quantizing them), ranked by `ideoquant sensitivity`.")
     source = (f"ideoquant sensitivity on {src} ({', '.join(report['components'])}), {report['created']}: "
               f"{report['scheme']}, one {'group' if report['group'] else 'layer'} quantized at a time, ranked by "
@@ -238,7 +251,7 @@ def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = No
         f"format = {_toml_str(base['format'])}",
         f"description = {_toml_str(description)}",
         f"source = {_toml_str(source)}",
-        "protect = [" + "".join(f"\n    {_toml_str(u['unit'])}," for u in chosen) + ("\n]" if chosen else "]"),
+        "protect = [" + "".join(f"\n    {_toml_str(p)}," for p in protect) + ("\n]" if protect else "]"),
     ]
     if base["format"] == "gguf":
         lines.append(f"type = {_toml_str(base['type'])}")

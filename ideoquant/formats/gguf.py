@@ -24,9 +24,9 @@ from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_
 from ..recipe import Recipe, resolve
 from ..source import FileMaps
 from ..write.gguf import GGUFFile
-from . import CardText, Sink, catalog
+from . import CardText, Sink, catalog, usage
 
-ARCH = "ideogram4"
+ARCH = "ideogram4"  # general.architecture; ComfyUI-GGUF PRs #455/#460 list it, #459 lists "ideogram" (`--arch`)
 KEY_COMPONENT = "ideogram4.component"
 KEY_CONFIG = "ideogram4.diffusers_config"  # the component's diffusers config.json, as JSON text
 KEY_LAYOUT = "ideogram4.layout"
@@ -45,6 +45,29 @@ OTHER_DTYPE = "F32"  # norms, biases, the image-indicator embedding (small; F32 
 class Options:
     label: str  # names the files and the file type: Q4_K, Q4_K_M, ...
     importance: "Importance | None" = None  # importance weights for ggml's weighted quantizers
+    arch: str = ARCH  # written as general.architecture (only ComfyUI-GGUF reads it)
+
+
+# What a layout's files will not do, said when they are written (recorded in the manifest, printed by the CLI).
+LAYOUT_WARNINGS = {
+    "diffusers": "--layout diffusers: these GGUF files use diffusers tensor names (to_q/to_k/to_v/to_out.0). "
+                 "ComfyUI loads them with only 'missing/unexpected key' warnings and produces wrong images, "
+                 "ComfyUI-GGUF (with an ideogram4 entry) crashes in the forward pass, and stable-diffusion.cpp has "
+                 "no mapping for these names; only ideoquant.load_transformer (diffusers) runs them. Use the "
+                 "default --layout original for ComfyUI and stable-diffusion.cpp.",
+}
+
+
+def check_arch(arch: str) -> str:
+    """`general.architecture` as given: a short lowercase name (ideogram4, ideogram)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_.-]{0,63}", arch or ""):
+        raise IdeoquantError(f"--arch '{arch}' is not an architecture name (lowercase letters, digits, '_', '-', "
+                             "'.'; e.g. ideogram4 or ideogram)")
+    return arch
+
+
+def layout_warnings(layout: str) -> list[str]:
+    return [LAYOUT_WARNINGS[layout]] if layout in LAYOUT_WARNINGS else []
 
 
 @dataclass(frozen=True)
@@ -125,9 +148,10 @@ def read_metadata(path: str | Path) -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-def gguf_filename(component: str, label: str) -> str:
-    """`ideogram4-transformer-Q4_K.gguf`: names say component and type."""
-    return f"ideogram4-{component}-{label}.gguf"
+def gguf_filename(component: str, label: str, layout: str = "original") -> str:
+    """`ideogram4-transformer-Q4_K.gguf`: names say component and type, and a layout other than the original
+    (`ideogram4-transformer-Q4_K-diffusers.gguf`), which ComfyUI and stable-diffusion.cpp cannot use."""
+    return f"ideogram4-{component}-{label}" + ("" if layout == "original" else f"-{layout}") + ".gguf"
 
 
 def file_label(qtype_option: str) -> str:
@@ -199,7 +223,8 @@ class GGUFFormat:
         try:
             for plan, sink in jobs:
                 label = sink.options.label
-                files.append(GGUFFile(sink.staging / gguf_filename(name, label), ARCH,
+                files.append(GGUFFile(sink.staging / gguf_filename(name, label, plan.layout),
+                                      check_arch(getattr(sink.options, "arch", ARCH)),
                                       gguf_metadata(plan, sink.source, sink.recipe, label),
                                       [(t.name, t.shape, t.dtype) for t in plan.tensors]))
             records = _write_tensors(jobs, files, name)
@@ -257,34 +282,50 @@ class GGUFFormat:
 
     # ------------------------------------------------------------ model card
 
-    def card(self, m: dict, repo_id: str, base: str) -> CardText:
+    def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
+             call: dict | None = None) -> CardText:
         comps = list(m["components"])
         types = gguf_types(m)
         recipe = m.get("recipe", {})
         files = {c: _gguf_file(m["components"][c]) for c in comps}
-        lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline",
-                 "from huggingface_hub import hf_hub_download", "import ideoquant", ""]
-        for c in comps:
-            lines.append(f'{c} = ideoquant.load_transformer(hf_hub_download("{repo_id}", "{files[c]}"))')
-        args = "".join(f"    {c}={c},\n" for c in comps)
-        lines += [f'pipe = Ideogram4Pipeline.from_pretrained(\n    "{base}",\n{args}    torch_dtype=torch.bfloat16,\n)',
-                  'pipe.to("cuda")', "```", ""]
+        backbones = [f"{c} = ideoquant.load_transformer(hf_hub_download({usage.py(repo_id)}, {usage.py(files[c])}))"
+                     for c in comps]
+        code = usage.pipeline_snippet(["from diffusers import Ideogram4Pipeline",
+                                       "from huggingface_hub import hf_hub_download", "import ideoquant"],
+                                      backbones, comps, base, device, call)
+        lines = ["```python", code, "```", "",
+                 "Stock diffusers 0.42 cannot read an Ideogram 4 GGUF file (`from_single_file` does not support the "
+                 "class yet), so `ideoquant.load_transformer` builds each backbone with diffusers' own GGUF layers "
+                 "(`pip install ideoquant`); the weights stay quantized and are dequantized per layer at run time.",
+                 ""]
         layouts = {c["output_layout"] for c in m["components"].values()}
+        arch = m.get("gguf", {}).get("arch", ARCH)
         if layouts == {"original"}:
-            lines.append("The files use the original Ideogram 4 layout (fused `attention.qkv`, `attention.o`), so "
-                         "ComfyUI (with ComfyUI-GGUF) and stable-diffusion.cpp load them as well: one file per "
-                         "backbone, `transformer` is the conditional model and `unconditional_transformer` the "
-                         "unconditional one.")
+            lines += ["The files use the original Ideogram 4 layout (fused `attention.qkv`, `attention.o`), one file "
+                      "per backbone: `transformer` is the conditional model, `unconditional_transformer` the "
+                      "unconditional one.", "",
+                      "- **stable-diffusion.cpp** loads them: `--diffusion-model` (transformer) and "
+                      "`--uncond-diffusion-model` (unconditional_transformer). It recognises the model by its tensor "
+                      "names and does not read `general.architecture`.",
+                      f"- **ComfyUI** builds its Ideogram 4 model from these tensors, but needs ComfyUI-GGUF to read "
+                      f"GGUF, and ComfyUI-GGUF as released refuses architectures it does not list: these files say "
+                      f"`general.architecture = {arch}`, which its pull requests #455 and #460 add (#459 adds "
+                      f"`ideogram`; `ideoquant gguf --arch ideogram` writes that spelling).", ""]
         else:
-            lines.append("The files use diffusers tensor names; ComfyUI and stable-diffusion.cpp expect the original "
-                         "layout (`ideoquant gguf --layout original`).")
+            lines += ["**These files use diffusers tensor names** (`--layout diffusers`): only diffusers (through "
+                      "ideoquant) runs them. ComfyUI loads them with warnings and produces wrong images, and "
+                      "stable-diffusion.cpp does not map these names; use the original layout "
+                      "(`ideoquant gguf --layout original`) for those.", ""]
+        lines.append("The quantized bytes equal ggml's reference quantizers (`quantize_row_*_ref`, no importance "
+                     "weights). stable-diffusion.cpp's own converter uses ggml's weighted path with all-ones weights, "
+                     "so its K-quant bytes (Q4_K, Q5_K, Q6_K) differ slightly; Q8_0 bytes are identical.")
         rules = recipe.get("rules") or {}
         recipe_lines = [f"Base type `{recipe.get('type')}`"
                         + (", rules: " + ", ".join(f"`{r}` → {t}" for r, t in rules.items()) if rules else "") + ".",
                         ""]
         # library_name: none; the Hub detects GGUF from the files
         return CardText("GGUF " + ", ".join(t.upper() for t in types), ["gguf", *types], None, recipe_lines,
-                        "\n".join(lines))
+                        "\n".join(lines).rstrip())
 
 
 def gguf_types(m: dict) -> list[str]:

@@ -23,7 +23,7 @@ from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
 from ..source import FileMaps
 from ..write.safetensors import DTYPE_NAMES, ShardWriter, Slot, shard_groups
-from . import CardText, Sink
+from . import CardText, Sink, usage
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -221,19 +221,16 @@ class Int8Format:
 
     # ------------------------------------------------------------ model card
 
-    def card(self, m: dict, repo_id: str, base: str) -> CardText:
+    def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
+             call: dict | None = None) -> CardText:
         comps = list(m["components"])
-        lines = ["```python", "import torch", "from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel",
-                 ""]
-        for c in comps:
-            lines.append(f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    "{repo_id}", subfolder="{c}", '
-                         "torch_dtype=torch.bfloat16\n)")
-        args = "".join(f"    {c}={c},\n" for c in comps)
-        lines += [f'pipe = Ideogram4Pipeline.from_pretrained(\n    "{base}",\n{args}    torch_dtype=torch.bfloat16,\n)',
-                  'pipe.to("cuda")', "```", "",
-                  "Needs `diffusers>=0.42` and `torchao` (the weights are torchao's INT8 safetensors format; "
-                  "activations are quantized per token at run time). The text encoder, VAE and scheduler come "
-                  f"from `{base}`."]
+        backbones = [f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    {usage.py(repo_id)}, subfolder="{c}", '
+                     "torch_dtype=torch.bfloat16\n)" for c in comps]
+        code = usage.pipeline_snippet(["from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel"],
+                                      backbones, comps, base, device, call)
+        lines = ["```python", code, "```", "",
+                 "Needs `diffusers>=0.42`, `transformers` and `torchao` (the weights are torchao's INT8 safetensors "
+                 "format; activations are quantized per token at run time). Only stock diffusers is used."]
         # library_name: stock diffusers + torchao load it
         return CardText("INT8 W8A8 (torchao)", ["int8", "torchao", "w8a8"], "diffusers", [], "\n".join(lines))
 

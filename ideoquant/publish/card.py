@@ -11,6 +11,8 @@ from __future__ import annotations
 import yaml
 
 from .. import formats, model
+from ..formats import usage
+from ..load import BASE_PIPELINES, DEFAULT_BASE_PIPELINE
 from ..write.staging import human_bytes
 
 HUB = "https://huggingface.co"
@@ -37,9 +39,31 @@ def _license(source: dict, base: str | None) -> dict:
             "license_link": f"{HUB}/{base or model.DEFAULT_SOURCE}"}
 
 
-def _format_text(manifest: dict, repo_id: str = "") -> formats.CardText:
-    base = manifest.get("source", {}).get("repo_id") or model.DEFAULT_SOURCE
-    return formats.get(manifest["kind"]).card(manifest, repo_id, base)
+def _format_text(manifest: dict, repo_id: str = "", base: str | None = None, **snippet) -> formats.CardText:
+    """The format's card text; `base` is the pipeline the text encoder, tokenizer, VAE and scheduler come from (a
+    diffusers-layout repo: never the quantized source, which stock diffusers cannot load)."""
+    return formats.get(manifest["kind"]).card(manifest, repo_id, str(base or DEFAULT_BASE_PIPELINE), **snippet)
+
+
+def usage_code(manifest: dict, repo_id: str, base: str | None = None, *, device: str = usage.CARD_DEVICE,
+               call: dict | None = None) -> str:
+    """The Python code of the card's "Use" section. With the defaults it is exactly what the card shows; a test
+    runs it with a local base, `device="cpu"` and a tiny `call`."""
+    return usage.code_block(_format_text(manifest, repo_id, base, device=device, call=call).usage)
+
+
+def base_note(base: str | None) -> str:
+    """What the base pipeline is and what it needs."""
+    base = str(base or DEFAULT_BASE_PIPELINE)
+    need = BASE_PIPELINES.get(base)
+    others = [f"`{b}` ({why})" for b, why in BASE_PIPELINES.items() if b != base]
+    return (f"The text encoder, tokenizer, VAE and scheduler come from `{base}`"
+            + (f": {need}." if need else ", a diffusers-layout Ideogram 4 pipeline.")
+            + " The backbones are this repo's, so the base's own transformers are never downloaded."
+            + (" Any diffusers-layout Ideogram 4 pipeline works as the base, e.g. " + "; ".join(others) + "." if others
+               else "")
+            + f" `{model.DEFAULT_SOURCE}` does not: its transformers are fused FP8 and its text encoder is FP8 "
+              "weight-only, which stock diffusers and transformers cannot load.")
 
 
 def front_matter(manifest: dict) -> dict:
@@ -57,12 +81,14 @@ def front_matter(manifest: dict) -> dict:
     return meta
 
 
-def model_card(manifest: dict, repo_id: str) -> str:
+def model_card(manifest: dict, repo_id: str, base_pipeline: str | None = None) -> str:
+    """The card; `base_pipeline` is the pipeline its code loads the rest of Ideogram 4 from (default
+    `DEFAULT_BASE_PIPELINE`)."""
     source = manifest.get("source", {})
     recipe = manifest.get("recipe", {})
     base = source.get("repo_id")
     comps = manifest["components"]
-    text = _format_text(manifest, repo_id)
+    text = _format_text(manifest, repo_id, base_pipeline)
     what = text.what
     tool = manifest.get("tool", {})
 
@@ -105,7 +131,10 @@ def model_card(manifest: dict, repo_id: str) -> str:
         out.append(f"| `{name}` | {c['tensors_quantized']} / {c['tensors_kept']} | {_human(c['bytes_in'])} | "
                    f"{_human(after)} | {ratio} | {_db(c['weight_sqnr_db_min'])} | {_db(c['weight_sqnr_db_mean'])} |")
     out += ["", "SQNR compares each quantized weight with the source weight (higher is closer); it says nothing "
-                "directly about image quality.", "", "## Use", "", text.usage, ""]
+                "directly about image quality.", "", "## Use", "", text.usage, "", base_note(base_pipeline), ""]
+    warnings = manifest.get("warnings") or []
+    if warnings:
+        out += ["**Warning:** " + w for w in warnings] + [""]
 
     lic = _license(source, base)
     out += ["## License", ""]

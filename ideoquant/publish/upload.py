@@ -31,13 +31,16 @@ def _progress_bars(enabled: bool):
 
 def upload(folder, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
            commit_message: str | None = None, dry_run: bool = False, keep_card: bool = False,
-           token: str | None = None, progress: bool = True) -> dict:
+           token: str | None = None, progress: bool = True, base: str | None = None) -> dict:
     """Verify `folder`, then push exactly the files its manifest lists, the manifest and a model card in ONE commit.
 
     Nothing is sent when verification fails or with dry_run. The card is generated in memory (the verified folder
     is never modified); with keep_card an existing README.md in the folder is uploaded instead. Weight and config
     files already in the repo (at that revision) that this upload does not replace are deleted in the same commit,
     so a loader never mixes two uploads; other files (docs, images) stay.
+
+    base: the diffusers-layout pipeline the card's code loads the text encoder, tokenizer, VAE and scheduler from
+    (default `load.DEFAULT_BASE_PIPELINE`).
     """
     folder = Path(folder)
     result = verify(folder)
@@ -47,13 +50,14 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
         raise IdeoquantError(f"refusing to upload {folder}: verification failed: {shown}")
     m = manifest.read(folder)
     own = folder / "README.md"
-    card_text = own.read_text() if keep_card and own.is_file() else card.model_card(m, repo_id)
+    card_text = own.read_text() if keep_card and own.is_file() else card.model_card(m, repo_id, base)
     paths = sorted(m["files"]) + [manifest.MANIFEST]
     files = [{"path": p, "size": (folder / p).stat().st_size} for p in paths]
     files.append({"path": "README.md", "size": len(card_text.encode())})
     message = commit_message or f"Upload {m['kind'].upper()} quantization of {_base_name(m)} (ideoquant)"
     plan = {"repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr, "private": private,
             "commit_message": message, "files": files, "card": card_text, "dry_run": dry_run,
+            "base": str(base or card.DEFAULT_BASE_PIPELINE),
             "commit_url": None, "pr_url": None, "deleted": None}  # deleted: only known once the repo is listed
     if dry_run:
         return plan
