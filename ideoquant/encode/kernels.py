@@ -85,35 +85,46 @@ def _bits_to_float(b):
 
 
 @_jit
+def _widen_bf16_row(bits, wide):
+    """One bf16 row (uint16 bits) into float32 bits; returns the largest magnitude's bits (NaN and Inf above all)."""
+    m = np.uint16(0)
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        wide[j] = np.uint32(b) << np.uint32(16)  # bf16 is the top half of a float32
+        a = b & np.uint16(0x7FFF)  # magnitudes order as their bits do
+        m = a if a > m else m
+    return np.uint32(m) << np.uint32(16)
+
+
+@_jit
+def _copy_f32_row(x, y, bits):
+    """One float32 row into `y` (`bits` is its uint32 view); returns the largest magnitude's bits."""
+    m = np.uint32(0)
+    for j in range(x.shape[0]):
+        y[j] = x[j]
+        a = bits[j] & np.uint32(0x7FFFFFFF)
+        m = a if a > m else m
+    return m
+
+
+@_jit
 def quantize_bf16(bits, qdata, scale, energy):
     """bf16 rows given as their uint16 bits [r, k] -> qdata int8 [r, k], scale float32 [r], energy float64 [2, r]."""
-    rows, k = bits.shape
-    wide = np.empty(k, np.uint32)
+    wide = np.empty(bits.shape[1], np.uint32)
     y = wide.view(np.float32)
-    for r in range(rows):
-        m = np.uint16(0)
-        for j in range(k):
-            b = bits[r, j]
-            wide[j] = np.uint32(b) << np.uint32(16)  # bf16 is the top half of a float32
-            a = b & np.uint16(0x7FFF)  # magnitudes order as their bits do, NaN and Inf above all
-            m = a if a > m else m
-        scale[r], energy[0, r], energy[1, r] = _quantize_row(y, _bits_to_float(np.uint32(m) << np.uint32(16)),
-                                                            ROUND_BF16, qdata[r])
+    for r in range(bits.shape[0]):
+        absmax = _bits_to_float(_widen_bf16_row(bits[r], wide))
+        scale[r], energy[0, r], energy[1, r] = _quantize_row(y, absmax, ROUND_BF16, qdata[r])
 
 
 @_jit
 def quantize_f32(x, rounding, qdata, scale, energy):
     """float32 rows [r, k] (float32 weights, or fp16 ones widened with rounding=ROUND_F16) -> as `quantize_bf16`."""
-    rows, k = x.shape
-    y = np.empty(k, np.float32)
+    y = np.empty(x.shape[1], np.float32)
     bits = y.view(np.uint32)
-    for r in range(rows):
-        m = np.uint32(0)
-        for j in range(k):
-            y[j] = x[r, j]
-            a = bits[j] & np.uint32(0x7FFFFFFF)
-            m = a if a > m else m
-        scale[r], energy[0, r], energy[1, r] = _quantize_row(y, _bits_to_float(m), rounding, qdata[r])
+    for r in range(x.shape[0]):
+        absmax = _bits_to_float(_copy_f32_row(x[r], y, bits))
+        scale[r], energy[0, r], energy[1, r] = _quantize_row(y, absmax, rounding, qdata[r])
 
 
 @_jit

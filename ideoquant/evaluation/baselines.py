@@ -36,20 +36,26 @@ def _plain_bytes(m: torch.nn.Module, replaced: set[str]) -> int:
 
 
 @torch.no_grad()
+def _weight_only(component, device: str, fake_quantize):
+    """The source model with every linear weight replaced by fake_quantize(w) -> (dequantized w, bytes stored)."""
+    m = source_model(component, device)
+    nbytes, replaced = 0, set()
+    for name, mod in _linears(m):
+        mod.weight.data, stored = fake_quantize(mod.weight)
+        nbytes += stored
+        replaced.add(name + ".weight")
+    return m, nbytes + _plain_bytes(m, replaced)
+
+
 def fp8_model(component, device: str = "cpu"):
     """FP8 e4m3 per-row weight-only (diffusers' BFL fp8r scheme) on every linear weight."""
     from diffusers.quantizers.bfl.utils import dequantize_fp8r, quantize_fp8r
 
-
-    m = source_model(component, device)
-    nbytes, replaced = 0, set()
-    for name, mod in _linears(m):
-        w = mod.weight
+    def fake_quantize(w):
         q, scale = quantize_fp8r(w.float())
-        mod.weight.data = dequantize_fp8r(q, scale).to(w.dtype)
-        nbytes += q.numel() * q.element_size() + scale.numel() * scale.element_size()
-        replaced.add(name + ".weight")
-    return m, nbytes + _plain_bytes(m, replaced)
+        return dequantize_fp8r(q, scale).to(w.dtype), q.numel() * q.element_size() + scale.numel() * scale.element_size()
+
+    return _weight_only(component, device, fake_quantize)
 
 
 def nf4_quantize(weight: torch.Tensor, blocksize: int = NF4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,19 +89,15 @@ def nf4_dequantize(idx: torch.Tensor, absmax: torch.Tensor, shape, dtype=torch.b
     return (vals * absmax[:, None]).to(dtype).reshape(-1)[:n].reshape(shape)
 
 
-@torch.no_grad()
 def nf4_model(component, device: str = "cpu"):
     """NF4 blockwise 4-bit (bitsandbytes' scheme, block 64) on every linear weight."""
 
-    m = source_model(component, device)
-    nbytes, replaced = 0, set()
-    for name, mod in _linears(m):
-        w = mod.weight
+    def fake_quantize(w):
         idx, absmax = nf4_quantize(w)
-        mod.weight.data = nf4_dequantize(idx, absmax, w.shape, w.dtype)
-        nbytes += (idx.numel() + 1) // 2 + absmax.numel() * 4  # two codes per byte, float32 absmax per block
-        replaced.add(name + ".weight")
-    return m, nbytes + _plain_bytes(m, replaced)
+        # two codes per byte, float32 absmax per block
+        return nf4_dequantize(idx, absmax, w.shape, w.dtype), (idx.numel() + 1) // 2 + absmax.numel() * 4
+
+    return _weight_only(component, device, fake_quantize)
 
 
 @torch.no_grad()

@@ -23,9 +23,33 @@ from ..formats.smoothquant import KEY_STATS
 from ..manifest import tool_versions
 from ..progress import Reporter
 from ..recipe import resolve
-from ..source import open_source
-from .inputs import make_inputs
+from .inputs import open_with_inputs
 from .runner import free, source_model, to_device
+
+
+def observed_runs(src, ins, device: str, reporter: Reporter, what: str, attach):
+    """Run each source backbone on its calibration calls with an observer (`attach(model, component)`, which hooks
+    the model; `.remove()` unhooks it); yields (component, calls, observer) once the calls have run. One backbone
+    is in memory at a time."""
+    for c, comp in src.components.items():
+        calls = ins.for_component(c)
+        if not calls:
+            raise IdeoquantError(f"the inputs hold no calls of {c}")
+        task = f"{what}/{c}"
+        reporter.start(task, len(calls))
+        m = source_model(comp, device)
+        obs = attach(m, c)
+        try:
+            with torch.no_grad():
+                for kw in calls:
+                    m(**to_device(kw, device), return_dict=False)
+                    reporter.advance(task, 1)
+        finally:
+            obs.remove()
+        reporter.finish(task)
+        free(m)
+        m = None
+        yield c, calls, obs
 
 
 class AbsMaxObserver:
@@ -69,17 +93,9 @@ def calibrate(
     recipe="int8-w8a8",
     protect=(),
     no_protect=(),
-    components: list[str] | None = None,
-    inputs=None,
-    steps: int = 4,
-    tokens: int = 64,
-    grid: int = 16,
-    batch: int = 2,
-    seed: int = 0,
-    device: str = "cpu",
-    revision: str | None = None,
-    token: str | None = None,
-    reporter: Reporter | None = None,
+    components: list[str] | None = None, inputs=None,
+    device: str = "cpu", revision: str | None = None, token: str | None = None, reporter: Reporter | None = None,
+    **sample,
 ) -> dict:
     """Record per-input-channel activation absmax for every linear the recipe quantizes; write `out` (safetensors)."""
     from safetensors.torch import save_file
@@ -89,26 +105,14 @@ def calibrate(
     r = resolve(recipe, protect, no_protect)
     if r.format != "int8":
         raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; SmoothQuant applies to INT8 W8A8")
-    src = open_source(source, components=components, revision=revision, token=token)
-    first = next(iter(src.components.values()))
-    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
+    src, ins = open_with_inputs(source, inputs, components=components, revision=revision, token=token,
+                                **sample)
     tensors: dict[str, torch.Tensor] = {}
     summary: dict[str, dict] = {}
-    for c, comp in src.components.items():
-        calls = ins.for_component(c)
-        if not calls:
-            raise IdeoquantError(f"the inputs hold no calls of {c}")
-        modules = quantized_modules(comp, r)
-        task = f"calibrate/{c}"
-        reporter.start(task, len(calls))
-        m = source_model(comp, device)
-        obs = AbsMaxObserver(m, modules)
-        with torch.no_grad():
-            for kw in calls:
-                m(**to_device(kw, device), return_dict=False)
-                reporter.advance(task, 1)
-        obs.remove()
-        reporter.finish(task)
+    modules_of = {c: quantized_modules(comp, r) for c, comp in src.components.items()}
+    for c, calls, obs in observed_runs(src, ins, device, reporter, "calibrate",
+                                       lambda m, c: AbsMaxObserver(m, modules_of[c])):
+        modules = modules_of[c]
         never = [n for n in modules if n not in obs.absmax]
         if never:
             raise IdeoquantError(f"{c}: {never[0]} never ran on these inputs")
@@ -118,8 +122,6 @@ def calibrate(
         worst = sorted(ratios, key=ratios.get, reverse=True)[:5]
         summary[c] = {"modules": len(modules), "calls": len(calls), "rows": obs.rows[modules[0]] if modules else 0,
                       "outlier_ratio": {n: round(ratios[n], 2) for n in worst}}
-        free(m)
-        m = obs = None
     provenance = {
         "source": src.describe(),
         "recipe": r.name,
@@ -177,17 +179,9 @@ def calibrate_imatrix(
     source: str | None,
     out: str | Path,
     *,
-    components: list[str] | None = None,
-    inputs=None,
-    steps: int = 4,
-    tokens: int = 64,
-    grid: int = 16,
-    batch: int = 2,
-    seed: int = 0,
-    device: str = "cpu",
-    revision: str | None = None,
-    token: str | None = None,
-    reporter: Reporter | None = None,
+    components: list[str] | None = None, inputs=None,
+    device: str = "cpu", revision: str | None = None, token: str | None = None, reporter: Reporter | None = None,
+    **sample,
 ) -> dict:
     """Record an importance matrix for every linear of both backbones (per-column sum of squared inputs and the
     row counts over the calibration inputs) and write it in llama.cpp's GGUF imatrix format, for
@@ -196,31 +190,13 @@ def calibrate_imatrix(
 
     reporter = reporter or Reporter()
     device = check_device(device)
-    src = open_source(source, components=components, revision=revision, token=token)
-    first = next(iter(src.components.values()))
-    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
-    described = ins.info.get("path") or (f"ideoquant sample inputs: {ins.info.get('steps')} steps, "
-                                         f"{ins.info.get('tokens')} text tokens, grid {ins.info.get('grid')}, "
-                                         f"batch {ins.info.get('batch')}, seed {seed}")
+    src, ins = open_with_inputs(source, inputs, components=components, revision=revision, token=token,
+                                **sample)
+    described = ins.info.get("path") or ("ideoquant sample inputs: " + ", ".join(
+        f"{k} {ins.info[k]}" for k in ("steps", "tokens", "grid", "batch", "seed") if k in ins.info))
     acc = imatrix.Accumulator(datasets=[str(described)])
-    counts = {}
-    for c, comp in src.components.items():
-        calls = ins.for_component(c)
-        if not calls:
-            raise IdeoquantError(f"the inputs hold no calls of {c}")
-        task = f"imatrix/{c}"
-        reporter.start(task, len(calls))
-        m = source_model(comp, device)
-        obs = SquareSumObserver(m, c, acc)
-        with torch.no_grad():
-            for kw in calls:
-                m(**to_device(kw, device), return_dict=False)
-                reporter.advance(task, 1)
-        obs.remove()
-        reporter.finish(task)
-        counts[c] = len(calls)
-        free(m)
-        m = obs = None
+    counts = {c: len(calls) for c, calls, _ in observed_runs(src, ins, device, reporter, "imatrix",
+                                                                lambda m, c: SquareSumObserver(m, c, acc))}
     result = acc.result()
     out = Path(out)
     imatrix.write_gguf(out, result)

@@ -26,8 +26,7 @@ from .. import model as model_mod
 from ..device import check_device
 from ..errors import IdeoquantError
 from ..progress import Reporter
-from ..source import open_source
-from .inputs import GUIDANCE, Inputs, make_inputs
+from .inputs import GUIDANCE, Inputs, open_with_inputs
 from .runner import LayerTaps, compare, free, guided, source_model, stored_bytes, velocities
 from .variants import BASELINES, baseline_variants, resolve_variants
 
@@ -42,17 +41,10 @@ def evaluate(
     baselines=BASELINES,
     components: list[str] | None = None,
     inputs: str | Path | Inputs | None = None,
-    steps: int = 4,
-    tokens: int = 64,
-    grid: int = 16,
-    batch: int = 2,
-    seed: int = 0,
     guidance: float = GUIDANCE,
     layer_rows: int = 64,
-    device: str = "cpu",
-    revision: str | None = None,
-    token: str | None = None,
-    reporter: Reporter | None = None,
+    device: str = "cpu", revision: str | None = None, token: str | None = None, reporter: Reporter | None = None,
+    **sample,
 ) -> dict:
     """Evaluate quantized outputs (and baselines) against the source on the same inputs. See the module docstring."""
 
@@ -62,9 +54,8 @@ def evaluate(
     if not variants:
         raise IdeoquantError("nothing to evaluate: give quantized outputs, or keep the baselines")
     wanted = components or [c for c in model_mod.COMPONENTS if any(c in v.paths for v in variants)]
-    src = open_source(source, components=wanted, revision=revision, token=token)
-    first = next(iter(src.components.values()))
-    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
+    src, ins = open_with_inputs(source, inputs, components=wanted, revision=revision, token=token,
+                                **sample)
     for c in wanted:
         if not ins.for_component(c):
             raise IdeoquantError(f"the inputs hold no calls of {c}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import model as model_mod
+from .. import sidecar
 from ..device import check_device
 from ..errors import IdeoquantError
 from ..load import BF16_BASE_PIPELINE, DEFAULT_BASE_PIPELINE
@@ -224,20 +225,7 @@ def capture_pipeline(base: str | Path = DEFAULT_BASE_PIPELINE, out: str | Path =
 
 def load_captured(path: str | Path) -> Inputs:
     """Inputs recorded by `capture`: the i-th call of each backbone forms step i."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise IdeoquantError(f"no such inputs file: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if KEY_CAPTURE not in meta:
-                raise IdeoquantError(f"{path} was not written by `ideoquant capture` (no {KEY_CAPTURE} metadata)")
-            info = json.loads(meta[KEY_CAPTURE])
-            stored = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise IdeoquantError(f"cannot read {path}: {e}") from None
+    info, stored = sidecar.read(path, KEY_CAPTURE, "inputs", "ideoquant capture")
     steps = max(len(v) for v in info["index"].values())
     calls: list[dict] = [{} for _ in range(steps)]
     for component, entries in info["index"].items():
@@ -246,3 +234,13 @@ def load_captured(path: str | Path) -> Inputs:
     desc = {"kind": "captured", "path": str(path), "pipeline": info.get("pipeline"),
             "calls": info["calls"], "call_kwargs": info.get("call_kwargs", {})}
     return Inputs(calls, desc)
+
+
+def open_with_inputs(source, inputs=None, *, components=None, revision=None, token=None, **sample):
+    """The source (headers) and the evaluation inputs for it: `inputs` (recorded, or an Inputs), else sample calls
+    shaped by the first backbone's config (`sample`: steps, tokens, grid, batch, seed; see `sample_calls`)."""
+    from ..source import open_source
+
+    src = open_source(source, components=components, revision=revision, token=token)
+    first = next(iter(src.components.values()))
+    return src, make_inputs(first.config, inputs, **sample)

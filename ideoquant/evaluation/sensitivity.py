@@ -32,8 +32,7 @@ from ..encode import ggml, int8
 from ..errors import IdeoquantError
 from ..progress import Reporter
 from ..recipe import load_recipe, resolve
-from ..source import open_source
-from .inputs import make_inputs
+from .inputs import open_with_inputs
 from .runner import compare, free, source_model, velocities
 
 _LAYER = re.compile(r"^layers\.\d+\.")
@@ -108,29 +107,24 @@ def sensitivity(
     *,
     qtype: str | None = None,
     group: bool = False,
-    components: list[str] | None = None,
-    inputs=None,
-    steps: int = 2,
-    tokens: int = 64,
-    grid: int = 16,
-    batch: int = 2,
-    seed: int = 0,
+    components: list[str] | None = None, inputs=None,
     device: str = "cpu",
     threads: int | None = None,
     revision: str | None = None,
     token: str | None = None,
     reporter: Reporter | None = None,
+    **sample,
 ) -> dict:
     """Rank linear layers (or groups) by the end-to-end velocity SQNR with only that unit quantized (lowest first).
     `qtype` overrides a GGUF recipe's base type (q8_0, q4_k, q5_k, q6_k)."""
     reporter = reporter or Reporter()
+    sample.setdefault("steps", 2)
     device = check_device(device)
     r = resolve(recipe, qtype=qtype)
     if qtype and r.format != "gguf":
         raise IdeoquantError(f"--type applies to gguf recipes; '{r.name}' is an {r.format} recipe")
-    src = open_source(source, components=components or list(model_mod.COMPONENTS), revision=revision, token=token)
-    first = next(iter(src.components.values()))
-    ins = make_inputs(first.config, inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, seed=seed)
+    src, ins = open_with_inputs(source, inputs, components=components or list(model_mod.COMPONENTS),
+                                revision=revision, token=token, **sample)
 
     units: dict[str, dict] = {}
     for c, comp in src.components.items():

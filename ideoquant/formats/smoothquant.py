@@ -19,17 +19,17 @@ set, so stock `Ideogram4Transformer2DModel.from_pretrained` loads the result.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import model as model_mod
+from .. import sidecar
 from ..encode.smoothing import DTYPE, smoothing_factor
 from ..errors import IdeoquantError
 from ..plan import row_blocks
+from ..write.hashing import sha256_file
 from . import BLOCK_ELEMENTS
 
 KEY_STATS = "ideoquant.smoothquant"
@@ -47,24 +47,13 @@ class Statistics:
 
     @classmethod
     def load(cls, path: str | Path) -> "Statistics":
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise IdeoquantError(f"no such SmoothQuant statistics file: {path}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                if KEY_STATS not in meta:
-                    raise IdeoquantError(f"{path} was not written by `ideoquant calibrate` (no {KEY_STATS} metadata)")
-                absmax: dict[str, dict[str, torch.Tensor]] = {}
-                for k in f.keys():
-                    c, _, module = k.partition(".")
-                    absmax.setdefault(c, {})[module] = f.get_tensor(k)
-        except SafetensorError as e:
-            raise IdeoquantError(f"cannot read {path}: {e}") from None
-        h = hashlib.sha256(path.read_bytes()).hexdigest()
-        return cls(path, absmax, json.loads(meta[KEY_STATS]), h)
+        provenance, tensors = sidecar.read(path, KEY_STATS, "SmoothQuant statistics", "ideoquant calibrate")
+        absmax: dict[str, dict[str, torch.Tensor]] = {}
+        for k, t in tensors.items():
+            c, _, module = k.partition(".")
+            absmax.setdefault(c, {})[module] = t
+        return cls(path, absmax, provenance, sha256_file(path))
 
 
 def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = DTYPE):
