@@ -8,7 +8,9 @@ manifest. Nothing of a job outlives the call: its threads end with it, and no pr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,10 +22,10 @@ from .plan import ComponentPlan
 from .progress import Reporter
 from .recipe import Recipe, resolve
 from .source import ReadAhead, Source, hf_cache_sha256, open_source
-from .workers import Pool
+from .workers import Pool, thread_count
 from .write.hashing import Hasher
 from .write.safetensors import parse_size
-from .write.staging import check_free_space, staged_output
+from .write.staging import DISK_FULL, check_not_source, check_output, disk_full_error, output_lock, staged_output
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -71,13 +73,70 @@ def _model_index(src: Source) -> str:
     return json.dumps(index, indent=2) + "\n"
 
 
+def _early_source_paths(source) -> list[Path]:
+    """What SOURCE names before it is opened: a local path, or a Hub repo's folder in the Hugging Face cache."""
+    spec = str(source or model.DEFAULT_SOURCE)
+    path = Path(spec).expanduser()
+    if os.path.lexists(path):
+        return [path]
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts):
+        from huggingface_hub import constants
+
+        return [Path(constants.HF_HUB_CACHE) / f"models--{parts[0]}--{parts[1]}"]
+    return []
+
+
+def _source_paths(src: Source) -> list[Path]:
+    """Everything of the source OUT must not touch: its folder (or file), every file read and, for a Hub source,
+    the repo's cache folder (snapshots link into its blobs/)."""
+    paths = [src.path, *_source_files(src).values()]
+    for c in src.components.values():
+        paths += c.files
+    if src.kind == "hub":
+        paths.append(src.path.parent.parent)  # .../models--ORG--NAME/snapshots/<commit>
+    return paths
+
+
+def _check_out_vs_source(out: Path, paths: list[Path]) -> None:
+    folders = [p for p in paths if p.is_dir()]
+    check_not_source(out, paths, folders=folders, owned_marker=manifest.MANIFEST)
+
+
+@contextlib.contextmanager
+def _guarded_output(source, out: Path, overwrite: bool):
+    """Before the Hub download and the source hash: refuse an OUT that exists (without --overwrite), cannot be
+    written or is (part of) the source; then hold OUT's lock for the whole run."""
+    out = Path(out)
+    check_output(out, overwrite)
+    _check_out_vs_source(out, _early_source_paths(source))
+    with output_lock(out):
+        yield
+
+
 def run(src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, *, overwrite: bool = False,
-        options=None, threads: int | None = None, reporter: Reporter | None = None, extra: dict | None = None) -> dict:
-    """Write every planned component with its format's sink, then the manifest; returns the manifest."""
+        options=None, threads: int | None = None, reporter: Reporter | None = None, extra: dict | None = None,
+        locked: bool = False) -> dict:
+    """Write every planned component with its format's sink, then the manifest; returns the manifest.
+
+    Nothing under the source is modified: an OUT that is, contains or would replace the source is refused.
+    locked: the caller holds OUT's lock already (`convert`, `convert_gguf`); otherwise it is taken here."""
+    out = Path(out)
+    _check_out_vs_source(out, _source_paths(src))
+    needed = sum(p.bytes_out for p in plans.values())
+    check_output(out, overwrite, needed)
+    with contextlib.nullcontext() if locked else output_lock(out):
+        try:
+            return _run(src, recipe, plans, out, overwrite, options, threads, reporter, extra)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise disk_full_error(out.parent if str(out.parent) else Path("."), e, needed) from None
+            raise
+
+
+def _run(src, recipe, plans, out: Path, overwrite, options, threads, reporter, extra) -> dict:
     fmt = formats.get(recipe.format)
     reporter = reporter or Reporter()
-    out = Path(out)
-    check_free_space(out.parent if out.parent != Path("") else Path("."), sum(p.bytes_out for p in plans.values()))
     source_files = _source_files(src)
     with Hasher() as hasher, Pool(threads) as pool, staged_output(out, overwrite) as staging:
         # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded.
@@ -143,18 +202,21 @@ def convert(
         raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; use it with `ideoquant {r.format}`")
     device = check_device(device)
     shard_bytes = parse_size(max_shard_size)
-    src, plans = prepare(source, r, components=components, revision=revision, token=token)
-    smooth = smoother_for(smoothquant, alpha, plans)
-    options = Options(shard_bytes, device, smooth)
-    return run(src, r, plans, out, overwrite=overwrite, options=options, threads=1 if device != "cpu" else threads,
-               reporter=reporter, extra={"smoothquant": smooth.record()} if smooth else None)
+    thread_count(threads)
+    with _guarded_output(source, out, overwrite):
+        src, plans = prepare(source, r, components=components, revision=revision, token=token)
+        smooth = smoother_for(smoothquant, alpha, plans)
+        options = Options(shard_bytes, device, smooth)
+        return run(src, r, plans, out, overwrite=overwrite, options=options,
+                   threads=1 if device != "cpu" else threads, reporter=reporter,
+                   extra={"smoothquant": smooth.record()} if smooth else None, locked=True)
 
 
 def convert_gguf(
     source: str | None = None,
     out: str | Path = "ideogram4-gguf",
     *,
-    qtype: str = "q4_k",
+    qtype: str | None = None,
     recipe: str | Recipe | None = None,
     type_rules=(),
     protect=(),
@@ -167,9 +229,16 @@ def convert_gguf(
     threads: int | None = None,
     reporter: Reporter | None = None,
 ) -> dict:
-    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest."""
+    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest.
+
+    qtype: `--type` (q8_0, q4_k, ..., or a mixture); None: the recipe's own type (recipe `gguf`: Q4_K)."""
     from .formats.gguf import Options
 
     r, label = gguf_recipe(qtype, recipe, type_rules, protect, no_protect)
-    src, plans = prepare(source, r, components=components, revision=revision, token=token, layout=layout)
-    return run(src, r, plans, out, overwrite=overwrite, options=Options(label), threads=threads, reporter=reporter)
+    if r.format != "gguf":
+        raise IdeoquantError(f"recipe '{r.name}' is an {r.format} recipe; use it with `ideoquant convert`")
+    thread_count(threads)
+    with _guarded_output(source, out, overwrite):
+        src, plans = prepare(source, r, components=components, revision=revision, token=token, layout=layout)
+        return run(src, r, plans, out, overwrite=overwrite, options=Options(label), threads=threads,
+                   reporter=reporter, locked=True)

@@ -65,7 +65,8 @@ def gguf(
     source: SourceArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder (created whole or not at all).")]
     = Path("ideogram4-gguf"),
-    qtype: Annotated[GGUFType, typer.Option("--type", help="GGML type, or a mixture (q4_k_m).")] = "q4_k",
+    qtype: Annotated[Optional[GGUFType], typer.Option("--type", show_default=False,
+        help="GGML type, or a mixture (q4_k_m) [default: the recipe's type; recipe gguf: q4_k].")] = None,
     recipe: Annotated[Optional[str], typer.Option(metavar="RECIPE",
         help="Recipe name or path [default: gguf, or the mixture's recipe].", show_default=False)] = None,
     type_rule: Annotated[List[str], typer.Option(metavar="REGEX=TYPE",

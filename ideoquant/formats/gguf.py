@@ -45,10 +45,15 @@ class Options:
     label: str  # names the files and the file type: Q4_K, Q4_K_M, ...
 
 
-def gguf_recipe(qtype: str = "q4_k", recipe: str | Recipe | None = None, type_rules=(), protect=(),
+def gguf_recipe(qtype: str | None = None, recipe: str | Recipe | None = None, type_rules=(), protect=(),
                 no_protect=()) -> tuple[Recipe, str]:
-    """`--type` is shorthand: q8_0/q4_k/q5_k/q6_k set the base type of recipe `gguf`; a mixture (q4_k_m) is a
-    recipe of its own. Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...)."""
+    """`--type` is shorthand: q8_0/q4_k/q5_k/q6_k set the base type of recipe `gguf` (or of `recipe`); a mixture
+    (q4_k_m) is a recipe of its own. Without `--type` (None) the recipe's own type is used (recipe `gguf`: Q4_K).
+    Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...)."""
+    if qtype is None:
+        r = resolve(recipe or "gguf", protect, no_protect, None, type_rules)
+        mixture = {v: k for k, v in MIXTURES.items()}.get(r.name) if r.path is None else None
+        return r, (mixture or r.type or "").upper()
     q = qtype.strip().lower()
     if q not in TYPES:
         raise IdeoquantError(f"unknown --type '{qtype}': choose from {', '.join(TYPES)}")
