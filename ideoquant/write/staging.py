@@ -33,22 +33,28 @@ def staged_output(out: Path, overwrite: bool = False):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     old = None
-    if os.path.lexists(out):
-        old = out.parent / f".{out.name}.ideoquant-{os.getpid()}.old"
-        out.rename(old)
-    staging.rename(out)
+    try:
+        if os.path.lexists(out):
+            old = out.parent / f".{out.name}.ideoquant-{os.getpid()}.old"
+            out.rename(old)
+        staging.rename(out)
+    except BaseException:  # even an interrupt between the two renames leaves the old OUT in place
+        if old is not None and not os.path.lexists(out):
+            old.rename(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def _remove_stale(out: Path) -> None:
     """Staging folders of runs that were killed (SIGKILL, power loss) and whose process is gone."""
-    for p in out.parent.glob(f".{out.name}.ideoquant-*.partial"):
+    for p in [*out.parent.glob(f".{out.name}.ideoquant-*.partial"), *out.parent.glob(f".{out.name}.ideoquant-*.old")]:
         try:
             pid = int(p.name.rsplit("-", 1)[1].split(".")[0])
             os.kill(pid, 0)
         except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
         except (ValueError, PermissionError, IndexError):
             pass
 
