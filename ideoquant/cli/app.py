@@ -40,10 +40,10 @@ def signals_as_interrupts():
     """For the command's duration (CLI only: the library never touches signal handling): SIGINT, SIGTERM and SIGHUP
     raise in the main thread. Only the first one does: a second signal does not interrupt the cleanup of the
     first. A signal the caller ignores (nohup) stays ignored."""
+    fired: list[int] = []  # the signal received, for the exit code (typer turns the interrupt into a plain 130)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield fired
         return
-    fired: list[int] = []
 
     def handler(signum, frame):
         if fired:
@@ -58,7 +58,7 @@ def signals_as_interrupts():
             continue
         previous[sig] = signal.signal(sig, handler)
     try:
-        yield
+        yield fired
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
@@ -70,13 +70,18 @@ class _App(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
+        fired: list[int] = []
         as_json, debug = "--json" in args, "--debug" in args
         try:
-            with signals_as_interrupts():
+            with signals_as_interrupts() as fired:
                 rv = super().main(args, "ideoquant", complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else EXIT_OK
+            if fired or code == EXIT_INTERRUPTED:  # typer returns 130 for any KeyboardInterrupt it caught
+                code = self._interrupted(fired[0] if fired else signal.SIGINT, as_json)
         except typer.Exit as e:
             code = e.exit_code
+            if fired or isinstance(e.__cause__, KeyboardInterrupt):
+                code = self._interrupted(fired[0] if fired else signal.SIGINT, as_json)
         except typer.TyperException as e:  # usage: unknown option, bad choice, out of range, no command
             ctx = getattr(e, "ctx", None)
             if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
@@ -86,11 +91,7 @@ class _App(TyperGroup):
                 render.error(e.format_message() + hint, as_json, EXIT_USAGE)
             code = EXIT_USAGE
         except (KeyboardInterrupt, typer.Abort) as e:
-            cause = e.__cause__ or e.__context__ if isinstance(e, typer.Abort) else e  # click wraps it in Abort
-            signum = getattr(cause, "signum", signal.SIGINT)
-            code = 128 + int(signum)
-            render.error(f"interrupted ({signal.Signals(signum).name}): nothing was written, an existing output is "
-                         "unchanged", as_json, code)
+            code = self._interrupted(fired[0] if fired else getattr(e, "signum", signal.SIGINT), as_json)
         except IdeoquantError as e:
             render.error(str(e), as_json, EXIT_USAGE)
             code = EXIT_USAGE
@@ -107,15 +108,26 @@ class _App(TyperGroup):
             sys.exit(code)
         return code
 
+    @staticmethod
+    def _interrupted(signum: int, as_json: bool) -> int:
+        """Ctrl-C, SIGTERM or SIGHUP: the job has cleaned up by now. Exit code 128 + the signal's number."""
+        signum = int(signum)
+        code = 128 + signum
+        render.error(f"interrupted ({signal.Signals(signum).name}): nothing was written, an existing output is "
+                     "unchanged", as_json, code)
+        return code
+
 
 def os_error_line(e: OSError) -> str:
     """One line naming the path(s) and the cause: `cannot write /x/y: Permission denied`."""
-    cause = e.strerror or str(e) or type(e).__name__
+    cause = " ".join(str(e.strerror or e or type(e).__name__).split())
     if e.filename and e.filename2:
-        return f"{e.filename} -> {e.filename2}: {cause}"
-    if e.filename:
-        return f"{e.filename}: {cause}"
-    return f"{cause} ({type(e).__name__})"
+        line = f"{e.filename} -> {e.filename2}: {cause}"
+    elif e.filename:
+        line = f"{e.filename}: {cause}"
+    else:
+        line = f"{cause} ({type(e).__name__})"
+    return " ".join(line.split())
 
 
 app = typer.Typer(cls=_App, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
