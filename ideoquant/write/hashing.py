@@ -10,6 +10,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
+_thread = threading.local()  # a Hasher's thread: `cancel`, its job's stop event
+
+
 class Cancelled(Exception):
     """The hash was abandoned (the job stopped)."""
 
@@ -38,6 +41,7 @@ def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20, cancel: 
         view = memoryview(mm)
         try:
             pos = 0
+            cancel = cancel or getattr(_thread, "cancel", None)
             while pos < size:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled
@@ -57,9 +61,10 @@ class Hasher:
     Use as a context manager: the thread ends with the block, finished or cancelled."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ideoquant-hash")
-        self._jobs: dict[str, tuple[Path, Future]] = {}
         self._cancel = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ideoquant-hash",
+                                        initializer=setattr, initargs=(_thread, "cancel", self._cancel))
+        self._jobs: dict[str, tuple[Path, Future]] = {}
 
     def __enter__(self) -> "Hasher":
         return self
@@ -70,7 +75,7 @@ class Hasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def add(self, key: str, path: Path) -> None:
-        self._jobs[key] = (path, self._pool.submit(sha256_file, path, self._cancel))
+        self._jobs[key] = (path, self._pool.submit(sha256_file, path))
 
     def add_known(self, key: str, path: Path, sha256: str) -> None:
         """A file whose digest was computed while it was written."""
