@@ -8,7 +8,9 @@ manifest. Nothing of a job outlives the call: its threads end with it, and no pr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,10 @@ from .plan import ComponentPlan
 from .progress import Reporter
 from .recipe import Recipe, resolve
 from .source import ReadAhead, Source, hf_cache_sha256, open_source
-from .workers import Pool
+from .workers import Pool, thread_count
 from .write.hashing import Hasher
 from .write.safetensors import parse_size
-from .write.staging import check_free_space, staged_output
+from .write.staging import DISK_FULL, check_not_source, check_output, disk_full_error, output_lock, staged_output
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -72,6 +74,47 @@ def _model_index(src: Source) -> str:
     return json.dumps(index, indent=2) + "\n"
 
 
+def _early_source_paths(source) -> list[Path]:
+    """What SOURCE names before it is opened: a local path, or a Hub repo's folder in the Hugging Face cache."""
+    spec = str(source or model.DEFAULT_SOURCE)
+    path = Path(spec).expanduser()
+    if os.path.lexists(path):
+        return [path]
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts):
+        from huggingface_hub import constants
+
+        return [Path(constants.HF_HUB_CACHE) / f"models--{parts[0]}--{parts[1]}"]
+    return []
+
+
+def _source_paths(src: Source) -> list[Path]:
+    """Everything of the source OUT must not touch: its folder (or file), every file read and, for a Hub source,
+    the repo's cache folder (snapshots link into its blobs/)."""
+    paths = [src.path, *_source_files(src).values()]
+    for c in src.components.values():
+        paths += c.files
+    if src.kind == "hub":
+        paths.append(src.path.parent.parent)  # .../models--ORG--NAME/snapshots/<commit>
+    return paths
+
+
+def _check_out_vs_source(out: Path, paths: list[Path]) -> None:
+    folders = [p for p in paths if p.is_dir()]
+    check_not_source(out, paths, folders=folders, owned_marker=manifest.MANIFEST)
+
+
+@contextlib.contextmanager
+def _guarded_output(source, out: Path, overwrite: bool):
+    """Before the Hub download and the source hash: refuse an OUT that exists (without --overwrite), cannot be
+    written or is (part of) the source; then hold OUT's lock for the whole run."""
+    out = Path(out)
+    check_output(out, overwrite)
+    _check_out_vs_source(out, _early_source_paths(source))
+    with output_lock(out):
+        yield
+
+
 @dataclass
 class Output:
     """One output of a job: a recipe, its plans, the format's options, and where it goes in OUT ("" for OUT itself;
@@ -85,23 +128,38 @@ class Output:
 
 
 def run(src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, *, overwrite: bool = False,
-        options=None, threads: int | None = None, reporter: Reporter | None = None, extra: dict | None = None) -> dict:
+        options=None, threads: int | None = None, reporter: Reporter | None = None, extra: dict | None = None,
+        locked: bool = False) -> dict:
     """Write every planned component with its format's sink, then the manifest; returns the manifest."""
     return run_outputs(src, [Output(recipe, plans, options, "", extra)], out, overwrite=overwrite, threads=threads,
-                       reporter=reporter)[0]
+                       reporter=reporter, locked=locked)[0]
 
 
 def run_outputs(src: Source, outputs: list[Output], out, *, overwrite: bool = False, threads: int | None = None,
-                reporter: Reporter | None = None) -> list[dict]:
-    """The streaming skeleton: every output's components, then each output's manifest. Outputs of one format that
-    can share reads (`write_components`) are written from one read of the source; returns the manifests."""
+                reporter: Reporter | None = None, locked: bool = False) -> list[dict]:
+    """The streaming skeleton: every output's components, then each output's manifest; returns the manifests.
+    Outputs of one format that can share reads (`write_components`) are written from one read of the source.
+
+    Nothing under the source is modified: an OUT that is, contains or would replace the source is refused.
+    locked: the caller holds OUT's lock already (`convert`, `convert_gguf`); otherwise it is taken here."""
+    out = Path(out)
+    _check_out_vs_source(out, _source_paths(src))
+    needed = sum(p.bytes_out for o in outputs for p in o.plans.values())
+    check_output(out, overwrite, needed)
+    with contextlib.nullcontext() if locked else output_lock(out):
+        try:
+            return _run_outputs(src, outputs, out, overwrite, threads, reporter)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise disk_full_error(out.parent if str(out.parent) else Path("."), e, needed) from None
+            raise
+
+
+def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool, threads, reporter) -> list[dict]:
     fmt = formats.get(outputs[0].recipe.format)
     if any(o.recipe.format != fmt.name for o in outputs):
         raise IdeoquantError("one pass writes outputs of one format")
     reporter = reporter or Reporter()
-    out = Path(out)
-    check_free_space(out.parent if out.parent != Path("") else Path("."),
-                     sum(p.bytes_out for o in outputs for p in o.plans.values()))
     source_files = _source_files(src)
     with Hasher() as hasher, Pool(threads) as pool, staged_output(out, overwrite) as staging:
         # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded.
@@ -184,18 +242,21 @@ def convert(
         raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; use it with `ideoquant {r.format}`")
     device = check_device(device)
     shard_bytes = parse_size(max_shard_size)
-    src, plans = prepare(source, r, components=components, revision=revision, token=token)
-    smooth = smoother_for(smoothquant, alpha, plans)
-    options = Options(shard_bytes, device, smooth)
-    return run(src, r, plans, out, overwrite=overwrite, options=options, threads=1 if device != "cpu" else threads,
-               reporter=reporter, extra={"smoothquant": smooth.record()} if smooth else None)
+    thread_count(threads)
+    with _guarded_output(source, out, overwrite):
+        src, plans = prepare(source, r, components=components, revision=revision, token=token)
+        smooth = smoother_for(smoothquant, alpha, plans)
+        options = Options(shard_bytes, device, smooth)
+        return run(src, r, plans, out, overwrite=overwrite, options=options,
+                   threads=1 if device != "cpu" else threads, reporter=reporter,
+                   extra={"smoothquant": smooth.record()} if smooth else None, locked=True)
 
 
 def convert_gguf(
     source: str | None = None,
     out: str | Path = "ideogram4-gguf",
     *,
-    qtype: str | list[str] | None = "q4_k",
+    qtype: str | list[str] | None = None,
     recipe: str | Recipe | None = None,
     type_rules=(),
     protect=(),
@@ -227,15 +288,19 @@ def convert_gguf(
         raise IdeoquantError(f"--type lists each type once: {','.join(types)}")
     chosen = [gguf_recipe(t, recipe, type_rules, protect, no_protect) for t in types]
     check_arch(arch)
+    thread_count(threads)
     importance = load_importance(imatrix, imatrix_convention)
-    src = open_source(source, components=components, revision=revision, token=token)
     fmt = formats.get("gguf")
-    outputs = []
-    for r, label in chosen:
-        extra = {"gguf": {"arch": arch, "layout": layout, "label": label}, "warnings": layout_warnings(layout)}
-        if importance is not None:
-            extra["imatrix"] = importance.record
-        plans = {name: fmt.plan(c, r, layout) for name, c in src.components.items()}
-        outputs.append(Output(r, plans, Options(label, importance, arch), label if len(chosen) > 1 else "", extra))
-    manifests = run_outputs(src, outputs, out, overwrite=overwrite, threads=threads, reporter=reporter)
+    with _guarded_output(source, out, overwrite):
+        src = open_source(source, components=components, revision=revision, token=token)
+        outputs = []
+        for r, label in chosen:
+            extra = {"gguf": {"arch": arch, "layout": layout, "label": label}, "warnings": layout_warnings(layout)}
+            if importance is not None:
+                extra["imatrix"] = importance.record
+            plans = {name: fmt.plan(c, r, layout) for name, c in src.components.items()}
+            outputs.append(Output(r, plans, Options(label, importance, arch), label if len(chosen) > 1 else "",
+                                  extra))
+        manifests = run_outputs(src, outputs, out, overwrite=overwrite, threads=threads, reporter=reporter,
+                                locked=True)
     return manifests if len(chosen) > 1 else manifests[0]

@@ -92,13 +92,109 @@ def write(folder: Path, manifest: dict) -> Path:
 
 
 def read(folder: Path) -> dict:
+    """The manifest of an output folder, validated against its schema: anything else is an IdeoquantError naming
+    the file and the first field of the wrong shape."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise IdeoquantError(f"no {MANIFEST} in {folder}: not an ideoquant output folder")
     try:
-        m = json.loads(path.read_text())
-    except ValueError as e:
+        m = json.loads(path.read_text(), parse_constant=_no_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
         raise IdeoquantError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(m, dict) or m.get("schema") != SCHEMA or "files" not in m:
         raise IdeoquantError(f"{path} is not an ideoquant manifest (schema {SCHEMA})")
+    problem = _check(m, _MANIFEST_SCHEMA, "")
+    if problem:
+        raise IdeoquantError(f"{path} is not a valid ideoquant manifest: {problem}")
     return m
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+# ---------------------------------------------------------------- schema
+# A small structural schema: a type (or tuple of types), {"key": schema} for objects (keys ending in "?" optional),
+# ("dict", value schema) for objects with free keys, ("list", item schema) for lists, ("enum", values).
+
+_INT = ("int",)
+_NUM = ("num",)
+_STR = ("str",)
+_OPT = lambda s: ("opt", s)  # noqa: E731  (None allowed)
+
+_TENSOR = {"name": _STR, "shape": ("list", _INT), "decision": ("enum", ("quantized", "kept")), "dtype_out": _STR,
+           "dtype_in?": _OPT(_STR), "reason?": _OPT(_STR), "bytes_in?": _INT, "bytes_out?": _INT,
+           "sqnr_db?": _OPT(_NUM), "sources?": _OPT(("list", _STR))}
+_COMPONENT = {"files": ("list", _STR), "tensors": ("list", _TENSOR), "protected_modules?": ("list", _STR),
+              "output_layout?": _OPT(_STR), "source_layout?": _OPT(_STR), "config?": ("dict", ("any",)),
+              "bytes_in?": _INT, "bytes_out?": _INT, "tensors_quantized?": _INT, "tensors_kept?": _INT,
+              "weight_sqnr_db_min?": _OPT(_NUM), "weight_sqnr_db_mean?": _OPT(_NUM), "seconds?": _NUM}
+_MANIFEST_SCHEMA = {
+    "schema": _INT, "kind": _STR, "created?": _OPT(_STR), "tool?": ("dict", _OPT(_STR)),
+    "recipe?": ("dict", ("any",)), "source?": ("dict", ("any",)),
+    "components": ("dict", _COMPONENT),
+    "files": ("dict", {"size": _INT, "sha256": _STR}),
+    "summary?": ("dict", ("any",)), "smoothquant?": _OPT(("dict", ("any",))),
+}
+
+
+def _check(value, schema, where: str) -> str | None:
+    """The first mismatch as 'FIELD: expected ..., got ...', or None."""
+    at = where or "the top level"
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{at}: expected an object, got {_kind(value)}"
+        for key, sub in schema.items():
+            name = key.rstrip("?")
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return f"{where + '.' if where else ''}{name}: missing"
+            problem = _check(value[name], sub, f"{where + '.' if where else ''}{name}")
+            if problem:
+                return problem
+        return None
+    tag = schema[0]
+    if tag == "any":
+        return None
+    if tag == "opt":
+        return None if value is None else _check(value, schema[1], where)
+    if tag == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return None if ok else f"{at}: expected a whole number >= 0, got {_kind(value)}"
+    if tag == "num":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"{at}: expected a number, got {_kind(value)}"
+    if tag == "str":
+        return None if isinstance(value, str) else f"{at}: expected a string, got {_kind(value)}"
+    if tag == "enum":
+        return None if value in schema[1] else f"{at}: expected one of {', '.join(schema[1])}, got {_kind(value)}"
+    if tag == "list":
+        if not isinstance(value, list):
+            return f"{at}: expected a list, got {_kind(value)}"
+        for i, item in enumerate(value):
+            problem = _check(item, schema[1], f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if tag == "dict":
+        if not isinstance(value, dict):
+            return f"{at}: expected an object, got {_kind(value)}"
+        for k, item in value.items():
+            problem = _check(item, schema[1], f"{where}.{k}" if where else k)
+            if problem:
+                return problem
+        return None
+    raise AssertionError(schema)
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return {"list": "a list", "dict": "an object"}.get(type(value).__name__, type(value).__name__)

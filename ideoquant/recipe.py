@@ -7,6 +7,7 @@ tensor names, as in stable-diffusion.cpp's `--tensor-type-rules`.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -17,6 +18,10 @@ from .errors import IdeoquantError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 FORMATS = ("int8", "gguf")
+# The GGML types a gguf recipe's `type` and `rules` may name: every type ideoquant encodes bit-exactly, and the
+# unquantized BF16 and F16. The one list: formats/catalog.py derives its tables from it.
+GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16", "F16")
+MAX_REGEX_LENGTH = 1000
 _KEYS = {"name", "format", "description", "source", "protect", "type", "rules"}
 _GGUF_ONLY = {"type", "rules"}
 
@@ -41,8 +46,8 @@ class Recipe:
             self,
             protect=self.protect + tuple(_module_pattern(p) for p in protect),
             no_protect=self.no_protect + tuple(_module_pattern(p) for p in no_protect),
-            type=type.upper() if type else self.type,
-            rules=tuple((r, t.upper()) for r, t in rules) + self.rules,
+            type=_check_type(type, "--type") if type else self.type,
+            rules=tuple((r, _check_type(t, f"rule {r}")) for r, t in rules) + self.rules,
         )
 
     def protected_modules(self, modules: list[str]) -> list[str]:
@@ -56,7 +61,8 @@ class Recipe:
     def type_for(self, *names: str) -> tuple[str, str]:
         """GGUF: (type, why) for a quantized linear weight known under these names (output and diffusers)."""
         for regex, qtype in self.rules:
-            if any(re.search(regex, n) for n in names):
+            compiled = _compile(regex)
+            if any(compiled.search(n) for n in names):
                 return qtype, f"rule {regex}={qtype}"
         return self.type, f"recipe type {self.type}"
 
@@ -80,11 +86,53 @@ def _module_pattern(pattern: str) -> str:
     return pattern[: -len(".weight")] if pattern.endswith(".weight") else pattern
 
 
-def _check_regex(regex: str) -> None:
+def _check_type(qtype, where: str) -> str:
+    if not isinstance(qtype, str) or qtype.strip().upper() not in GGUF_TYPES:
+        raise IdeoquantError(f"{where}: unknown GGUF type '{qtype}': choose from "
+                             f"{', '.join(t.lower() for t in GGUF_TYPES)}")
+    return qtype.strip().upper()
+
+
+def _re2():
     try:
-        re.compile(regex)
+        import re2
+    except ImportError:  # pragma: no cover  (a dependency; the fallback below keeps matching bounded anyway)
+        return None
+    return re2
+
+
+# Without re2: the constructs that make a backtracking engine slow (a quantified group holding a quantifier or an
+# alternation, backreferences, lookaround) are refused, so matching a short tensor name stays linear.
+_NESTED = re.compile(r"\((?:[^()\\]|\\.)*(?:[*+?}|])(?:[^()\\]|\\.)*\)[*+?{]")
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(regex: str):
+    """A type rule's regex, compiled by a linear-time engine (RE2): no pattern can make matching hang."""
+    if len(regex) > MAX_REGEX_LENGTH:
+        raise IdeoquantError(f"bad type rule regex '{regex[:40]}...': longer than {MAX_REGEX_LENGTH} characters")
+    re2 = _re2()
+    if re2 is not None:
+        opts = re2.Options()
+        opts.log_errors = False  # re2 would also print its own message on stderr
+        try:
+            return re2.compile(regex, opts)
+        except re2.error as e:
+            msg = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            raise IdeoquantError(f"bad type rule regex '{regex}': {msg}") from None
+    if _NESTED.search(regex) or re.search(r"\\[1-9]|\(\?[=!<]", regex):
+        raise IdeoquantError(f"bad type rule regex '{regex}': nested quantifiers, backreferences and lookaround "
+                             "are not supported")
+    try:
+        return re.compile(regex)
     except re.error as e:
         raise IdeoquantError(f"bad type rule regex '{regex}': {e}") from None
+
+
+def _check_regex(regex: str) -> None:
+    if not isinstance(regex, str) or not regex:
+        raise IdeoquantError(f"bad type rule regex {regex!r}: must be a non-empty string")
+    _compile(regex)
 
 
 def parse_type_rule(rule: str) -> tuple[str, str]:
@@ -93,7 +141,7 @@ def parse_type_rule(rule: str) -> tuple[str, str]:
     if not sep or not regex or not qtype:
         raise IdeoquantError(f"bad --type-rule '{rule}': expected REGEX=TYPE, e.g. 'attention\\.o\\.weight$=Q8_0'")
     _check_regex(regex)
-    return regex, qtype.strip().upper()
+    return regex, _check_type(qtype, f"--type-rule '{rule}'")
 
 
 def resolve(recipe: "str | Recipe", protect=(), no_protect=(), qtype=None, type_rules=()) -> Recipe:
@@ -139,11 +187,20 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     rules = data.get("rules", {})
     if not isinstance(rules, dict) or not all(isinstance(v, str) for v in rules.values()):
         raise IdeoquantError(f"recipe {path.name}: 'rules' must be a table of REGEX = \"TYPE\"")
-    for regex in rules:
-        _check_regex(regex)
+    for regex, t in rules.items():
+        try:
+            _check_regex(regex)
+            _check_type(t, f"rule '{regex}'")
+        except IdeoquantError as e:
+            raise IdeoquantError(f"recipe {path.name}: {e}") from None
     qtype = data.get("type")
     if fmt == "gguf" and not isinstance(qtype, str):
         raise IdeoquantError(f"recipe {path.name}: a gguf recipe needs 'type'")
+    if fmt == "gguf":
+        try:
+            _check_type(qtype, "'type'")
+        except IdeoquantError as e:
+            raise IdeoquantError(f"recipe {path.name}: {e}") from None
     return Recipe(
         name=data["name"], format=fmt, description=data["description"].strip(), source=data["source"].strip(),
         protect=tuple(_module_pattern(p) for p in protect), type=qtype.upper() if qtype else None,

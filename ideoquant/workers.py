@@ -13,6 +13,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from .encode.int8 import Workspace
+from .errors import IdeoquantError
+
+MAX_THREADS = 1024
 
 
 def available_cpus() -> int:
@@ -24,8 +27,12 @@ def available_cpus() -> int:
 
 
 def thread_count(threads: int | None) -> int:
-    """`threads` as asked (None: every available CPU)."""
-    return available_cpus() if threads is None else max(1, int(threads))
+    """`threads` as asked (None: every available CPU); 1 to MAX_THREADS, anything else is an IdeoquantError."""
+    if threads is None:
+        return available_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise IdeoquantError(f"--threads {threads!r}: must be a whole number from 1 to {MAX_THREADS}")
+    return threads
 
 
 class Pool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ideoquant
-from ideoquant import model, testing
+from ideoquant import model
 from ideoquant.gguf import dequantize, quantize
 from ideoquant.metrics import sqnr_db
 from ideoquant.source import open_source

@@ -226,7 +226,7 @@ def test_gguf_card(hub_env, source, tmp_path):
     meta = _front_matter(result["card"])
     assert "library_name" not in meta and meta["pipeline_tag"] == "text-to-image"
     assert {"gguf", "q4_k", "q6_k", "quantized", "ideogram4"} <= set(meta["tags"])
-    assert 'hf_hub_download("me/ideogram4-gguf", "ideogram4-transformer-Q4_K.gguf")' in result["card"]
+    assert 'hf_hub_download("me/ideogram4-gguf", "ideogram4-transformer-Q4_K_M.gguf")' in result["card"]
     card = result["card"]
     # What loads the files today, and the base pipeline (never the FP8 source repo) with what it needs.
     assert "--uncond-diffusion-model" in card and "does not read `general.architecture`" in card

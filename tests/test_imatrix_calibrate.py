@@ -4,7 +4,6 @@ model with activation-outlier channels it measurably improves what the quantized
 import gguf
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import ideoquant

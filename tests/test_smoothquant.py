@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import ideoquant

@@ -127,7 +127,7 @@ def test_gguf_type_disagrees_with_manifest(gguf_out):
     _edit_manifest(gguf_out, retype)
     r = verify(gguf_out, load=False)
     assert not r.ok and len(r.problems) == 1
-    assert "is Q4_K in ideogram4-transformer-Q4_K.gguf, the manifest says Q8_0" in r.problems[0]
+    assert "is Q4_K in ideogram4-transformer-Q4_K_M.gguf, the manifest says Q8_0" in r.problems[0]
 
 
 def test_cli_verify_exit_codes(int8_out):

@@ -1,7 +1,8 @@
 """The `ideoquant` application: wiring, global options and the one exception formatter.
 
 Exit codes: 0 success; 1 `verify` found problems; 2 bad input or usage; 3 an internal error (a bug: `--debug`
-shows its traceback); 130 interrupted (Ctrl-C, SIGTERM, SIGHUP).
+shows its traceback); 128 + the signal's number when interrupted: 130 Ctrl-C (SIGINT), 143 SIGTERM, 129 SIGHUP.
+Each interruption cleans up as Ctrl-C does (staging removed, an existing OUT unchanged).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Annotated, Optional
 
@@ -21,6 +24,44 @@ from ..errors import IdeoquantError
 from . import render
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so the same cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """For the command's duration (CLI only: the library never touches signal handling): SIGINT, SIGTERM and SIGHUP
+    raise in the main thread. Only the first one does: a second signal does not interrupt the cleanup of the
+    first. A signal the caller ignores (nohup) stays ignored."""
+    fired: list[int] = []  # the signal received, for the exit code (typer turns the interrupt into a plain 130)
+    if threading.current_thread() is not threading.main_thread():
+        yield fired
+        return
+
+    def handler(signum, frame):
+        if fired:
+            return
+        fired.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is None or signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield fired
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 class _App(TyperGroup):
@@ -29,12 +70,18 @@ class _App(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
+        fired: list[int] = []
         as_json, debug = "--json" in args, "--debug" in args
         try:
-            rv = super().main(args, "ideoquant", complete_var, standalone_mode=False, **extra)
+            with signals_as_interrupts() as fired:
+                rv = super().main(args, "ideoquant", complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else EXIT_OK
+            if fired or code == EXIT_INTERRUPTED:  # typer returns 130 for any KeyboardInterrupt it caught
+                code = self._interrupted(fired[0] if fired else signal.SIGINT, as_json)
         except typer.Exit as e:
             code = e.exit_code
+            if fired or isinstance(e.__cause__, KeyboardInterrupt):
+                code = self._interrupted(fired[0] if fired else signal.SIGINT, as_json)
         except typer.TyperException as e:  # usage: unknown option, bad choice, out of range, no command
             ctx = getattr(e, "ctx", None)
             if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
@@ -43,16 +90,13 @@ class _App(TyperGroup):
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
                 render.error(e.format_message() + hint, as_json, EXIT_USAGE)
             code = EXIT_USAGE
-        except (KeyboardInterrupt, typer.Abort):
-            render.error("interrupted: nothing was written, an existing output is unchanged", as_json,
-                         EXIT_INTERRUPTED)
-            code = EXIT_INTERRUPTED
+        except (KeyboardInterrupt, typer.Abort) as e:
+            code = self._interrupted(fired[0] if fired else getattr(e, "signum", signal.SIGINT), as_json)
         except IdeoquantError as e:
             render.error(str(e), as_json, EXIT_USAGE)
             code = EXIT_USAGE
         except OSError as e:  # the operating system said no: name the path and the cause
-            where = f"{e.filename}: " if e.filename else ""
-            render.error(f"{where}{e.strerror or e}", as_json, EXIT_USAGE)
+            render.error(os_error_line(e), as_json, EXIT_USAGE)
             code = EXIT_USAGE
         except Exception as e:  # noqa: BLE001  a bug: one line, the traceback on request
             if debug:
@@ -63,6 +107,27 @@ class _App(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    @staticmethod
+    def _interrupted(signum: int, as_json: bool) -> int:
+        """Ctrl-C, SIGTERM or SIGHUP: the job has cleaned up by now. Exit code 128 + the signal's number."""
+        signum = int(signum)
+        code = 128 + signum
+        render.error(f"interrupted ({signal.Signals(signum).name}): nothing was written, an existing output is "
+                     "unchanged", as_json, code)
+        return code
+
+
+def os_error_line(e: OSError) -> str:
+    """One line naming the path(s) and the cause: `cannot write /x/y: Permission denied`."""
+    cause = " ".join(str(e.strerror or e or type(e).__name__).split())
+    if e.filename and e.filename2:
+        line = f"{e.filename} -> {e.filename2}: {cause}"
+    elif e.filename:
+        line = f"{e.filename}: {cause}"
+    else:
+        line = f"{cause} ({type(e).__name__})"
+    return " ".join(line.split())
 
 
 app = typer.Typer(cls=_App, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

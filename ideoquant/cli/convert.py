@@ -73,9 +73,10 @@ def gguf(
     source: SourceArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder (created whole or not at all).")]
     = Path("ideogram4-gguf"),
-    qtype: Annotated[str, typer.Option(
-        "--type", metavar="TYPE[,TYPE...]", help="GGML type or mixture: " + ", ".join(catalog.GGUF_TYPES)
-        + ". Several, comma-separated, are written in one pass (OUT/<TYPE>/ each).")] = "q4_k",
+    qtype: Annotated[Optional[str], typer.Option(
+        "--type", metavar="TYPE[,TYPE...]", show_default=False,
+        help="GGML type or mixture: " + ", ".join(catalog.GGUF_TYPES) + ". Several, comma-separated, are written in "
+        "one pass (OUT/<TYPE>/ each) [default: the recipe's type; recipe gguf: q4_k].")] = None,
     recipe: Annotated[Optional[str], typer.Option(metavar="RECIPE",
         help="Recipe name or path [default: gguf, or the mixture's recipe].", show_default=False)] = None,
     type_rule: Annotated[List[str], typer.Option(metavar="REGEX=TYPE",

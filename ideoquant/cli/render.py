@@ -80,7 +80,11 @@ def step_progress(enabled: bool) -> Progress:
 def with_progress(fn, as_json: bool, steps: bool = False):
     """fn(reporter) under a progress display (none with --json). Errors propagate to the app's one formatter."""
     with (step_progress if steps else byte_progress)(not as_json) as p:
-        return fn(RichReporter(p))
+        try:
+            return fn(RichReporter(p))
+        except BaseException:
+            p.live.transient = True  # a failed run leaves no half-full bars: its one error line says it all
+            raise
 
 
 def error(message: str, as_json: bool, code: int) -> None:

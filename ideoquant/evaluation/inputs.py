@@ -8,6 +8,7 @@ backbone, and `load_captured` reads it back.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,9 +90,7 @@ def sample_calls(config: dict, *, steps: int = 4, tokens: int = 64, grid: int | 
     """`steps` deterministic denoising steps at timesteps (i + 0.5) / steps, each a conditional call on the packed
     [left-pad][text][image] sequence (`demo.sample_inputs`) and the matching unconditional call (image tokens only,
     zero text features), as the pipeline makes them."""
-    if steps < 1 or tokens < 1:
-        raise IdeoquantError("--steps and --tokens must be at least 1")
-    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    gh, gw = check_sample_size(config, steps=steps, tokens=tokens, grid=grid, batch=batch)
     calls = []
     for i in range(steps):
         cond = sample_inputs(config, batch=batch, text_tokens=tokens, grid=(gh, gw),
@@ -99,6 +98,45 @@ def sample_calls(config: dict, *, steps: int = 4, tokens: int = 64, grid: int | 
         calls.append({"transformer": cond, "unconditional_transformer": unconditional(cond, tokens)})
     info = {"kind": "sample", "steps": steps, "tokens": tokens, "grid": [gh, gw], "batch": batch, "seed": seed}
     return Inputs(calls, info)
+
+
+# Ranges of the sampled inputs' sizes (the CLI's options carry the same): one text tokens, grid side, batch, steps.
+SAMPLE_RANGES = {"steps": (1, 1000), "tokens": (1, 4096), "grid": (1, 256), "batch": (1, 64)}
+MAX_INPUT_BYTES = 1 << 30  # the sampled inputs of every step together, whatever the machine
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_sample_size(config: dict, *, steps, tokens, grid, batch) -> tuple[int, int]:
+    """Refuse, before allocating anything, sample sizes out of range or whose inputs (bf16, conditional and
+    unconditional calls of every step) would not fit in memory. Returns the grid as (height, width)."""
+    gh, gw = (grid, grid) if not isinstance(grid, (tuple, list)) else (tuple(grid) + (None, None))[:2]
+    for name, value in (("steps", steps), ("tokens", tokens), ("grid", gh), ("grid", gw), ("batch", batch)):
+        lo, hi = SAMPLE_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise IdeoquantError(f"--{name} {value!r}: must be a whole number from {lo} to {hi}")
+    features = int(config.get("in_channels", 0)) + int(config.get("llm_features_dim", 0))
+    per_call = batch * (tokens + gh * gw) * features * 2  # bf16 hidden_states and encoder_hidden_states
+    needed = steps * per_call * 2  # the unconditional call copies the image part
+    avail = _available_memory()
+    limit = MAX_INPUT_BYTES if avail is None else min(MAX_INPUT_BYTES, avail // 4)
+    if needed > limit:
+        raise IdeoquantError(f"--steps {steps} --tokens {tokens} --grid {gh}x{gw} --batch {batch}: the sample inputs "
+                             f"would need {needed / 2**30:.1f} GiB of memory (limit {limit / 2**30:.1f} GiB); "
+                             "use smaller sizes")
+    return gh, gw
 
 
 def unconditional(cond: dict[str, torch.Tensor], text_tokens: int) -> dict[str, torch.Tensor]:

@@ -7,14 +7,16 @@ its encoder in `encode/ggml/`, and for a mixture one recipe file `recipes/gguf-<
 
 from __future__ import annotations
 
+from ..recipe import GGUF_TYPES as RECIPE_TYPES
+
 FORMATS = ("int8", "gguf")
 
 # GGUF output names: ComfyUI and stable-diffusion.cpp read the original layout (fused attention.qkv).
 GGUF_LAYOUTS = ("original", "diffusers")
 
 # GGML types ideoquant quantizes to (bit-exact with ggml), and the unquantized ones a tensor can be stored in.
-GGUF_QUANT_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 GGUF_PLAIN = {"F32": 4, "BF16": 2, "F16": 2}  # bytes per element
+GGUF_QUANT_TYPES = tuple(t for t in RECIPE_TYPES if t not in GGUF_PLAIN)
 # Mixtures: the image-model rules of ComfyUI-GGUF's patched llama-quantize (tools/lcpp.patch), one recipe each.
 GGUF_MIXTURES = {m: f"gguf-{m}" for m in ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")}
 # `ideoquant gguf --type`: every type name (the base type of recipe `gguf`), every mixture, and the float types.

@@ -21,6 +21,7 @@ from ..encode.finite import check_finite
 from ..errors import IdeoquantError
 from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
+from ..recipe import GGUF_TYPES as RECIPE_TYPES
 from ..recipe import Recipe, resolve
 from ..source import FileMaps
 from ..write.gguf import GGUFFile
@@ -109,17 +110,17 @@ def load_importance(spec: str | Path | None, convention: str = "llama") -> Impor
                                       "chunk_size": m.chunk_size, "entries": len(m.entries)})
 
 
-def gguf_recipe(qtype: str | None = "q4_k", recipe: str | Recipe | None = None, type_rules=(), protect=(),
+def gguf_recipe(qtype: str | None = None, recipe: str | Recipe | None = None, type_rules=(), protect=(),
                 no_protect=()) -> tuple[Recipe, str]:
     """`--type` is shorthand: a type name (q4_k, q8_0, bf16, ...) sets the base type of recipe `gguf` (or of the
-    given recipe); a mixture (q4_k_m, ...) is a recipe of its own. With no type, the recipe's own type is used.
-    Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...)."""
+    given recipe); a mixture (q4_k_m, ...) is a recipe of its own. Without a type (None) the recipe's own type is
+    used (recipe `gguf`: Q4_K). Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...)."""
     if qtype is None:
         r = resolve(recipe or "gguf", protect, no_protect, None, type_rules)
         if r.format != "gguf":
             raise IdeoquantError(f"recipe '{r.name}' is an {r.format} recipe; use it with `ideoquant convert`")
-        mixture = next((m for m, name in MIXTURES.items() if name == r.name), None)
-        return r, (mixture or r.type).upper()
+        mixture = {v: k for k, v in MIXTURES.items()}.get(r.name) if r.path is None else None
+        return r, (mixture or r.type or "").upper()
     q = qtype.strip().lower()
     if q not in TYPES:
         raise IdeoquantError(f"unknown --type '{qtype}': choose from {', '.join(TYPES)}")
@@ -174,9 +175,9 @@ class GGUFFormat:
         if layout not in LAYOUTS:
             raise IdeoquantError(f"unknown layout '{layout}': choose original or diffusers")
         for qtype in [recipe.type, *(t for _, t in recipe.rules)]:
-            if qtype not in catalog.GGUF_QUANT_TYPES and qtype not in ("BF16", "F16"):
+            if qtype not in RECIPE_TYPES:  # recipes are checked when loaded; this guards a Recipe built in code
                 raise IdeoquantError(f"unknown GGUF type '{qtype}': choose from "
-                                     f"{', '.join(q.lower() for q in (*catalog.GGUF_QUANT_TYPES, 'BF16', 'F16'))}")
+                                     f"{', '.join(q.lower() for q in RECIPE_TYPES)}")
         spec = component.spec
         protected = protected_modules(component, recipe)
         groups: dict[str, list] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,14 @@ class GGUFFile:
         expected, nbytes = self._expected.pop(0)
         if name != expected or data.nbytes != nbytes:
             raise RuntimeError(f"GGUF write out of plan: got {name} ({data.nbytes} B), expected {expected} ({nbytes} B)")
-        self.writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
+        try:
+            self.writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
+        except OSError as e:
+            if e.errno is not None:
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
+            # numpy's tofile reports a short write without errno: the disk filled up or a size limit was hit
+            raise OSError(errno.EIO, f"incomplete write ({e}): the disk is full or a file size limit was reached",
+                          str(self.path)) from None
 
     def close(self) -> None:
         if self._expected:

@@ -5,21 +5,31 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
-def sha256_file(path: Path) -> str:
+_thread = threading.local()  # a Hasher's thread: `cancel`, its job's stop event
+
+
+class Cancelled(Exception):
+    """The hash was abandoned (the job stopped)."""
+
+
+def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
     with open(path, "rb") as f:
-        return sha256_mapped(f.fileno(), os.fstat(f.fileno()).st_size)
+        return sha256_mapped(f.fileno(), os.fstat(f.fileno()).st_size, cancel=cancel)
 
 
-def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20) -> str:
+def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20, cancel: threading.Event | None = None) -> str:
     """sha256 of the first `size` bytes of a file, hashed from a memory map.
 
     Mapped, the page cache is hashed in place; read() would first copy every byte (measured: the copies cost
     more CPU than half the hash itself). Each chunk is unmapped once hashed, so the resident size stays one
     chunk. ready(pos) -> end: for a file still being written, blocks until bytes up to `end` (> pos) exist.
+    cancel: once set, the hash stops at the next chunk (raises Cancelled): an interrupted job does not wait for
+    the rest of an 18 GB file.
     """
     h = hashlib.sha256()
     if size == 0:
@@ -31,7 +41,10 @@ def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20) -> str:
         view = memoryview(mm)
         try:
             pos = 0
+            cancel = cancel or getattr(_thread, "cancel", None)
             while pos < size:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled
                 end = min(size, pos + chunk, ready(pos) if ready else size)
                 h.update(view[pos:end])
                 start = pos - pos % mmap.PAGESIZE
@@ -48,13 +61,17 @@ class Hasher:
     Use as a context manager: the thread ends with the block, finished or cancelled."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ideoquant-hash")
+        self._cancel = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ideoquant-hash",
+                                        initializer=setattr, initargs=(_thread, "cancel", self._cancel))
         self._jobs: dict[str, tuple[Path, Future]] = {}
 
     def __enter__(self) -> "Hasher":
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc and exc[0] is not None:  # the job failed or was interrupted: stop the hash in flight now
+            self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def add(self, key: str, path: Path) -> None:

@@ -8,14 +8,17 @@ written into their slots as they are produced. safe_open reads the result like a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import IdeoquantError
 from .hashing import sha256_mapped
 
 # torch dtype -> the name safetensors headers use for it
@@ -67,8 +70,14 @@ class ShardWriter:
         self._written = 0
         self._lock = threading.Condition()  # encoder threads write their blocks concurrently (pwrite is positional)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, len(raw).to_bytes(8, "little") + raw, 0)
-        os.ftruncate(self._fd, self.size)
+        try:
+            _pwrite_all(self._fd, len(raw).to_bytes(8, "little") + raw, 0, self.path)
+            os.ftruncate(self._fd, self.size)
+            _allocate(self._fd, self.size, self.path)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
         self._ends: dict[int, int] = {}  # completed byte ranges past the frontier: start -> end
         self._frontier = self.data_start  # every byte before it is written
         self._closing = False
@@ -84,9 +93,7 @@ class ShardWriter:
         if row_offset_bytes + data.nbytes > length:
             raise ValueError(f"{key}: write past the end of its slot")
         begin = self.data_start + start + row_offset_bytes
-        view, done = memoryview(data), 0
-        while done < data.nbytes:
-            done += os.pwrite(self._fd, view[done:], begin + done)
+        _pwrite_all(self._fd, data, begin, self.path)
         with self._lock:
             self._written += data.nbytes
             if data.nbytes:
@@ -139,6 +146,31 @@ class ShardWriter:
                 raise RuntimeError(f"{self.path.name}: could not hash the file: {self._hash_error}")
 
 
+def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:
+    """Every byte of `data` at `offset` (pwrite: positional, so encoder threads write concurrently). A full disk
+    is an OSError naming the file, never a signal (nothing is written through a memory map)."""
+    view, done = memoryview(data).cast("B"), 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _allocate(fd: int, size: int, path: Path) -> None:
+    """Reserve the file's blocks up front, so a full disk fails here, before any encoding, and never halfway.
+    Filesystems without fallocate (some network and FUSE filesystems) are written as is: pwrite reports a full
+    disk as an error too."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 class _Aborted(Exception):
     """The writer closed before the file was complete: stop hashing."""
 
@@ -165,13 +197,25 @@ def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
     return groups
 
 
-def parse_size(size: str | int) -> int:
-    """'5GB', '500MB', '2MiB' or a number of bytes (decimal units as diffusers' max_shard_size uses them)."""
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(KIB|MIB|GIB|TIB|KB|MB|GB|TB|K|M|G|T|B)?")
+_UNITS = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+          "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1, None: 1}
+MIN_SHARD_BYTES = 1 << 10  # smaller shards are a typo, not a choice
+MAX_SHARD_BYTES = 1 << 50
+
+
+def parse_size(size: str | int, option: str = "--max-shard-size") -> int:
+    """'5GB', '500MB', '2MiB' or a number of bytes (decimal units as diffusers' max_shard_size uses them), between
+    1 KiB and 1 PiB. Anything else is an IdeoquantError naming the option."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise IdeoquantError(f"{option}: expected a size such as 5GB or 500MB, not {size!r}")
     if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+        n = size
+    else:
+        m = _SIZE.fullmatch(size.strip().upper())
+        if not m:
+            raise IdeoquantError(f"{option} '{size}': expected a size such as 5GB, 500MB or 2GiB")
+        n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if not MIN_SHARD_BYTES <= n <= MAX_SHARD_BYTES:
+        raise IdeoquantError(f"{option} {size}: must be between 1KiB and 1PiB")
+    return n

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -31,22 +33,28 @@ def staged_output(out: Path, overwrite: bool = False):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.ideoquant-{os.getpid()}.old"
-        out.rename(old)
-    staging.rename(out)
+    try:
+        if os.path.lexists(out):
+            old = out.parent / f".{out.name}.ideoquant-{os.getpid()}.old"
+            out.rename(old)
+        staging.rename(out)
+    except BaseException:  # even an interrupt between the two renames leaves the old OUT in place
+        if old is not None and not os.path.lexists(out):
+            old.rename(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def _remove_stale(out: Path) -> None:
     """Staging folders of runs that were killed (SIGKILL, power loss) and whose process is gone."""
-    for p in out.parent.glob(f".{out.name}.ideoquant-*.partial"):
+    for p in [*out.parent.glob(f".{out.name}.ideoquant-*.partial"), *out.parent.glob(f".{out.name}.ideoquant-*.old")]:
         try:
             pid = int(p.name.rsplit("-", 1)[1].split(".")[0])
             os.kill(pid, 0)
         except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
         except (ValueError, PermissionError, IndexError):
             pass
 
@@ -70,3 +78,165 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# ---------------------------------------------------------------- refusing early: the source, OUT, the lock
+
+
+def _real(p: Path) -> Path:
+    """`p` with symlinks and `..` resolved (as far as it exists), absolute."""
+    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(p))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_not_source(out: Path, protected, folders=(), owned_marker: str | None = None) -> None:
+    """Refuse an OUT that is, contains or would replace anything in `protected` (the source's paths: its folder,
+    every file it reads; their symlink targets are followed). Compared resolved (symlinks, `..`) and by inode, so
+    no spelling of the same place gets past it.
+
+    Inside a source folder (`folders`), a new OUT is fine; an existing one would be replaced, which is refused
+    unless it is an earlier output (holds `owned_marker`)."""
+    out = Path(out)
+    refuse = "refusing to replace or delete (part of) the source; choose another --out"
+    targets = {_real(out)}
+    if os.path.islink(out):  # the rename replaces the link itself
+        targets.add(Path(os.path.abspath(out)))
+    try:
+        st = os.stat(out)
+        out_id = (st.st_dev, st.st_ino)
+    except OSError:
+        out_id = None
+    for p in protected:
+        p = Path(p)
+        for s in (Path(os.path.abspath(os.path.expanduser(p))), _real(p)):
+            for t in targets:
+                if _within(s, t):
+                    what = "is" if s == t else "contains"
+                    raise IdeoquantError(f"--out {out} {what} the source {p}: {refuse}")
+        if out_id is not None:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == out_id:
+                raise IdeoquantError(f"--out {out} is the source {p}: {refuse}")
+    if os.path.lexists(out):
+        ours = owned_marker is not None and os.path.isdir(out) and os.path.isfile(Path(out) / owned_marker)
+        for folder in folders:
+            for s in {Path(os.path.abspath(folder)), _real(folder)}:
+                if any(t != s and _within(t, s) for t in targets) and not ours:
+                    raise IdeoquantError(f"--out {out} already exists inside the source {folder} and is not an "
+                                         f"ideoquant output: {refuse}")
+
+
+def _existing_ancestor(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not os.path.lexists(p):
+        p = p.parent
+    return p
+
+
+def check_output(out: Path, overwrite: bool = False, needed: int | None = None) -> None:
+    """What can be known about OUT before any work: it does not exist (or --overwrite), its folder can be created
+    and written, and (with `needed`, the planned bytes) the disk has room."""
+    out = Path(out)
+    if os.path.lexists(out) and not overwrite:
+        raise IdeoquantError(f"{out} already exists (use --overwrite to replace it)")
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = _existing_ancestor(parent)
+    if not probe.is_dir():
+        raise IdeoquantError(f"cannot write {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise IdeoquantError(f"cannot write {out}: {probe} is not writable (permission denied)")
+    if needed is not None:
+        check_free_space(parent, needed)
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.ideoquant.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on OUT for the whole run (a lock file beside it, removed at the end): a second run
+    to the same OUT fails at once, naming the process that holds it. Folders created for OUT are removed again
+    if the run fails before writing them."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    created = []
+    p = Path(os.path.abspath(parent))
+    while not os.path.lexists(p):
+        created.append(p)
+        p = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(out)
+    fd = None
+    try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                fd = None
+                raise IdeoquantError(f"{out} is being written by another ideoquant run (pid {holder}); "
+                                     f"wait for it to finish (lock: {path})") from None
+            # The holder before us may have removed the file as we opened it: lock the file that is there now.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            fd = None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    except BaseException:
+        _unlock(path, fd)
+        fd = None
+        for d in created:  # innermost first; only folders this run made and left empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        if fd is not None:
+            _unlock(path, fd)
+
+
+def _unlock(path: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # while still holding the lock: a waiting run re-checks the inode
+    os.close(fd)
+
+
+def disk_full_error(folder: Path, e: OSError, needed: int | None = None) -> IdeoquantError:
+    """An ENOSPC / EDQUOT / EFBIG while writing, as one line: where, and how much space is missing."""
+    try:
+        free = shutil.disk_usage(_existing_ancestor(folder)).free
+    except OSError:
+        free = None
+    if e.errno == errno.EFBIG:
+        return IdeoquantError(f"cannot write {folder}: file too large (the file size limit of this process or "
+                              f"filesystem; {e.filename or ''})".replace("; )", ")"))
+    what = "quota exceeded" if e.errno == errno.EDQUOT else "disk full"
+    msg = f"{what} writing {folder}"
+    if needed is not None and free is not None and needed > free:
+        msg += f": the output needs {human_bytes(needed)}, {human_bytes(free)} free ({human_bytes(needed - free)} missing)"
+    elif needed is not None and free is not None:
+        msg += f": the output needs {human_bytes(needed)}, only {human_bytes(free)} free (missing at the time of writing)"
+    elif free is not None:
+        msg += f": {human_bytes(free)} free"
+    return IdeoquantError(msg + "; nothing was written, an existing output is unchanged")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
