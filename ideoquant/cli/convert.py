@@ -102,7 +102,7 @@ def gguf(
         help="How the file's sums become ggml's weights: as llama-quantize or as sd-cli derives them.")] = "llama",
     as_json: Json = False,
 ):
-    """Write one GGUF per backbone, bytes equal to ggml's reference quantizers (no importance weights)."""
+    """Write one GGUF per backbone, bytes equal to ggml's quantizers (with --imatrix, its weighted path)."""
     from ..job import convert_gguf as api
 
     t0 = time.perf_counter()

@@ -317,9 +317,21 @@ class GGUFFormat:
                       "ideoquant) runs them. ComfyUI loads them with warnings and produces wrong images, and "
                       "stable-diffusion.cpp does not map these names; use the original layout "
                       "(`ideoquant gguf --layout original`) for those.", ""]
-        lines.append("The quantized bytes equal ggml's reference quantizers (`quantize_row_*_ref`, no importance "
-                     "weights). stable-diffusion.cpp's own converter uses ggml's weighted path with all-ones weights, "
-                     "so its K-quant bytes (Q4_K, Q5_K, Q6_K) differ slightly; Q8_0 bytes are identical.")
+        im = m.get("imatrix") or {}
+        if im.get("kind") == "ones":
+            lines.append("The quantized bytes equal ggml's weighted quantizers with all-ones importance weights "
+                         "(`ggml_quantize_chunk` with an imatrix of ones): what stable-diffusion.cpp's own converter "
+                         "writes.")
+        elif im:
+            lines.append(f"The quantized bytes equal ggml's weighted quantizers (`ggml_quantize_chunk` with an "
+                         f"importance matrix): `{im.get('file')}` (sha256 `{im.get('sha256')}`), computed from "
+                         f"{', '.join(im.get('datasets') or ['unrecorded inputs'])}, weights derived as "
+                         f"{'llama-quantize' if im.get('convention') == 'llama' else 'sd-cli'} does.")
+        else:
+            lines.append("The quantized bytes equal ggml's reference quantizers (`quantize_row_*_ref`, no importance "
+                         "weights). stable-diffusion.cpp's own converter uses ggml's weighted path with all-ones "
+                         "weights, so its bytes differ slightly (`ideoquant gguf --imatrix ones` writes those); "
+                         "Q8_0 bytes are identical.")
         rules = recipe.get("rules") or {}
         recipe_lines = [f"Base type `{recipe.get('type')}`"
                         + (", rules: " + ", ".join(f"`{r}` → {t}" for r, t in rules.items()) if rules else "") + ".",
