@@ -177,3 +177,13 @@ def widen_bf16(bits, out):
     for i in range(bits.shape[0]):
         for j in range(bits.shape[1]):
             o[i, j] = np.uint32(bits[i, j]) << np.uint32(16)
+
+
+@_jit
+def dequantize_fp8(codes, row_scale, table, out):
+    """FP8 e4m3fn rows (uint8 codes [r, k], float32 scale per row [r]) -> float32 [r, k]: `table[code] * scale`,
+    one float32 multiply per value, as torch's `weight.float() * scale[:, None]` computes it."""
+    for r in range(codes.shape[0]):
+        s = row_scale[r]
+        for j in range(codes.shape[1]):
+            out[r, j] = table[codes[r, j]] * s

@@ -267,8 +267,7 @@ def _write_tensors(tensors: list[TensorPlan], writer: ShardWriter, component: st
             data = None
         elif fp8:  # dequantized into this thread's buffers
             shape = (rows[1] - rows[0], *src.shape[1:])
-            data = src.read(rows, maps, ws.take("fp8", shape, torch.float32),
-                            ws.take("fp8 index", shape, torch.int32))
+            data = src.read(rows, maps, ws.take("fp8", shape, torch.float32))
         else:
             data = src.read(rows, maps)
         if t.quantize:
