@@ -617,9 +617,8 @@ def _component(name: str, stored: dict[str, StoredTensor], files: list[Path], co
         for k in model.SHAPE_KEYS:
             have = config.get(k, model.DEFAULT_CONFIG[k])
             if have != inferred[k]:
-                said = "says" if k in config else "leaves out (default"
-                raise IdeoquantError(f"{where}: config.json {said} {k} = {have}{')' if k not in config else ''} but "
-                                     f"the tensors hold {inferred[k]}")
+                said = f"{k} = {have}" if k in config else f"{k} is left out (default {have})"
+                raise IdeoquantError(f"{where}: {said} but the tensors hold {inferred[k]}")
     spec = model.model_spec(config)
     extra = [k for k in tensors if k not in spec.shapes]
     missing = [k for k in spec.shapes if k not in tensors]
