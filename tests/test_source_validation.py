@@ -223,45 +223,56 @@ def test_stale_index_is_tolerated_and_noted(copy):
 
 # --- fuzzing ----------------------------------------------------------------------------------------------------
 
-DTYPES = ["F32", "BF16", "F16", "F8_E4M3", "U8", "I8", "I64", "F64", "BOOL", "F4", "F8_E8M0", "", "f32", 7, None]
-dims = st.lists(st.integers(0, 5) | st.sampled_from([-1, 2 ** 64, 1.5, "3", True]), max_size=3)
-
-
-@st.composite
-def headers(draw):
-    """A header of a few tensors, mostly consistent (then the file is valid), with one thing perhaps broken."""
-    n = draw(st.integers(0, 4))
-    header, offset = {}, 0
-    for i in range(n):
-        dtype = draw(st.sampled_from(DTYPES[:8]) | st.sampled_from(DTYPES))
-        shape = draw(st.lists(st.integers(0, 4), max_size=3) | dims)
-        size = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I64": 8, "F64": 8, "BOOL": 1}.get(
-            dtype, 1) * (math.prod(shape) if all(type(d) is int and d >= 0 for d in shape) else 1)
-        size = size + draw(st.sampled_from([0, 0, 0, 1, -1]))
-        entry = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        if draw(st.integers(0, 9)) == 0:
-            entry = draw(st.sampled_from([{"dtype": dtype}, [1, 2], "x", {**entry, "data_offsets": [offset]},
-                                          {**entry, "data_offsets": [offset + size, offset]}]))
-        header[draw(st.text(max_size=6)) + str(i)] = entry
-        offset += max(size, 0)
-    if draw(st.booleans()):
-        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4) | st.integers(),
-                                                      max_size=2))
-    return header, offset
+SIZES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I64": 8, "F64": 8, "BOOL": 1}
+BREAKS = ["dtype", "shape", "offsets", "entry", "metadata", "json", "length", "truncate", "extra", "dupkey"]
 
 
 @st.composite
 def files(draw):
-    header, size = draw(headers())
-    text = json.dumps(header).encode()
-    if draw(st.integers(0, 5)) == 0:  # not JSON, or not an object
-        text = draw(st.sampled_from([b"[]", b"null", b"{", b"\xff\xff", b'{"a":1,"a":2}', b"1e999", b" {}"]))
-    text += b" " * draw(st.sampled_from([0, 0, 3]))
-    length = len(text) + draw(st.sampled_from([0, 0, 0, 1, -1, 1 << 40]))
-    data = bytes((i * 37) % 251 for i in range(max(size, 0) + draw(st.sampled_from([0, 0, 0, 2, -1]))))
-    blob = struct.pack("<Q", length) + text + data
-    if draw(st.integers(0, 7)) == 0:
-        blob = blob[: draw(st.integers(0, len(blob)))]
+    """A safetensors file: valid two times in three, otherwise broken in one way (of BREAKS, with random values)."""
+    header, offset = {}, 0
+    for i in range(draw(st.integers(0, 4))):
+        dtype = draw(st.sampled_from(sorted(SIZES)))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        size = SIZES[dtype] * math.prod(shape)
+        header[draw(st.text(max_size=6)) + str(i)] = {"dtype": dtype, "shape": shape,
+                                                      "data_offsets": [offset, offset + size]}
+        offset += size
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2))
+    tensors = [k for k in header if k != "__metadata__"]
+    data = bytes((i * 37) % 251 for i in range(offset))
+    broken = draw(st.integers(0, 2)) == 0 and draw(st.sampled_from(BREAKS))
+    junk = st.sampled_from([-1, 2 ** 64, 1.5, "3", True, None, [], {}, "F4", "F8_E8M0", 7, ""])
+    if broken in ("dtype", "shape", "offsets", "entry") and tensors:
+        key = draw(st.sampled_from(tensors))
+        e = header[key]
+        if broken == "dtype":
+            e["dtype"] = draw(junk | st.sampled_from(sorted(SIZES)))
+        elif broken == "shape":
+            e["shape"] = draw(junk) if draw(st.booleans()) else [*e["shape"], draw(junk)]
+        elif broken == "offsets":
+            a, b = e["data_offsets"]
+            e["data_offsets"] = draw(st.sampled_from([[a], [b, a], [a, b + 1], [a - 1, b], [a, b, b], "x",
+                                                      [a, float(b)], [a + 1, b + 1]]))
+        else:
+            header[key] = draw(st.sampled_from([[1, 2], "x", None, {"dtype": e["dtype"]},
+                                                {k: v for k, v in e.items() if k != "shape"}]))
+    if broken == "metadata":
+        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=4), junk, min_size=1, max_size=2) | junk)
+    text = json.dumps(header).encode() + b" " * draw(st.sampled_from([0, 3]))
+    if broken == "json":
+        text = draw(st.sampled_from([b"[]", b"null", b"{", b"\xff\xff", b"1e999", b" {}", b"{}x", b'"s"']))
+    if broken == "dupkey" and tensors:
+        text = text[:1] + json.dumps({tensors[0]: header[tensors[0]]}).encode()[1:-1] + b"," + text[1:]
+    length = len(text)
+    if broken == "length":
+        length += draw(st.sampled_from([1, -1, 1 << 40, 2 ** 63]))
+    if broken == "extra":
+        data += b"\0" * draw(st.integers(1, 9))
+    blob = struct.pack("<Q", length % 2 ** 64) + text + data
+    if broken == "truncate":
+        blob = blob[: draw(st.integers(0, max(len(blob) - 1, 0)))]
     return blob
 
 
