@@ -294,3 +294,16 @@ def test_different_class_name_on_ideogram4_tensors_is_noted(bf16_source, tmp_pat
         (src / c / "config.json").write_text(json.dumps(cfg))
     notes = open_source(src).describe()["notes"]
     assert "transformer: config.json names SomethingElse; recognised as Ideogram4Transformer2DModel" in notes[0]
+
+
+def test_wrapper_prefix_is_stripped(replicas, tmp_path, indicators):
+    """An optional `model.diffusion_model.` wrapper on every key (Wan2GP strips it too) reads as the bare file."""
+    from safetensors.torch import load_file, save_file
+
+    f = replicas["comfy"] / UNCOND
+    with safe_open(f, "pt") as h:
+        meta = h.metadata()
+    save_file({"model.diffusion_model." + k: v for k, v in load_file(f).items()}, tmp_path / "w.safetensors",
+              metadata=meta)
+    comp = open_source(tmp_path / "w.safetensors").components["unconditional_transformer"]
+    assert torch.equal(comp.tensors["embed_image_indicator.weight"].read(), indicators["unconditional_transformer"])
