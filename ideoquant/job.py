@@ -59,7 +59,11 @@ def _source_files(src: Source) -> dict[str, Path]:
         files["model_index.json"] = src.path / "model_index.json"
     for c in src.components.values():
         folder = c.files[0].parent
-        for f in [*c.files, folder / "config.json", folder / INDEX_NAME]:
+        side = [folder / "config.json", folder / INDEX_NAME]
+        if src.kind == "files":  # several paths given: a config next to a file given alone is not part of the source
+            given = [Path(p).expanduser().absolute() for p in src.spec]
+            side = [f for f in side if any(g == folder or g in folder.parents for g in given)]
+        for f in [*c.files, *side]:
             if f.is_file():
                 files[str(f.relative_to(src.path))] = f
     return files
@@ -213,7 +217,7 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
 
 
 def convert(
-    source: str | None = None,
+    source: str | list[str] | None = None,
     out: str | Path = "ideogram4-int8",
     *,
     recipe: str | Recipe = "int8-w8a8",
@@ -253,7 +257,7 @@ def convert(
 
 
 def convert_gguf(
-    source: str | None = None,
+    source: str | list[str] | None = None,
     out: str | Path = "ideogram4-gguf",
     *,
     qtype: str | list[str] | None = None,

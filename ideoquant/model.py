@@ -17,12 +17,18 @@ MODEL_CLASS = "Ideogram4Transformer2DModel"
 PIPELINE_CLASS = "Ideogram4Pipeline"
 
 # Prefixes seen in original single-file checkpoints; the conditional backbone is the pipeline's `transformer`.
-ORIGINAL_PREFIXES = {
-    "model.diffusion_model.": "transformer",
-    "diffusion_model.": "transformer",
-    "conditional_transformer.": "transformer",
-    "unconditional_transformer.": "unconditional_transformer",
-}
+# A wrapper prefix (stripped, the branch then comes from the file's metadata or name) or a per-branch prefix.
+WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+BRANCH_PREFIXES = {"conditional_transformer.": "transformer", "unconditional_transformer.": "unconditional_transformer"}
+ORIGINAL_PREFIXES = {**{p: "transformer" for p in WRAPPER_PREFIXES}, **BRANCH_PREFIXES}
+# ComfyUI's files name their branch only in the safetensors metadata `model_type` (Comfy-Org/Ideogram-4).
+BRANCH_METADATA = {"ideogram4_cond": "transformer", "ideogram4_uncond": "unconditional_transformer"}
+# Tensors that identify an Ideogram 4 backbone, whatever its config says (same names in both layouts).
+MARKERS = ("embed_image_indicator.weight", "llm_cond_proj.weight", "input_proj.weight")
+# Config keys fixed by the tensor shapes (a config.json must agree with them).
+SHAPE_KEYS = ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads", "intermediate_size",
+              "adaln_dim", "llm_features_dim")
+_LAYER = re.compile(r"^layers\.(\d{1,6})\.")
 
 _QKV = re.compile(r"^(layers\.\d+\.attention)\.qkv\.(weight)$")
 _O = re.compile(r"^(layers\.\d+\.attention)\.o\.(weight)$")
@@ -109,16 +115,33 @@ def _model_spec(key: tuple) -> ModelSpec:
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Recover the constructor arguments from diffusers-named tensor shapes (for single files without a config)."""
+    """Recover the constructor arguments from diffusers-named tensor shapes (for single files without a config).
+
+    KeyError: a tensor it needs is missing; ValueError: a shape or the layer numbering does not fit the model.
+    The result is bounded by the tensors themselves (num_layers counts the layers present), so a spec built from it
+    is never larger than the headers it came from.
+    """
+    def dims(name: str, n: int) -> tuple[int, ...]:
+        shape = shapes[name]
+        if len(shape) != n or not all(shape):
+            raise ValueError(f"{name} has shape {list(shape)}, not a {n}-D tensor of the model")
+        return shape
+
     try:
-        hidden, in_channels = shapes["input_proj.weight"]
-        _, llm_features_dim = shapes["llm_cond_proj.weight"]
-        adaln_dim, _ = shapes["adaln_proj.weight"]
-        intermediate_size, _ = shapes["layers.0.feed_forward.w1.weight"]
-        (head_dim,) = shapes["layers.0.attention.norm_q.weight"]
+        hidden, in_channels = dims("input_proj.weight", 2)
+        _, llm_features_dim = dims("llm_cond_proj.weight", 2)
+        adaln_dim, _ = dims("adaln_proj.weight", 2)
+        intermediate_size, _ = dims("layers.0.feed_forward.w1.weight", 2)
+        (head_dim,) = dims("layers.0.attention.norm_q.weight", 1)
     except KeyError as e:
         raise KeyError(f"missing {e.args[0]}") from None
-    num_layers = 1 + max(int(n.split(".")[1]) for n in shapes if n.startswith("layers."))
+    layers = {int(m[1]) for n in shapes if (m := _LAYER.match(n))}
+    num_layers = len(layers)
+    if layers != set(range(num_layers)):
+        gap = min(set(range(max(layers) + 1)) - layers)
+        raise ValueError(f"layers are numbered up to {max(layers)} but layer {gap} has no tensors")
+    if hidden % head_dim:
+        raise ValueError(f"hidden width {hidden} is not a multiple of the head width {head_dim}")
     return {
         "in_channels": in_channels,
         "num_layers": num_layers,

@@ -39,6 +39,11 @@ def build_model(config: dict | None = None, seed: int = 0) -> torch.nn.Module:
     return m.eval()
 
 
+LAYOUTS = ("diffusers", "official", "original", "diffsynth", "comfy", "int8_convrot", "nf4", "nf4-diffusers")
+COMFY_FILES = {"transformer": "ideogram4_{fmt}.safetensors", "unconditional_transformer": "ideogram4_unconditional_{fmt}.safetensors"}
+FP8_MAX = 448.0
+
+
 def build_checkpoint(
     path: str | Path,
     *,
@@ -47,46 +52,118 @@ def build_checkpoint(
     layout: str = "diffusers",
     max_shard_size: str | int = "2MB",
     seed: int = 0,
+    class_name: str | None = model.MODEL_CLASS,
+    quantization_config: dict | None = None,
 ) -> Path:
-    """Write a pipeline folder (model_index.json, transformer/, unconditional_transformer/).
+    """Write a tiny replica of one of the published Ideogram 4 layouts (see /work/shared/notes/real-release.md).
 
-    fmt: "bf16", "fp16", "fp32" or "fp8" (float8_e4m3fn weights with float32 per-row `weight_scale`, the
-    diffusers BFL fp8r scheme). layout "original" writes one `ideogram4.safetensors` file instead, with
-    fused `attention.qkv`, `attention.o` and `conditional_transformer.` / `unconditional_transformer.` prefixes.
+    layout / fmt:
+    - "diffusers": a pipeline folder (model_index.json, transformer/, unconditional_transformer/) as
+      `save_pretrained` writes it, split `to_q/to_k/to_v/to_out.0` names, sharded by max_shard_size; fmt "bf16",
+      "fp16", "fp32" (the bf16 diffusers repacks), or "fp8" (the official release with split q/k/v keys, in case
+      its PR #10 lands: one file per backbone, FP8 per-row).
+    - "official": `ideogram-ai/ideogram-4-fp8` exactly: a pipeline folder whose backbone folders each hold one
+      `diffusion_pytorch_model.safetensors` with the original fused names and no prefix (`layers.N.attention.qkv`
+      rows q|k|v, `attention.o`), every linear weight float8_e4m3fn with a float32 per-row `.weight_scale` [out]
+      (the release's own format, `w = fp8 * scale[:, None]`), everything else bf16, an index pointing every key at
+      that file, and a config.json with diffusers keys and no quantization_config. fmt "fp8" (also the default).
+    - "original": one `ideogram4.safetensors` with both backbones under `conditional_transformer.` /
+      `unconditional_transformer.` prefixes, fused names (fmt bf16/fp16/fp32/fp8). Returns the file.
+    - "diffsynth": DiffSynth-Studio's bf16 repack: transformer/ and unconditional_transformer/ each with one
+      `diffusion_pytorch_model.safetensors`, fused names, bf16, no scales, no config, no model_index.json.
+    - "comfy": Comfy-Org/Ideogram-4's diffusion_models/ folder: `ideogram4_fp8_scaled.safetensors` and
+      `ideogram4_unconditional_fp8_scaled.safetensors`, fused names, FP8 weights with a per-tensor scalar F32
+      `weight_scale` [] and a U8 `<module>.comfy_quant` JSON marker per quantized layer, the branch only in the
+      metadata `model_type` (ideogram4_cond / ideogram4_uncond). fmt "fp8" (default) or "nvfp4" (the refused
+      `ideogram4[_unconditional]_nvfp4_mixed.safetensors`: packed U8 weights, F8 block scales, `weight_scale_2`).
+      Returns the folder.
+    - "int8_convrot": `ideogram4_int8_convrot.safetensors`: I8 weights with F32 row scales, no branch metadata.
+      Returns the file.
+    - "nf4": `ideogram-ai/ideogram-4-nf4`: the official pipeline layout, fused names, every linear bitsandbytes NF4
+      (blocksize 64, no nested statistics: `weight` U8 [out*in/2, 1], `weight.absmax`, `weight.quant_map`,
+      `weight.quant_state.bitsandbytes__nf4`), config.json without or (quantization_config=...) with a
+      quantization_config. "nf4-diffusers": `ideogram-4-nf4-diffusers`, the same tensors under diffusers names,
+      config.json with a bitsandbytes quantization_config unless quantization_config={} is given.
+
+    class_name: the configs' `_class_name` (None: left out). Returns the pipeline folder unless said otherwise.
     """
-    from diffusers.quantizers.bfl.utils import quantize_fp8r
     from safetensors.torch import save_file
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: one of {LAYOUTS}")
+    if layout in ("official", "comfy") and fmt == "bf16":
+        fmt = "fp8"
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}[fmt]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(fmt, torch.bfloat16)
     single: dict[str, torch.Tensor] = {}
     for i, component in enumerate(model.COMPONENTS):
         m = build_model(config, seed=seed + i)
-        if layout == "diffusers" and fmt != "fp8":
-            m.to(dtype).save_pretrained(path / component, max_shard_size=max_shard_size)
+        folder = path / component
+        if layout == "diffusers" and fmt in ("bf16", "fp16", "fp32"):
+            m.to(dtype).save_pretrained(folder, max_shard_size=max_shard_size)
+            _set_class(folder / "config.json", class_name)
             continue
+        linear = model.model_spec(dict(m.config)).linear_modules
         sd = {k: v.to(dtype).contiguous() for k, v in m.state_dict().items()}
-        if fmt == "fp8":
-            linear = model.model_spec(dict(m.config)).linear_modules
-            for k in list(sd):
-                if k.endswith(".weight") and k[:-7] in linear:
-                    sd[k], sd[k + "_scale"] = quantize_fp8r(sd[k].float())
+        if layout != "diffusers" and layout != "nf4-diffusers":
+            sd = _fuse(sd)
+            linear = {model.diffusers_to_original(f"{x}.weight")[0][: -len(".weight")] for x in linear}
+        metadata = {"format": "pt"}
+        if fmt == "fp8" and layout != "comfy":
+            for mod in sorted(linear):
+                sd[f"{mod}.weight"], sd[f"{mod}.weight_scale"] = quantize_fp8_rows(sd[f"{mod}.weight"])
+        elif layout == "comfy":
+            for mod in sorted(linear):
+                sd.update(_comfy_layer(mod, sd.pop(f"{mod}.weight"), fmt))
+            metadata["model_type"] = "ideogram4_cond" if component == "transformer" else "ideogram4_uncond"
+        elif layout == "int8_convrot":
+            for mod in sorted(linear):
+                w = sd[f"{mod}.weight"].float()
+                scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-8)
+                sd[f"{mod}.weight"] = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+                sd[f"{mod}.weight_scale"] = scale
+        elif layout in ("nf4", "nf4-diffusers"):
+            for mod in sorted(linear):
+                sd.update(_nf4_layer(mod, sd.pop(f"{mod}.weight")))
+
         if layout == "original":
             prefix = "conditional_transformer." if component == "transformer" else "unconditional_transformer."
-            single.update({prefix + k: v for k, v in _fuse(sd).items()})
+            single.update({prefix + k: v for k, v in sd.items()})
+        elif layout in ("comfy", "int8_convrot"):
+            if layout == "int8_convrot":
+                if component == "transformer":
+                    save_file(sd, path / "ideogram4_int8_convrot.safetensors", metadata=metadata)
+                continue
+            name = COMFY_FILES[component].format(fmt="fp8_scaled" if fmt == "fp8" else f"{fmt}_mixed")
+            save_file(sd, path / name, metadata=metadata)
         else:
-            (path / component).mkdir(exist_ok=True)
-            m.save_config(path / component)
-            if fmt == "fp8":  # as an FP8 release marks itself for diffusers' BFL fp8r loader
-                cfg_file = path / component / "config.json"
-                cfg = json.loads(cfg_file.read_text())
-                cfg["quantization_config"] = {"quant_method": "bfl", "compute_dtype": "bfloat16", "pre_quantized": True}
-                cfg_file.write_text(json.dumps(cfg, indent=2))
-            save_file(sd, path / component / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+            folder.mkdir(exist_ok=True)
+            weights = folder / "diffusion_pytorch_model.safetensors"
+            save_file(sd, weights, metadata=metadata)
+            if layout == "diffsynth":
+                continue
+            m.save_config(folder)
+            _set_class(folder / "config.json", class_name)
+            qc = quantization_config
+            if layout == "nf4-diffusers" and qc is None:
+                qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                      "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "bfloat16"}
+            if qc:
+                cfg = json.loads((folder / "config.json").read_text())
+                cfg["quantization_config"] = qc
+                (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+            if layout == "official":  # the release's index points every key at its one file
+                index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                         "weight_map": {k: weights.name for k in sorted(sd)}}
+                (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if layout == "original":
         save_file(single, path / "ideogram4.safetensors", metadata={"format": "pt"})
         return path / "ideogram4.safetensors"
+    if layout == "int8_convrot":
+        return path / "ideogram4_int8_convrot.safetensors"
+    if layout in ("comfy", "diffsynth"):
+        return path
     (path / "model_index.json").write_text(json.dumps({
         "_class_name": model.PIPELINE_CLASS,
         "_diffusers_version": _diffusers_version(),
@@ -94,6 +171,56 @@ def build_checkpoint(
         "unconditional_transformer": ["diffusers", model.MODEL_CLASS],
     }, indent=2))
     return path
+
+
+def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official release's quantizer (RyukoMatoiFan/ideogram4 quantized_loading.py), round to nearest:
+    `scale = amax(|w|, row) / 448` (at least 1e-8), float8_e4m3fn codes `w / scale[:, None]`, float32 scale [out]."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-8)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _comfy_layer(mod: str, w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """One ComfyUI quantized layer: fp8 with a per-tensor scalar scale, or nvfp4 (packed nibbles, e4m3 scales per
+    16 values, a global `weight_scale_2`), each with its `comfy_quant` JSON marker."""
+    w = w.float()
+    if fmt == "fp8":
+        scale = (w.abs().max() / FP8_MAX).clamp_min(1e-8).reshape(())
+        tensors = {f"{mod}.weight": (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+                   f"{mod}.weight_scale": scale.float()}
+        marker = {"format": "float8_e4m3fn"}
+    elif fmt == "nvfp4":
+        out, n_in = w.shape
+        tensors = {f"{mod}.weight": torch.zeros(out, n_in // 2, dtype=torch.uint8),
+                   f"{mod}.weight_scale": torch.ones(out, n_in // 16).to(torch.float8_e4m3fn),
+                   f"{mod}.weight_scale_2": torch.tensor(1.0)}
+        marker = {"format": "nvfp4"}
+    else:
+        raise ValueError(f"comfy layout: fmt fp8 or nvfp4, not {fmt!r}")
+    tensors[f"{mod}.comfy_quant"] = torch.tensor(list(json.dumps(marker).encode()), dtype=torch.uint8)
+    return tensors
+
+
+def _nf4_layer(mod: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A bitsandbytes NF4 linear as bnb serializes it (blocksize 64, compress_statistics False)."""
+    out, n_in = w.shape
+    state = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [out, n_in]}
+    return {f"{mod}.weight": torch.zeros(out * n_in // 2, 1, dtype=torch.uint8),
+            f"{mod}.weight.absmax": w.float().reshape(-1, 64).abs().amax(dim=1),
+            f"{mod}.weight.quant_map": torch.linspace(-1, 1, 16),
+            f"{mod}.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(state).encode()),
+                                                                       dtype=torch.uint8)}
+
+
+def _set_class(config_file: Path, class_name: str | None) -> None:
+    if class_name == model.MODEL_CLASS:
+        return
+    cfg = json.loads(config_file.read_text())
+    cfg.pop("_class_name", None)
+    if class_name is not None:
+        cfg = {"_class_name": class_name, **cfg}
+    config_file.write_text(json.dumps(cfg, indent=2))
 
 
 def _fuse(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,8 +21,10 @@ def bf16_source(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fp8_source(tmp_path_factory):
-    """The same model in the FP8 per-row format (float8_e4m3fn weight + float32 weight_scale)."""
-    return testing.build_checkpoint(tmp_path_factory.mktemp("src") / "fp8", fmt="fp8")
+    """The same model as `ideogram-ai/ideogram-4-fp8` ships it: original fused names, every linear weight
+    float8_e4m3fn with a float32 per-row `weight_scale`, one file per backbone plus its index, no
+    quantization_config (testing.build_checkpoint layout "official")."""
+    return testing.build_checkpoint(tmp_path_factory.mktemp("src") / "fp8", fmt="fp8", layout="official")
 
 
 @pytest.fixture(scope="session")

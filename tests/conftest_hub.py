@@ -95,6 +95,24 @@ def _patch_client(monkeypatch, url: str, home: Path) -> None:
         sys.modules["huggingface_hub.hf_file_system"].HfFileSystem.clear_instance_cache()
 
 
+@pytest.fixture(scope="session")
+def official_repo(fake_hub, fp8_source):
+    """The default SOURCE, `ideogram-ai/ideogram-4-fp8`, on the fake hub as the release is: gated, the tiny replica
+    of its two backbone folders (fused FP8 per-row, index, config without quantization_config), model_index.json,
+    and the parts a conversion never needs (text encoder, VAE, tokenizer). Returns (repo id, commit sha)."""
+    from ideoquant import model
+
+    files = {p.relative_to(fp8_source).as_posix(): p for p in sorted(fp8_source.rglob("*")) if p.is_file()}
+    files.update({"text_encoder/config.json": '{"ideogram_fp8_weight_only": true}',
+                  "text_encoder/model.safetensors": b"\0text encoder weights",
+                  "vae/diffusion_pytorch_model.safetensors": b"\0vae weights",
+                  "tokenizer/tokenizer.json": "{}",
+                  "README.md": "---\nlicense: other\nlicense_name: ideogram-4-non-commercial\n---\n# Ideogram 4 FP8\n"})
+    sha = fake_hub.hub.seed(model.DEFAULT_SOURCE, files)
+    fake_hub.hub.set_gated(model.DEFAULT_SOURCE, allowed_tokens=[TEST_TOKEN])
+    return model.DEFAULT_SOURCE, sha
+
+
 @pytest.fixture
 def hub_env(fake_hub, monkeypatch, tmp_path):
     """Client env for one test: endpoint = fake hub, Xet off, token hf_test_token, empty HF_HOME/HF_HUB_CACHE.

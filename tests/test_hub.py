@@ -307,3 +307,24 @@ def test_inspect_hub_source_reads_headers_only(hub_env, seeded, source, tmp_path
     import os
     assert list(Path(os.environ["HF_HUB_CACHE"]).rglob("*.safetensors")) == []
     assert list(Path(os.environ["HF_HUB_CACHE"]).rglob("config.json"))  # the configs were fetched
+
+
+def test_default_source_is_the_official_fp8_release(hub_env, official_repo, fp8_source, tmp_path):
+    """No SOURCE: the gated `ideogram-ai/ideogram-4-fp8` layout (fused FP8 per-row, index, no quantization_config)
+    is downloaded with the token, only its backbone files, and read like the local replica."""
+    repo, sha = official_repo
+    m = ideoquant.convert(None, tmp_path / "out", components=["transformer"])
+    assert m["source"]["repo_id"] == repo and m["source"]["commit"] == sha
+    fetched = {p.split(f"/resolve/{sha}/", 1)[1] for p in hub_env.hub.file_downloads()}
+    assert fetched <= {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                       "transformer/diffusion_pytorch_model.safetensors.index.json"}
+    assert "transformer/diffusion_pytorch_model.safetensors" in fetched
+    assert m["components"]["transformer"]["source_layout"] == "original"
+    assert any("float32 per-row scales" in n for n in m["source"]["notes"])
+    local = ideoquant.convert(fp8_source, tmp_path / "local", components=["transformer"])
+    assert m["files"]["transformer/diffusion_pytorch_model.safetensors"] == \
+        local["files"]["transformer/diffusion_pytorch_model.safetensors"]
+    # Without a token the gated release is refused with one line saying what to do.
+    hub_env.hub.reset_log()
+    with pytest.raises(IdeoquantError, match=f"{repo} is gated: accept its licence"):
+        ideoquant.convert(None, tmp_path / "anon", token=False, components=["transformer"])

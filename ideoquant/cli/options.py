@@ -22,8 +22,10 @@ Layout = Enum("Layout", {x: x for x in catalog.GGUF_LAYOUTS}, type=str)
 Device = Enum("Device", {x: x for x in DEVICES}, type=str)
 Convention = Enum("Convention", {x: x for x in ("llama", "sdcpp")}, type=str)
 
-SourceArg = Annotated[Optional[str], typer.Argument(metavar="SOURCE",
-    help=SOURCE_HELP + " [default: ideogram-ai/ideogram-4-fp8]", show_default=False)]
+SourceArg = Annotated[Optional[List[str]], typer.Argument(metavar="SOURCE...",
+    help=SOURCE_HELP + " Several local .safetensors files (or a folder of them, as ComfyUI's "
+    "models/diffusion_models/) each land in the backbone they hold. [default: ideogram-ai/ideogram-4-fp8]",
+    show_default=False)]
 RequiredSource = Annotated[str, typer.Argument(metavar="SOURCE", help=SOURCE_HELP, show_default=False)]
 Protect = Annotated[List[str], typer.Option(metavar="GLOB", help="Also keep modules matching this glob in BF16 (repeatable).",
                                             show_default=False)]

@@ -20,8 +20,14 @@ from ..errors import IdeoquantError
 
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 FP8_DTYPES = {"F8_E4M3"}
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}
-STORED_DTYPES = {**FLOAT_DTYPES, "F8_E4M3": torch.float8_e4m3fn}
+# Every dtype a safetensors header may name that ideoquant can parse (and refuse by name when it is not a source
+# format: U8 markers, I8 weights, ...). Any other dtype string is refused when the header is read.
+STORED_DTYPES = {
+    **FLOAT_DTYPES, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F64": torch.float64,
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_BYTES = {k: v.itemsize for k, v in STORED_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES.get(self.dtype, 1)
+        n = DTYPE_BYTES[self.dtype]
         for d in self.shape:
             n *= d
         return n
