@@ -79,7 +79,11 @@ def _model_index(src: Source) -> str:
 
 
 def _early_source_paths(source) -> list[Path]:
-    """What SOURCE names before it is opened: a local path, or a Hub repo's folder in the Hugging Face cache."""
+    """What SOURCE names before it is opened: local paths, or a Hub repo's folder in the Hugging Face cache."""
+    if isinstance(source, (list, tuple)):
+        if len(source) != 1:
+            return [p for one in source for p in _early_source_paths(one)]
+        source = source[0]
     spec = str(source or model.DEFAULT_SOURCE)
     path = Path(spec).expanduser()
     if os.path.lexists(path):

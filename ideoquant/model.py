@@ -53,8 +53,9 @@ class ModelSpec:
 
 
 def _config_key(config: dict) -> tuple:
+    """The constructor arguments that shape the model (other keys cannot change the state dict)."""
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()
-                        if not k.startswith("_") and k != "quantization_config"))
+                        if k in DEFAULT_CONFIG))
 
 
 # Ideogram4Transformer2DModel's constructor defaults (the real model): a config.json may leave any of them out.
