@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 F32 = np.float32
@@ -69,6 +69,63 @@ def bits_f32(typingctx, b):
         return builder.bitcast(v, ir.FloatType())
 
     return types.float32(b), codegen
+
+
+def _load_i32x32(context, builder, aryty, ary, base):
+    """<32 x i32>: the bits of the 32 float32 at ary[base:base+32] (one unaligned vector load)."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [base])
+    vty = ir.VectorType(ir.IntType(32), 32)
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+
+
+def _reduce_i32x32(builder, op, v):
+    fnty = ir.FunctionType(ir.IntType(32), [v.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.{op}.v32i32")
+    return builder.call(fn, [v])
+
+
+def _block32_args(xr, base):
+    return (isinstance(xr, types.Array) and xr.ndim == 1 and xr.layout == "C" and xr.dtype == types.float32
+            and isinstance(base, types.Integer))
+
+
+@intrinsic
+def absmax_keys32(typingctx, xr, base):
+    """Integer reductions over the 32 float32 bit patterns b of xr[base:base+32] (C-contiguous 1-D float32):
+    (max b, max |b| over the negative ones or 0). Exact integer maxima, so the vector reduction's order does not
+    matter; the caller derives ggml's signed absmax from the pair."""
+    if not _block32_args(xr, base):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = _load_i32x32(context, builder, signature.args[0], args[0], args[1])
+        zero = ir.Constant(v.type, None)
+        neg = builder.icmp_signed("<", v, zero)
+        t = builder.select(neg, builder.and_(v, ir.Constant(v.type, [0x7FFFFFFF] * 32)), zero)
+        mp = _reduce_i32x32(builder, "smax", v)
+        mn = _reduce_i32x32(builder, "smax", t)
+        return context.make_tuple(builder, signature.return_type, [mp, mn])
+
+    return types.UniTuple(types.int32, 2)(xr, base), codegen
+
+
+@intrinsic
+def minmax_keys32(typingctx, xr, base):
+    """(min k, max k) over k = b ^ ((b >> 31) & 0x7FFFFFFF), b the bits of xr[base:base+32]: keys that order like
+    the finite float32 values (-0 just below +0)."""
+    if not _block32_args(xr, base):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = _load_i32x32(context, builder, signature.args[0], args[0], args[1])
+        sh = builder.ashr(v, ir.Constant(v.type, [31] * 32))
+        k = builder.xor(v, builder.and_(sh, ir.Constant(v.type, [0x7FFFFFFF] * 32)))
+        lo = _reduce_i32x32(builder, "smin", k)
+        hi = _reduce_i32x32(builder, "smax", k)
+        return context.make_tuple(builder, signature.return_type, [lo, hi])
+
+    return types.UniTuple(types.int32, 2)(xr, base), codegen
 
 
 @jit

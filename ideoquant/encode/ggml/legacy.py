@@ -11,6 +11,8 @@ import numpy as np
 
 from .common import (
     F32,
+    absmax_keys32,
+    minmax_keys32,
     ONE,
     ZERO,
     bits_f32,
@@ -30,35 +32,24 @@ ABS = np.int32(0x7FFFFFFF)
 @jit
 def _signed_absmax(xr, base):
     """(the signed value with the largest |x|, first on ties, +0 if all are 0), as ggml's legacy _ref loops."""
-    m = np.int32(0)
-    for j in range(QK):
-        a = f32_bits(xr[base + j]) & ABS
-        m = a if a > m else m
-    if m == 0:
+    mp, mn = absmax_keys32(xr, base)  # max bits (the largest positive), max |bits| of the negatives
+    m = max(mp, mn)
+    if m <= 0:
         return ZERO
-    first = QK
-    for j in range(QK):  # the first index holding the max, as a (vectorisable) min reduction
-        t = j if (f32_bits(xr[base + j]) & ABS) == m else QK
-        first = t if t < first else first
-    return xr[base + first]
-
-
-@jit
-def _key(v):
-    """A signed int32 that orders like the float32 v (finite values; -0 just below +0)."""
-    b = f32_bits(v)
-    return b ^ ((b >> 31) & ABS)
+    if mp > mn:
+        return bits_f32(mp)
+    if mn > mp:
+        return bits_f32(mn | np.int32(-0x80000000))
+    for j in range(QK):  # +a and -a both hold the max: the first one wins
+        if (f32_bits(xr[base + j]) & ABS) == m:
+            return xr[base + j]
+    return ZERO
 
 
 @jit
 def _min_max(xr, base):
     """(min, max) as ggml's `if (v < min) min = v; if (v > max) max = v;` loop: the first of equal values."""
-    lo = np.int32(0x7FFFFFFF)
-    hi = np.int32(-0x80000000)
-    for j in range(QK):
-        k = _key(xr[base + j])
-        lo = k if k < lo else lo
-        hi = k if k > hi else hi
+    lo, hi = minmax_keys32(xr, base)
     mn = bits_f32(lo ^ ((lo >> 31) & ABS))
     mx = bits_f32(hi ^ ((hi >> 31) & ABS))
     if mn == ZERO or mx == ZERO:  # +0 and -0 compare equal: C keeps the first zero it meets
