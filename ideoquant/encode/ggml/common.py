@@ -131,8 +131,9 @@ def minmax_keys32(typingctx, xr, base):
 @jit
 def nearest_int(f):
     """ggml's nearest_int: bits(f + 12582912.f) & 0x7fffff - 0x400000 (round half to even for |f| <= 4194303,
-    and the same wrap-around as C outside that range)."""
-    return (f32_bits(f + MAGIC) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+    and the same wrap-around as C outside that range). int32 (numba would widen the bit arithmetic to int64, and
+    int64 lanes halve the vector width of every loop that uses it)."""
+    return np.int32((f32_bits(f + MAGIC) & np.int32(0x007FFFFF)) - np.int32(0x00400000))
 
 
 @jit
@@ -280,15 +281,17 @@ def make_qx_quants(X, W, nmax, L, scale):
 
 @jit
 def make_q3_quants(X, nmax, L, scale):
-    """make_q3_quants(n, nmax, x, L, do_rmse=true) on every lane of X [n, g]. L [n, g] int32 0..2*nmax-1."""
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) on every lane of X [n, g]. L [n, g] int32 0..2*nmax-1.
+
+    The weights w = x*x and w*x are recomputed where they are used (the same float32 products every time), so the
+    descent's lane loop touches only X, L and the two sums: few enough arrays for LLVM's runtime alias checks, and
+    it vectorises."""
     n, g = X.shape
     mx = np.empty(g, F32)
     amax = np.empty(g, F32)
     amax_signed(X, mx, amax)
-    lo = -nmax
-    hi = nmax - 1
-    W = np.empty((n, g), F32)
-    WX = np.empty((n, g), F32)
+    lo = np.int32(-nmax)  # int32 throughout: int64 lanes would halve the vector width
+    hi = np.int32(nmax - 1)
     sumlx = np.zeros(g, F32)
     suml2 = np.zeros(g, F32)
     isc = np.empty(g, F32)
@@ -298,20 +301,18 @@ def make_q3_quants(X, nmax, L, scale):
         for k in range(g):
             x = X[i, k]
             w = x * x
-            W[i, k] = w
-            WX[i, k] = w * x
             l = min(max(nearest_int(isc[k] * x), lo), hi)
             L[i, k] = l
             fl = F32(l)
-            sumlx[k] += WX[i, k] * fl
+            sumlx[k] += (w * x) * fl
             suml2[k] += (w * fl) * fl
     for itry in range(5):
-        changed = 0
+        changed = np.int32(0)
         for i in range(n):
             for k in range(g):
-                w = W[i, k]
-                wx = WX[i, k]
                 x = X[i, k]
+                w = x * x
+                wx = w * x
                 li = L[i, k]
                 fl = F32(li)
                 slx = sumlx[k] - wx * fl
@@ -325,7 +326,7 @@ def make_q3_quants(X, nmax, L, scale):
                 L[i, k] = nl if acc else li  # branch-free: the lanes vectorise
                 sumlx[k] = slx2 if acc else sumlx[k]
                 suml2[k] = sl22 if acc else suml2[k]
-                changed += np.int32(acc)
+                changed = max(changed, np.int32(acc))  # int32 max: stays int32
         if changed == 0:  # a pass without a change leaves the state as it was: every later pass would be the same
             break
     for k in range(g):
