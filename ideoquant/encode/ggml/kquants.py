@@ -432,6 +432,7 @@ def encode_q3_k(x, imat, weighted, out):
     dblk = np.empty(SB, F32)
     lsv = np.empty(nsub, np.int32)
     Lsb = np.empty(QK_K, np.int32)
+    D = np.empty(QK_K, F32)
     for r in range(rows):
         xr = x[r]
         o = out[r]
@@ -497,24 +498,27 @@ def encode_q3_k(x, imat, weighted, out):
                     sc = (sc | (((np.int32(o[pos + 104 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
                     dj[s * nsub + j] = d * F32(sc)
             for s in range(ns):
-                _q3_k_requant_pack(xr, s0 + s, L, s, dj, Lsb, o, (s0 + s) * 110)
+                sb = s0 + s
+                _q3_k_requant_pack(xr[sb * QK_K: (sb + 1) * QK_K], L, s, dj, D, Lsb, o, sb * 110)
 
 
 @jit
-def _q3_k_requant_pack(xr, sb, L, s, dj, Lsb, o, pos):
-    """Super-block sb (lane group s of L / dj): ggml's requantization l = clamp(nearest_int(x/d), -4, 3) + 4 in
-    natural element order (sub-blocks with d == 0 keep make_q3_quants' L), then hmask[32] (bit t of byte m: element
-    32t + m > 3) and qs[64] (the low 2 bits, Q2_K layout), branch-free over contiguous memory."""
-    base = sb * QK_K
+def _q3_k_requant_pack(xs, L, s, dj, D, Lsb, o, pos):
+    """One super-block (xs: its 256 values; lane group s of L / dj): ggml's requantization
+    l = clamp(nearest_int(x/d), -4, 3) + 4 in natural element order (sub-blocks with d == 0 keep make_q3_quants'
+    L), then hmask[32] (bit t of byte m: element 32t + m > 3) and qs[64] (the low 2 bits, Q2_K layout). Every loop
+    is branch-free over contiguous memory, so all of them vectorise."""
     for j in range(16):
         d = dj[s * 16 + j]
-        if d != ZERO:
-            for i in range(16):
-                l = nearest_int(xr[base + 16 * j + i] / d)
-                Lsb[16 * j + i] = min(max(l, -4), 3) + 4
-        else:
+        if d == ZERO:  # rare: C skips the sub-block
             for i in range(16):
                 Lsb[16 * j + i] = L[i, s * 16 + j]
+        for i in range(16):
+            D[16 * j + i] = d
+    for e in range(QK_K):
+        d = D[e]
+        l = min(max(nearest_int(xs[e] / d), np.int32(-4)), np.int32(3))
+        Lsb[e] = l + 4 if d != ZERO else Lsb[e]
     for m in range(32):
         h = 0
         for t in range(8):
