@@ -108,10 +108,8 @@ def encode_q8_0(x, out):
         o = out[r]
         for b in range(cols // QK):
             base = b * QK
-            m = np.int32(0)
-            for j in range(QK):
-                a = f32_bits(xr[base + j]) & ABS
-                m = a if a > m else m
+            mp, mn = absmax_keys32(xr, base)
+            m = max(mp, mn, np.int32(0))  # max |bits|: amax (mp < 0 only when every value is negative or -0)
             d = bits_f32(m) / F32(127)
             idv = ONE / d if d != ZERO else ZERO
             pos = b * 34
