@@ -229,8 +229,8 @@ def make_qx_quants(X, W, nmax, L, scale):
         for k in range(g):
             WX[i, k] = W[i, k] * X[i, k]
     fn = F32(nmax)
-    lo = -nmax
-    hi = nmax - 1
+    lo = np.int32(-nmax)  # int32 lanes (see nearest_int)
+    hi = np.int32(nmax - 1)
     isc = np.empty(g, F32)
     best_isc = np.empty(g, F32)
     best = np.empty(g, F32)
@@ -344,6 +344,8 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
     Writes L [n, g] (int32 0..nmax), scale [g] and the_min [g] (= -min)."""
     n, g = X.shape
     fn = F32(nmax)
+    nm = np.int32(nmax)  # int32 lanes (see nearest_int)
+    z0 = np.int32(0)
     mn = np.empty(g, F32)
     mx = np.empty(g, F32)
     sum_w = np.empty(g, F32)
@@ -379,7 +381,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
     for i in range(n):
         for k in range(g):
             x = X[i, k]
-            l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), 0), nmax))
+            l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), z0), nm))
             diff = (scale[k] * l + mn[k]) - x
             diff = abs(diff) if use_mad else diff * diff
             best[k] += W[i, k] * diff
@@ -401,7 +403,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
         for i in range(n):
             for k in range(g):
                 x = X[i, k]
-                l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), 0), nmax))
+                l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), z0), nm))
                 Laux[i, k] = l
                 wl = W[i, k] * l
                 sum_l[k] += wl
@@ -435,7 +437,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
                 mn[k] = t_min[k]
     for i in range(n):
         for k in range(g):
-            l = min(max(nearest_int(best_isc[k] * (X[i, k] - best_mn[k])), 0), nmax)
+            l = min(max(nearest_int(best_isc[k] * (X[i, k] - best_mn[k])), z0), nm)
             L[i, k] = l if valid[k] else 0
     for k in range(g):
         if not valid[k]:
@@ -450,6 +452,7 @@ def make_qp_quants(X, W, nmax, L, scale):
     stores (a negative nearest_int wraps)."""
     n, g = X.shape
     fn = F32(nmax)
+    nm = np.int32(nmax)  # int32 lanes (see nearest_int)
     mx = np.zeros(g, F32)
     for i in range(n):
         for k in range(g):
@@ -480,7 +483,7 @@ def make_qp_quants(X, W, nmax, L, scale):
         for i in range(n):
             for k in range(g):
                 x = X[i, k]
-                l = F32(min(nmax, nearest_int(isi[k] * x)))
+                l = F32(min(nm, nearest_int(isi[k] * x)))
                 diff = x - sc[k] * l
                 mse[k] += (W[i, k] * diff) * diff
         for k in range(g):
@@ -492,14 +495,14 @@ def make_qp_quants(X, W, nmax, L, scale):
     for i in range(n):
         for k in range(g):
             x = X[i, k]
-            l = min(nmax, nearest_int(isc[k] * x))
+            l = min(nm, nearest_int(isc[k] * x))
             L[i, k] = l & 0xFF  # stored as uint8; the sums use the int
             fl = F32(l)
             w = W[i, k]
             sumlx[k] += (w * x) * fl
             suml2[k] += (w * fl) * fl
     for itry in range(5):
-        changed = 0
+        changed = np.int32(0)
         for i in range(n):
             for k in range(g):
                 w = W[i, k]
@@ -508,7 +511,7 @@ def make_qp_quants(X, W, nmax, L, scale):
                 fl = F32(li)
                 slx = sumlx[k] - (w * x) * fl
                 sl2 = suml2[k] - (w * fl) * fl
-                nl = min(nmax, nearest_int((x * sl2) / slx))
+                nl = min(nm, nearest_int((x * sl2) / slx))
                 fnl = F32(nl)
                 slx2 = slx + (w * x) * fnl
                 sl22 = sl2 + (w * fnl) * fnl
@@ -517,7 +520,7 @@ def make_qp_quants(X, W, nmax, L, scale):
                 L[i, k] = (nl & 0xFF) if acc else li
                 sumlx[k] = slx2 if acc else sumlx[k]
                 suml2[k] = sl22 if acc else suml2[k]
-                changed += np.int32(acc)
+                changed = max(changed, np.int32(acc))
         if changed == 0:
             break
     for k in range(g):
