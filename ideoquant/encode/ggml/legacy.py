@@ -1,8 +1,12 @@
 """Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: ggml's ``quantize_row_<t>_ref`` (no imatrix) and ``quantize_row_<t>_impl``.
 
-The reference paths work one 32-element block at a time with loops over the block (max/min as integer reductions
-on the float bits, which order like the values do for finite inputs). The weighted paths transpose a chunk of
-blocks into lanes and run the shared make_qx_quants / make_qkx3_quants searches on all of them at once.
+The reference paths run one specialised row kernel per type, one 32-element block at a time: the block's max/min
+search is one vector load and exact integer vector reductions on the float bits (``absmax_keys32``,
+``minmax_keys32``; the bits order like the finite values do), then the scale, the fp16 bytes and the quantization
+and nibble packing, which LLVM vectorises over the block. The rare cases that depend on element order (+a and -a
+both holding the max; +0 vs -0 as min or max) are resolved out of line. No per-block calls, no temporaries. The
+weighted paths transpose a chunk of blocks into lanes and run the shared make_qx_quants / make_qkx3_quants searches
+on all of them at once.
 """
 
 from __future__ import annotations
