@@ -425,7 +425,6 @@ def encode_q3_k(x, imat, weighted, out):
     scales = np.empty(G, F32)
     sw = np.empty(G, F32)
     dj = np.empty(G, F32)
-    dmj = np.zeros(G, F32)
     Vf = np.empty(nsub * SB, F32)
     Sf = np.empty(nsub * SB, F32)
     Lsf = np.empty(nsub * SB, np.int32)

@@ -15,15 +15,15 @@ import numpy as np
 
 from .common import (
     F32,
-    absmax_keys32,
-    minmax_keys32,
     ONE,
     ZERO,
+    absmax_keys32,
     bits_f32,
     f32_bits,
     jit,
     make_qkx_quants,
     make_qx_quants,
+    minmax_keys32,
     put_fp16,
     roundf_i,
 )
@@ -154,8 +154,6 @@ def _encode_x_0(x, imat, weighted, out, bits):
     bpb = 18 if bits == 4 else 22
     qs_off = 2 if bits == 4 else 6
     nmax = 8 if bits == 4 else 16
-    top = 15 if bits == 4 else 31
-    bias = F32(8.5) if bits == 4 else F32(16.5)
     q = np.empty(QK, np.int32)
     X = np.empty(QK * LANES, F32)
     W = np.empty(QK * LANES, F32)
