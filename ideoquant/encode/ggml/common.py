@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 F32 = np.float32
@@ -71,11 +71,69 @@ def bits_f32(typingctx, b):
     return types.float32(b), codegen
 
 
+def _load_i32x32(context, builder, aryty, ary, base):
+    """<32 x i32>: the bits of the 32 float32 at ary[base:base+32] (one unaligned vector load)."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [base])
+    vty = ir.VectorType(ir.IntType(32), 32)
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+
+
+def _reduce_i32x32(builder, op, v):
+    fnty = ir.FunctionType(ir.IntType(32), [v.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.{op}.v32i32")
+    return builder.call(fn, [v])
+
+
+def _block32_args(xr, base):
+    return (isinstance(xr, types.Array) and xr.ndim == 1 and xr.layout == "C" and xr.dtype == types.float32
+            and isinstance(base, types.Integer))
+
+
+@intrinsic
+def absmax_keys32(typingctx, xr, base):
+    """Integer reductions over the 32 float32 bit patterns b of xr[base:base+32] (C-contiguous 1-D float32):
+    (max b, max |b| over the negative ones or 0). Exact integer maxima, so the vector reduction's order does not
+    matter; the caller derives ggml's signed absmax from the pair."""
+    if not _block32_args(xr, base):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = _load_i32x32(context, builder, signature.args[0], args[0], args[1])
+        zero = ir.Constant(v.type, None)
+        neg = builder.icmp_signed("<", v, zero)
+        t = builder.select(neg, builder.and_(v, ir.Constant(v.type, [0x7FFFFFFF] * 32)), zero)
+        mp = _reduce_i32x32(builder, "smax", v)
+        mn = _reduce_i32x32(builder, "smax", t)
+        return context.make_tuple(builder, signature.return_type, [mp, mn])
+
+    return types.UniTuple(types.int32, 2)(xr, base), codegen
+
+
+@intrinsic
+def minmax_keys32(typingctx, xr, base):
+    """(min k, max k) over k = b ^ ((b >> 31) & 0x7FFFFFFF), b the bits of xr[base:base+32]: keys that order like
+    the finite float32 values (-0 just below +0)."""
+    if not _block32_args(xr, base):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = _load_i32x32(context, builder, signature.args[0], args[0], args[1])
+        sh = builder.ashr(v, ir.Constant(v.type, [31] * 32))
+        k = builder.xor(v, builder.and_(sh, ir.Constant(v.type, [0x7FFFFFFF] * 32)))
+        lo = _reduce_i32x32(builder, "smin", k)
+        hi = _reduce_i32x32(builder, "smax", k)
+        return context.make_tuple(builder, signature.return_type, [lo, hi])
+
+    return types.UniTuple(types.int32, 2)(xr, base), codegen
+
+
 @jit
 def nearest_int(f):
     """ggml's nearest_int: bits(f + 12582912.f) & 0x7fffff - 0x400000 (round half to even for |f| <= 4194303,
-    and the same wrap-around as C outside that range)."""
-    return (f32_bits(f + MAGIC) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+    and the same wrap-around as C outside that range). int32 (numba would widen the bit arithmetic to int64, and
+    int64 lanes halve the vector width of every loop that uses it)."""
+    return np.int32((f32_bits(f + MAGIC) & np.int32(0x007FFFFF)) - np.int32(0x00400000))
 
 
 @jit
@@ -171,8 +229,8 @@ def make_qx_quants(X, W, nmax, L, scale):
         for k in range(g):
             WX[i, k] = W[i, k] * X[i, k]
     fn = F32(nmax)
-    lo = -nmax
-    hi = nmax - 1
+    lo = np.int32(-nmax)  # int32 lanes (see nearest_int)
+    hi = np.int32(nmax - 1)
     isc = np.empty(g, F32)
     best_isc = np.empty(g, F32)
     best = np.empty(g, F32)
@@ -223,15 +281,17 @@ def make_qx_quants(X, W, nmax, L, scale):
 
 @jit
 def make_q3_quants(X, nmax, L, scale):
-    """make_q3_quants(n, nmax, x, L, do_rmse=true) on every lane of X [n, g]. L [n, g] int32 0..2*nmax-1."""
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) on every lane of X [n, g]. L [n, g] int32 0..2*nmax-1.
+
+    The weights w = x*x and w*x are recomputed where they are used (the same float32 products every time), so the
+    descent's lane loop touches only X, L and the two sums: few enough arrays for LLVM's runtime alias checks, and
+    it vectorises."""
     n, g = X.shape
     mx = np.empty(g, F32)
     amax = np.empty(g, F32)
     amax_signed(X, mx, amax)
-    lo = -nmax
-    hi = nmax - 1
-    W = np.empty((n, g), F32)
-    WX = np.empty((n, g), F32)
+    lo = np.int32(-nmax)  # int32 throughout: int64 lanes would halve the vector width
+    hi = np.int32(nmax - 1)
     sumlx = np.zeros(g, F32)
     suml2 = np.zeros(g, F32)
     isc = np.empty(g, F32)
@@ -241,20 +301,18 @@ def make_q3_quants(X, nmax, L, scale):
         for k in range(g):
             x = X[i, k]
             w = x * x
-            W[i, k] = w
-            WX[i, k] = w * x
             l = min(max(nearest_int(isc[k] * x), lo), hi)
             L[i, k] = l
             fl = F32(l)
-            sumlx[k] += WX[i, k] * fl
+            sumlx[k] += (w * x) * fl
             suml2[k] += (w * fl) * fl
     for itry in range(5):
-        changed = 0
+        changed = np.int32(0)
         for i in range(n):
             for k in range(g):
-                w = W[i, k]
-                wx = WX[i, k]
                 x = X[i, k]
+                w = x * x
+                wx = w * x
                 li = L[i, k]
                 fl = F32(li)
                 slx = sumlx[k] - wx * fl
@@ -268,7 +326,7 @@ def make_q3_quants(X, nmax, L, scale):
                 L[i, k] = nl if acc else li  # branch-free: the lanes vectorise
                 sumlx[k] = slx2 if acc else sumlx[k]
                 suml2[k] = sl22 if acc else suml2[k]
-                changed += np.int32(acc)
+                changed = max(changed, np.int32(acc))  # int32 max: stays int32
         if changed == 0:  # a pass without a change leaves the state as it was: every later pass would be the same
             break
     for k in range(g):
@@ -286,6 +344,8 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
     Writes L [n, g] (int32 0..nmax), scale [g] and the_min [g] (= -min)."""
     n, g = X.shape
     fn = F32(nmax)
+    nm = np.int32(nmax)  # int32 lanes (see nearest_int)
+    z0 = np.int32(0)
     mn = np.empty(g, F32)
     mx = np.empty(g, F32)
     sum_w = np.empty(g, F32)
@@ -321,7 +381,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
     for i in range(n):
         for k in range(g):
             x = X[i, k]
-            l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), 0), nmax))
+            l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), z0), nm))
             diff = (scale[k] * l + mn[k]) - x
             diff = abs(diff) if use_mad else diff * diff
             best[k] += W[i, k] * diff
@@ -343,7 +403,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
         for i in range(n):
             for k in range(g):
                 x = X[i, k]
-                l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), 0), nmax))
+                l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), z0), nm))
                 Laux[i, k] = l
                 wl = W[i, k] * l
                 sum_l[k] += wl
@@ -377,7 +437,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
                 mn[k] = t_min[k]
     for i in range(n):
         for k in range(g):
-            l = min(max(nearest_int(best_isc[k] * (X[i, k] - best_mn[k])), 0), nmax)
+            l = min(max(nearest_int(best_isc[k] * (X[i, k] - best_mn[k])), z0), nm)
             L[i, k] = l if valid[k] else 0
     for k in range(g):
         if not valid[k]:
@@ -392,6 +452,7 @@ def make_qp_quants(X, W, nmax, L, scale):
     stores (a negative nearest_int wraps)."""
     n, g = X.shape
     fn = F32(nmax)
+    nm = np.int32(nmax)  # int32 lanes (see nearest_int)
     mx = np.zeros(g, F32)
     for i in range(n):
         for k in range(g):
@@ -422,7 +483,7 @@ def make_qp_quants(X, W, nmax, L, scale):
         for i in range(n):
             for k in range(g):
                 x = X[i, k]
-                l = F32(min(nmax, nearest_int(isi[k] * x)))
+                l = F32(min(nm, nearest_int(isi[k] * x)))
                 diff = x - sc[k] * l
                 mse[k] += (W[i, k] * diff) * diff
         for k in range(g):
@@ -434,14 +495,14 @@ def make_qp_quants(X, W, nmax, L, scale):
     for i in range(n):
         for k in range(g):
             x = X[i, k]
-            l = min(nmax, nearest_int(isc[k] * x))
+            l = min(nm, nearest_int(isc[k] * x))
             L[i, k] = l & 0xFF  # stored as uint8; the sums use the int
             fl = F32(l)
             w = W[i, k]
             sumlx[k] += (w * x) * fl
             suml2[k] += (w * fl) * fl
     for itry in range(5):
-        changed = 0
+        changed = np.int32(0)
         for i in range(n):
             for k in range(g):
                 w = W[i, k]
@@ -450,7 +511,7 @@ def make_qp_quants(X, W, nmax, L, scale):
                 fl = F32(li)
                 slx = sumlx[k] - (w * x) * fl
                 sl2 = suml2[k] - (w * fl) * fl
-                nl = min(nmax, nearest_int((x * sl2) / slx))
+                nl = min(nm, nearest_int((x * sl2) / slx))
                 fnl = F32(nl)
                 slx2 = slx + (w * x) * fnl
                 sl22 = sl2 + (w * fnl) * fnl
@@ -459,7 +520,7 @@ def make_qp_quants(X, W, nmax, L, scale):
                 L[i, k] = (nl & 0xFF) if acc else li
                 sumlx[k] = slx2 if acc else sumlx[k]
                 suml2[k] = sl22 if acc else suml2[k]
-                changed += np.int32(acc)
+                changed = max(changed, np.int32(acc))
         if changed == 0:
             break
     for k in range(g):

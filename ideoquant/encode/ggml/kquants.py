@@ -425,12 +425,13 @@ def encode_q3_k(x, imat, weighted, out):
     scales = np.empty(G, F32)
     sw = np.empty(G, F32)
     dj = np.empty(G, F32)
-    dmj = np.zeros(G, F32)
     Vf = np.empty(nsub * SB, F32)
     Sf = np.empty(nsub * SB, F32)
     Lsf = np.empty(nsub * SB, np.int32)
     dblk = np.empty(SB, F32)
     lsv = np.empty(nsub, np.int32)
+    Lsb = np.empty(QK_K, np.int32)
+    D = np.empty(QK_K, F32)
     for r in range(rows):
         xr = x[r]
         o = out[r]
@@ -495,16 +496,36 @@ def encode_q3_k(x, imat, weighted, out):
                         sc = np.int32(o[pos + 96 + j - 8]) >> 4
                     sc = (sc | (((np.int32(o[pos + 104 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
                     dj[s * nsub + j] = d * F32(sc)
-            _requant(X, L, dj, dmj, -4, 3, 4)
             for s in range(ns):
-                pos = (s0 + s) * 110
-                for m in range(32):
-                    h = 0
-                    for t in range(8):
-                        e = 32 * t + m
-                        k = s * nsub + e // 16
-                        if L[e % 16, k] > 3:
-                            h |= 1 << t
-                            L[e % 16, k] -= 4
-                    o[pos + m] = np.uint8(h)
-                _pack_2bit(o, pos + 32, L, s, nsub)
+                sb = s0 + s
+                _q3_k_requant_pack(xr[sb * QK_K: (sb + 1) * QK_K], L, s, dj, D, Lsb, o, sb * 110)
+
+
+@jit
+def _q3_k_requant_pack(xs, L, s, dj, D, Lsb, o, pos):
+    """One super-block (xs: its 256 values; lane group s of L / dj): ggml's requantization
+    l = clamp(nearest_int(x/d), -4, 3) + 4 in natural element order (sub-blocks with d == 0 keep make_q3_quants'
+    L), then hmask[32] (bit t of byte m: element 32t + m > 3) and qs[64] (the low 2 bits, Q2_K layout). Every loop
+    is branch-free over contiguous memory, so all of them vectorise."""
+    for j in range(16):
+        d = dj[s * 16 + j]
+        if d == ZERO:  # rare: C skips the sub-block
+            for i in range(16):
+                Lsb[16 * j + i] = L[i, s * 16 + j]
+        for i in range(16):
+            D[16 * j + i] = d
+    for e in range(QK_K):
+        d = D[e]
+        l = min(max(nearest_int(xs[e] / d), np.int32(-4)), np.int32(3))
+        Lsb[e] = l + 4 if d != ZERO else Lsb[e]
+    for m in range(32):
+        h = 0
+        for t in range(8):
+            h |= ((Lsb[32 * t + m] >> 2) & 1) << t
+        o[pos + m] = np.uint8(h)
+    for hh in range(2):
+        for l in range(32):
+            v = 0
+            for t in range(4):
+                v |= (Lsb[128 * hh + 32 * t + l] & 3) << (2 * t)
+            o[pos + 32 + 32 * hh + l] = np.uint8(v)

@@ -1,8 +1,12 @@
 """Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: ggml's ``quantize_row_<t>_ref`` (no imatrix) and ``quantize_row_<t>_impl``.
 
-The reference paths work one 32-element block at a time with loops over the block (max/min as integer reductions
-on the float bits, which order like the values do for finite inputs). The weighted paths transpose a chunk of
-blocks into lanes and run the shared make_qx_quants / make_qkx3_quants searches on all of them at once.
+The reference paths run one specialised row kernel per type, one 32-element block at a time: the block's max/min
+search is one vector load and exact integer vector reductions on the float bits (``absmax_keys32``,
+``minmax_keys32``; the bits order like the finite values do), then the scale, the fp16 bytes and the quantization
+and nibble packing, which LLVM vectorises over the block. The rare cases that depend on element order (+a and -a
+both holding the max; +0 vs -0 as min or max) are resolved out of line. No per-block calls, no temporaries. The
+weighted paths transpose a chunk of blocks into lanes and run the shared make_qx_quants / make_qkx3_quants searches
+on all of them at once.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from .common import (
     F32,
     ONE,
     ZERO,
+    absmax_keys32,
     bits_f32,
     f32_bits,
     jit,
     make_qkx_quants,
     make_qx_quants,
+    minmax_keys32,
     put_fp16,
     roundf_i,
 )
@@ -28,48 +34,36 @@ ABS = np.int32(0x7FFFFFFF)
 
 
 @jit
-def _signed_absmax(xr, base):
-    """(the signed value with the largest |x|, first on ties, +0 if all are 0), as ggml's legacy _ref loops."""
-    m = np.int32(0)
+def _first_with_abs_bits(xr, base, m):
+    """The first of xr[base:base+32] whose |bits| == m (the rare tie of +a and -a; kept out of line)."""
     for j in range(QK):
-        a = f32_bits(xr[base + j]) & ABS
-        m = a if a > m else m
-    if m == 0:
+        if (f32_bits(xr[base + j]) & ABS) == m:
+            return xr[base + j]
+    return ZERO
+
+
+@jit
+def _first_zero(xr, base):
+    """The first zero (+0 or -0) of xr[base:base+32] (kept out of line)."""
+    for j in range(QK):
+        if xr[base + j] == ZERO:
+            return xr[base + j]
+    return ZERO
+
+
+@jit
+def _signed_max(mp, mn):
+    """ggml's signed absmax from absmax_keys32's (max bits, max |bits| of the negatives): +0 if all are +-0;
+    on a tie of +a and -a (mp == mn > 0) the caller looks for the first one instead."""
+    if max(mp, mn) <= 0:
         return ZERO
-    first = QK
-    for j in range(QK):  # the first index holding the max, as a (vectorisable) min reduction
-        t = j if (f32_bits(xr[base + j]) & ABS) == m else QK
-        first = t if t < first else first
-    return xr[base + first]
+    return bits_f32(mp) if mp >= mn else bits_f32(mn | np.int32(-0x80000000))
 
 
 @jit
-def _key(v):
-    """A signed int32 that orders like the float32 v (finite values; -0 just below +0)."""
-    b = f32_bits(v)
-    return b ^ ((b >> 31) & ABS)
-
-
-@jit
-def _min_max(xr, base):
-    """(min, max) as ggml's `if (v < min) min = v; if (v > max) max = v;` loop: the first of equal values."""
-    lo = np.int32(0x7FFFFFFF)
-    hi = np.int32(-0x80000000)
-    for j in range(QK):
-        k = _key(xr[base + j])
-        lo = k if k < lo else lo
-        hi = k if k > hi else hi
-    mn = bits_f32(lo ^ ((lo >> 31) & ABS))
-    mx = bits_f32(hi ^ ((hi >> 31) & ABS))
-    if mn == ZERO or mx == ZERO:  # +0 and -0 compare equal: C keeps the first zero it meets
-        for j in range(QK):
-            if xr[base + j] == ZERO:
-                if mn == ZERO:
-                    mn = xr[base + j]
-                if mx == ZERO:
-                    mx = xr[base + j]
-                break
-    return mn, mx
+def _key_f32(k):
+    """The float32 of a minmax_keys32 key."""
+    return bits_f32(k ^ ((k >> 31) & ABS))
 
 
 @jit
@@ -118,10 +112,8 @@ def encode_q8_0(x, out):
         o = out[r]
         for b in range(cols // QK):
             base = b * QK
-            m = np.int32(0)
-            for j in range(QK):
-                a = f32_bits(xr[base + j]) & ABS
-                m = a if a > m else m
+            mp, mn = absmax_keys32(xr, base)
+            m = max(mp, mn, np.int32(0))  # max |bits|: amax (mp < 0 only when every value is negative or -0)
             d = bits_f32(m) / F32(127)
             idv = ONE / d if d != ZERO else ZERO
             pos = b * 34
@@ -162,8 +154,6 @@ def _encode_x_0(x, imat, weighted, out, bits):
     bpb = 18 if bits == 4 else 22
     qs_off = 2 if bits == 4 else 6
     nmax = 8 if bits == 4 else 16
-    top = 15 if bits == 4 else 31
-    bias = F32(8.5) if bits == 4 else F32(16.5)
     q = np.empty(QK, np.int32)
     X = np.empty(QK * LANES, F32)
     W = np.empty(QK * LANES, F32)
@@ -191,27 +181,7 @@ def _encode_x_0(x, imat, weighted, out, bits):
                         _put_qh(o, pos + 2, q)
                     _put_nibbles(o, pos + qs_off, q)
         else:
-            for b in range(nb):
-                base = b * QK
-                mx = _signed_absmax(xr, base)
-                d = mx / F32(-nmax)
-                idv = ONE / d if d != ZERO else ZERO
-                pos = b * bpb
-                put_fp16(o, pos, d)
-                if np.isinf(idv):  # C's float -> int conversion of +-inf / NaN gives 0 on x86
-                    idv = ZERO
-                    bz = ZERO
-                else:
-                    bz = bias
-                h = np.uint32(0)
-                for j in range(16):
-                    v0 = min(top, ((_trunc_i(xr[base + j] * idv + bz) + 128) & 255) - 128)  # MIN(top, (int8_t)..)
-                    v1 = min(top, ((_trunc_i(xr[base + j + 16] * idv + bz) + 128) & 255) - 128)
-                    o[pos + qs_off + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
-                    h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
-                if bits == 5:
-                    for t in range(4):
-                        o[pos + 2 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
+            _ref_x_0(xr, o, nb, bits)
 
 
 @jit
@@ -252,33 +222,125 @@ def _encode_x_1(x, imat, weighted, out, bits):
                         _put_qh(o, pos + 4, q)
                     _put_nibbles(o, pos + qs_off, q)
         else:
-            for b in range(nb):
-                base = b * QK
-                lo, hi = _min_max(xr, base)
-                d = (hi - lo) / F32(nmax)
-                idv = ONE / d if d != ZERO else ZERO
-                pos = b * bpb
-                put_fp16(o, pos, d)
-                put_fp16(o, pos + 2, lo)
-                if np.isinf(idv):  # C's float -> int conversion of +-inf / NaN gives 0 on x86
-                    idv = ZERO
-                    hz = ZERO
-                    lz = ZERO
-                else:
-                    hz = F32(0.5)
-                    lz = lo
-                h = np.uint32(0)
-                for j in range(16):
-                    v0 = _trunc_i((xr[base + j] - lz) * idv + hz)
-                    v1 = _trunc_i((xr[base + j + 16] - lz) * idv + hz)
-                    if bits == 4:
-                        v0 = min(15, ((v0 + 128) & 255) - 128)  # MIN(15, (int8_t)...)
-                        v1 = min(15, ((v1 + 128) & 255) - 128)
-                    else:
-                        v0 = v0 & 255  # (uint8_t), no clamp
-                        v1 = v1 & 255
-                    o[pos + qs_off + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
-                    h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
-                if bits == 5:
-                    for t in range(4):
-                        o[pos + 4 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
+            _ref_x_1(xr, o, nb, bits)
+
+
+@jit
+def _ref_x_0(xr, o, nb, bits):
+    """quantize_row_q4_0_ref / q5_0_ref on one row: d = max / -nmax, q = MIN(top, (int8_t)(x*id + bias))."""
+    if bits == 4:
+        _ref_q4_0_row(xr, o, nb)
+    else:
+        _ref_q5_0_row(xr, o, nb)
+
+
+@jit
+def _ref_x_1(xr, o, nb, bits):
+    """quantize_row_q4_1_ref / q5_1_ref on one row: d = (max - min) / nmax, q = (x - min)*id + 0.5."""
+    if bits == 4:
+        _ref_q4_1_row(xr, o, nb)
+    else:
+        _ref_q5_1_row(xr, o, nb)
+
+
+@jit
+def _scale_0(mx, nmax):
+    """(d, id, bias multiplier) of a Q4_0/Q5_0 block; id = 0 (and no bias) where 1/d is inf: C's float -> int
+    conversion of +-inf / NaN gives 0 on x86, and x*0 + 0 converts to 0 as well."""
+    d = mx / F32(-nmax)
+    idv = ONE / d if d != ZERO else ZERO
+    if np.isinf(idv):
+        return d, ZERO, ZERO
+    return d, idv, ONE
+
+
+@jit
+def _ref_q4_0_row(xr, o, nb):
+    for b in range(nb):
+        base = b * QK
+        mp, mn = absmax_keys32(xr, base)
+        mx = _first_with_abs_bits(xr, base, mp) if mp == mn and mp > 0 else _signed_max(mp, mn)
+        d, idv, on = _scale_0(mx, 8)
+        bz = F32(8.5) * on
+        pos = b * 18
+        put_fp16(o, pos, d)
+        for j in range(16):
+            v0 = min(15, ((_trunc_i(xr[base + j] * idv + bz) + 128) & 255) - 128)  # MIN(15, (int8_t)..)
+            v1 = min(15, ((_trunc_i(xr[base + j + 16] * idv + bz) + 128) & 255) - 128)
+            o[pos + 2 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+
+
+@jit
+def _ref_q5_0_row(xr, o, nb):
+    for b in range(nb):
+        base = b * QK
+        mp, mn = absmax_keys32(xr, base)
+        mx = _first_with_abs_bits(xr, base, mp) if mp == mn and mp > 0 else _signed_max(mp, mn)
+        d, idv, on = _scale_0(mx, 16)
+        bz = F32(16.5) * on
+        pos = b * 22
+        put_fp16(o, pos, d)
+        h = np.uint32(0)
+        for j in range(16):
+            v0 = min(31, ((_trunc_i(xr[base + j] * idv + bz) + 128) & 255) - 128)
+            v1 = min(31, ((_trunc_i(xr[base + j + 16] * idv + bz) + 128) & 255) - 128)
+            o[pos + 6 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+            h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
+        for t in range(4):
+            o[pos + 2 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
+
+
+@jit
+def _scale_1(lo, hi, nmax):
+    """(d, id, lz, hz) of a Q4_1/Q5_1 block; where 1/d is inf, id = lz = hz = 0 (see _scale_0)."""
+    d = (hi - lo) / F32(nmax)
+    idv = ONE / d if d != ZERO else ZERO
+    if np.isinf(idv):
+        return d, ZERO, ZERO, ZERO
+    return d, idv, lo, F32(0.5)
+
+
+@jit
+def _ref_q4_1_row(xr, o, nb):
+    for b in range(nb):
+        base = b * QK
+        klo, khi = minmax_keys32(xr, base)
+        lo = _key_f32(klo)
+        hi = _key_f32(khi)
+        if lo == ZERO or hi == ZERO:  # +0 and -0 compare equal: C keeps the first zero it meets
+            z = _first_zero(xr, base)
+            lo = z if lo == ZERO else lo
+            hi = z if hi == ZERO else hi
+        d, idv, lz, hz = _scale_1(lo, hi, 15)
+        pos = b * 20
+        put_fp16(o, pos, d)
+        put_fp16(o, pos + 2, lo)
+        for j in range(16):
+            v0 = min(15, ((_trunc_i((xr[base + j] - lz) * idv + hz) + 128) & 255) - 128)  # MIN(15, (int8_t)..)
+            v1 = min(15, ((_trunc_i((xr[base + j + 16] - lz) * idv + hz) + 128) & 255) - 128)
+            o[pos + 4 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+
+
+@jit
+def _ref_q5_1_row(xr, o, nb):
+    for b in range(nb):
+        base = b * QK
+        klo, khi = minmax_keys32(xr, base)
+        lo = _key_f32(klo)
+        hi = _key_f32(khi)
+        if lo == ZERO or hi == ZERO:
+            z = _first_zero(xr, base)
+            lo = z if lo == ZERO else lo
+            hi = z if hi == ZERO else hi
+        d, idv, lz, hz = _scale_1(lo, hi, 31)
+        pos = b * 24
+        put_fp16(o, pos, d)
+        put_fp16(o, pos + 2, lo)
+        h = np.uint32(0)
+        for j in range(16):
+            v0 = _trunc_i((xr[base + j] - lz) * idv + hz) & 255  # (uint8_t), no clamp
+            v1 = _trunc_i((xr[base + j + 16] - lz) * idv + hz) & 255
+            o[pos + 8 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+            h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
+        for t in range(4):
+            o[pos + 4 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
