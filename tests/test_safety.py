@@ -515,10 +515,12 @@ def test_signal_cleans_up_like_ctrl_c(slow_source, old_out, sig):
     before = _tree(slow_source)
     proc = _start(slow_source, old_out)
     _wait_for_staging(proc, old_out.parent)
+    proc.send_signal(signal.SIGSTOP)  # held mid-write, however fast the encoders get
     if sig == "SIGTERM":  # meanwhile, a second run to the same --out fails at once, naming the first
         _cli(["gguf", slow_source, "--out", old_out, "--overwrite"], 2, f"pid {proc.pid}")
+    proc.send_signal(signum)  # delivered when it continues
     t0 = time.perf_counter()
-    proc.send_signal(signum)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=30)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 128 + signum, err
