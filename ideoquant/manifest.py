@@ -48,7 +48,7 @@ def component_record(plan: ComponentPlan, tensors: list[dict], files: list[str],
     quantized = [t["sqnr_db"] for t in tensors if t["decision"] == "quantized" and t["sqnr_db"] is not None]
     return {
         "source_layout": c.layout,
-        "source_format": "fp8-per-row" if c.fp8 else sorted({t["dtype_in"] for t in tensors}),
+        "source_format": _source_format(c, tensors),
         "output_layout": plan.layout,
         "config": {k: v for k, v in c.config.items() if k not in ("_name_or_path", "quantization_config")},
         "protected_modules": plan.protected,
@@ -198,3 +198,12 @@ def _kind(value) -> str:
     if isinstance(value, str):
         return f"the string {value[:40]!r}"
     return {"list": "a list", "dict": "an object"}.get(type(value).__name__, type(value).__name__)
+
+
+def _source_format(c, tensors: list[dict]) -> str | list[str]:
+    """`fp8-per-row` (the official release), `fp8-per-tensor` (ComfyUI's scaled files), else the stored dtypes."""
+    scales = [t.scale for t in c.tensors.values() if t.scale is not None]
+    if not scales:
+        return sorted({t["dtype_in"] for t in tensors})
+    per_row = all(s.shape and s.shape[0] > 1 for s in scales)
+    return "fp8-per-row" if per_row else "fp8-per-tensor"

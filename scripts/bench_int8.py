@@ -63,7 +63,7 @@ def _emit(result: dict) -> None:
 def child_build(src: Path, layers: int, fmt: str) -> None:
     """The source: one backbone at real width, saved as diffusers does (single 5GB-max shard), in bf16; or as the
     FP8 release is (fmt "fp8": every linear weight float8_e4m3fn with a float32 per-row `weight_scale`, made by
-    diffusers' own `quantize_fp8r`, and the `bfl` quantization_config)."""
+    diffusers' own `quantize_fp8r`; no quantization_config, as the release has none)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -93,9 +93,6 @@ def child_build(src: Path, layers: int, fmt: str) -> None:
                 sd[k] = v.to(torch.bfloat16).contiguous()
         src.mkdir(parents=True, exist_ok=True)
         m.save_config(src)
-        cfg = json.loads((src / "config.json").read_text())
-        cfg["quantization_config"] = {"quant_method": "bfl", "compute_dtype": "bfloat16", "pre_quantized": True}
-        (src / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file(sd, src / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     _emit({"work_s": time.perf_counter() - t0, "params": sum(p.numel() for p in m.parameters())})
 
@@ -500,7 +497,7 @@ def main(argv=None) -> int:
         ap.error(f"--routes: choose from {', '.join(ROUTES)}")
     if args.source == "fp8" and "stock" in routes:
         routes.remove("stock")
-        print("--source fp8: no stock route (diffusers loads the FP8 release with its own bfl quantizer, and has no "
+        print("--source fp8: no stock route (diffusers has no loader for the FP8 release's own scheme, and has no "
               "way from it to torchao int8)")
     if args.threads:
         CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

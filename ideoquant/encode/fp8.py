@@ -10,7 +10,8 @@ FP8_E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torc
 
 
 def dequantize_fp8r(weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """diffusers' BFL fp8r dequantization, `weight.float() * weight_scale[:, None]`, bit for bit.
+    """The release's FP8 dequantization, `weight.float() * weight_scale[:, None]`, bit for bit (what diffusers'
+    `dequantize_fp8r` computes).
 
     tests/test_int8.py checks every FP8 value against diffusers' own function. One compiled GIL-free pass (a table
     lookup and a float32 multiply per value; torch's `.float()` is not vectorized on CPU), into `out` (float32, the

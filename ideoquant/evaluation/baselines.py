@@ -1,6 +1,7 @@
 """Baselines built in memory from the source weights, for `ideoquant eval` to compare against.
 
-- `fp8`: FP8 e4m3 per-row weight-only, with diffusers' own BFL fp8r functions (`quantize_fp8r` / `dequantize_fp8r`)
+- `fp8`: FP8 e4m3 per-row weight-only, as the official FP8 release stores it (`w = fp8 * scale[:, None]`), made
+  with diffusers' own functions for that scheme (`quantize_fp8r` / `dequantize_fp8r`)
   on every linear weight; the model runs on the dequantized weights (bf16 compute), as FP8 weight-only does.
 - `nf4`: 4-bit NormalFloat, blockwise (64 elements of the flattened weight per block, float32 absmax per block, the 16
   NF4 code values, nearest code), on every linear weight: what bitsandbytes' `quantize_4bit(quant_type="nf4")` does
@@ -48,7 +49,7 @@ def _weight_only(component, device: str, fake_quantize):
 
 
 def fp8_model(component, device: str = "cpu"):
-    """FP8 e4m3 per-row weight-only (diffusers' BFL fp8r scheme) on every linear weight."""
+    """FP8 e4m3 per-row weight-only (the official release's scheme) on every linear weight."""
     from diffusers.quantizers.bfl.utils import dequantize_fp8r, quantize_fp8r
 
     def fake_quantize(w):
