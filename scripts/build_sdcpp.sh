@@ -24,6 +24,7 @@ SDCPP_COMMIT=${SDCPP_COMMIT:-97d2990}
 GGML_COMMIT=${GGML_COMMIT:-8e800cef2948046cc47f9db6090491c6128ca42c}
 WORK=${WORK:-/work/sdcpp}
 JOBS=${JOBS:-2}
+BUILD=${BUILD:-1}   # BUILD=0: only lay out the sources
 
 SRC="$WORK/src"
 rm -rf "$SRC"
@@ -61,8 +62,9 @@ rm -rf "$SRC/ggml"
 mkdir -p "$SRC/ggml"
 git -C "$GGML_MIRROR" archive "$GGML_COMMIT" | tar -x -C "$SRC/ggml"
 
-# 3. configure + build (about 10-15 min on 2 busy cores)
+# 3. configure + build (about 7 min on 2 busy cores)
 cd "$SRC"
+[ "$BUILD" = 1 ] || { echo "sources ready in $SRC"; exit 0; }
 cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
       -DSD_WEBP=OFF -DSD_WEBM=OFF -DSD_SERVER_BUILD_FRONTEND=OFF
 cmake --build build -j"$JOBS" --target sd-cli
