@@ -186,3 +186,28 @@ def test_already_quantized_source_is_refused(bf16_source, tmp_path):
         cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
         (src / c / "config.json").write_text(json.dumps(cfg))
     _fails(src, tmp_path, "already quantized")
+
+
+@pytest.mark.parametrize("fault", ["nan-code", "inf-scale"])
+@pytest.mark.parametrize("kind", ["gguf", "int8"])
+def test_fp8_nan_or_inf_is_found_as_it_is_dequantized(tmp_path, fault, kind):
+    """A NaN code (0x7F) in an FP8 weight, or a scale that overflows, stops the run naming the tensor (found in the
+    dequantizing pass itself, for quantized and protected weights alike)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = testing.build_checkpoint(tmp_path / "src", fmt="fp8", layout="official")
+    f = src / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    name = "layers.1.feed_forward.w2.weight"  # protected in both formats: kept, not quantized
+    if fault == "nan-code":
+        codes = sd[name].view(torch.uint8).clone()
+        codes[3, 5] = 0x7F
+        sd[name] = codes.view(torch.float8_e4m3fn)
+    else:
+        sd[name + "_scale"][2] = 3e38  # 448 * 3e38 overflows float32
+    save_file(sd, f, metadata={"format": "pt"})
+    args = [kind if kind == "gguf" else "convert", str(src), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"tensor {name} contains NaN or Inf" in result.output and not (tmp_path / "out").exists()

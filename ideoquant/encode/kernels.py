@@ -182,8 +182,17 @@ def widen_bf16(bits, out):
 @_jit
 def dequantize_fp8(codes, row_scale, table, out):
     """FP8 e4m3fn rows (uint8 codes [r, k], float32 scale per row [r]) -> float32 [r, k]: `table[code] * scale`,
-    one float32 multiply per value, as torch's `weight.float() * scale[:, None]` computes it."""
+    one float32 multiply per value, as torch's `weight.float() * scale[:, None]` computes it. Returns whether every
+    value is finite, from each row's largest code magnitude (rounding is monotonic: max|c * s| = |max|c| * s|)."""
+    finite = True
     for r in range(codes.shape[0]):
         s = row_scale[r]
+        m = np.uint8(0)
         for j in range(codes.shape[1]):
-            out[r, j] = table[codes[r, j]] * s
+            c = codes[r, j]
+            out[r, j] = table[c] * s
+            a = c & np.uint8(0x7F)  # 0x7F is NaN in e4m3fn; there is no Inf
+            m = a if a > m else m
+        if codes.shape[1] and (m == 0x7F or not math.isfinite(table[m] * s)):
+            finite = False
+    return finite

@@ -71,13 +71,14 @@ class SourceTensor:
 
     def read(self, rows: tuple[int, int] | None = None, maps: "FileMaps | None" = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor (or rows [a, b) of it) in its stored float dtype; FP8 is dequantized exactly in float32.
+        """The tensor (or rows [a, b) of it) in its stored float dtype; FP8 is dequantized exactly in float32 (and a
+        NaN or Inf in it is an error naming the tensor, found in the same pass).
 
         maps: read through these memory maps (a view of the page cache, no copy) instead of a fresh buffer.
         out: a float32 buffer of the block's shape to dequantize FP8 into (see `dequantize_fp8r`).
         """
         if self.scale is not None:
-            return dequantize_fp8r(*self.read_fp8(rows, maps), out)
+            return dequantize_fp8r(*self.read_fp8(rows, maps), out, self.name)
         return _read_rows(self.stored, self._file_rows(rows), maps)
 
     def read_fp8(self, rows: tuple[int, int] | None = None, maps: "FileMaps | None" = None):
