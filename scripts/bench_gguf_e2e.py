@@ -54,14 +54,16 @@ def run(cmd: list[str]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--source", type=Path, help="an existing source instead of the built one (e.g. the real-size "
+                                                "FP8 release layout from scripts/build_real_source.py)")
     ap.add_argument("--types", default="q8_0,q4_k,q4_k_m")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ideoquant-bench")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_gguf_e2e.md"))
     a = ap.parse_args(argv)
-    src = bi.ensure_source(a.workdir, a.layers)
-    files = sorted(src.glob("*.safetensors"))
+    src = a.source or bi.ensure_source(a.workdir, a.layers)
+    files = sorted(src.rglob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
     types = [t.strip() for t in a.types.split(",")]
     out = a.workdir / "out"
@@ -91,9 +93,10 @@ def main(argv=None) -> int:
             f"{r['peak_anon'] / GIB:.2f} |" for name, r in best.items()]
     lines = [
         f"# GGUF export end to end ({dt.date.today()})", "",
-        f"Source: one backbone, real widths, {a.layers} layers, bf16, {size / GIB:.2f} GiB "
+        (f"Source: {src.name}, " if a.source else f"Source: one backbone, real widths, {a.layers} layers, bf16, ")
+        + f"{size / GIB:.2f} GiB "
         f"({'cold' if a.cold else 'warm'} page cache). Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}.",
-        f"Command: `python scripts/bench_gguf_e2e.py --layers {a.layers} --types {a.types} --repeat {a.repeat}"
+        f"Command: `python scripts/bench_gguf_e2e.py {('--source ' + str(a.source)) if a.source else ('--layers ' + str(a.layers))} --types {a.types} --repeat {a.repeat}"
         f"{' --cold' if a.cold else ''}`", "",
         "| route | wall s (best) | vs copy | CPU s | peak anon GiB |", "| --- | ---: | ---: | ---: | ---: |", *rows]
     if "many" in best:

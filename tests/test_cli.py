@@ -100,3 +100,12 @@ def test_import_and_help_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
     assert callable(__import__("ideoquant").convert)  # the lazy names resolve
+
+
+def test_error_is_the_first_and_only_line(tmp_path):
+    """No blank line (an empty progress display) before `error:`; with --json the error is a JSON document."""
+    r = runner.invoke(app, ["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith("error: source not found") and r.output.count("\n") == 1
+    r = runner.invoke(app, ["gguf", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 2 and json.loads(r.stdout) == {"error": json.loads(r.stdout)["error"], "exit_code": 2}
+    assert "source not found" in json.loads(r.stdout)["error"]

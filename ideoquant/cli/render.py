@@ -35,6 +35,8 @@ class RichReporter(Reporter):
         self.tasks: dict[str, int] = {}
 
     def start(self, task, total):
+        if not self.tasks:  # the display starts with the first task: a run refused before any work shows no bars
+            self.progress.start()
         self.tasks[task] = self.progress.add_task(task, total=total)
 
     def advance(self, task, n):
@@ -79,12 +81,16 @@ def step_progress(enabled: bool) -> Progress:
 
 def with_progress(fn, as_json: bool, steps: bool = False):
     """fn(reporter) under a progress display (none with --json). Errors propagate to the app's one formatter."""
-    with (step_progress if steps else byte_progress)(not as_json) as p:
-        try:
-            return fn(RichReporter(p))
-        except BaseException:
-            p.live.transient = True  # a failed run leaves no half-full bars: its one error line says it all
-            raise
+    p = (step_progress if steps else byte_progress)(not as_json)
+    reporter = RichReporter(p)
+    try:
+        return fn(reporter)
+    except BaseException:
+        p.live.transient = True  # a failed run leaves no half-full bars: its one error line says it all
+        raise
+    finally:
+        if reporter.tasks:
+            p.stop()
 
 
 def error(message: str, as_json: bool, code: int) -> None:
