@@ -66,4 +66,4 @@ def test_shard_writer_abort_stops_the_hash_thread(tmp_path):
     w = ShardWriter(tmp_path / "s.safetensors", {"t": Slot(torch.float32, (4, 4))}, {})
     w.write("t", torch.zeros(2, 4))
     w.abort()
-    assert not w._hasher.is_alive() and w.sha256 is None
+    assert not w._file._hasher.is_alive() and w.sha256 is None

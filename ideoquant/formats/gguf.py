@@ -237,7 +237,7 @@ class GGUFFormat:
             raise
         results = []
         for (plan, sink), f, recs in zip(jobs, files, records):
-            sink.hasher.add(sink.key(f.path.name), f.path)
+            sink.hasher.add_known(sink.key(f.path.name), f.path, f.sha256)
             folder = sink.staging / name
             folder.mkdir()
             (folder / "config.json").write_text(json.dumps(output_config(plan), indent=2, sort_keys=True) + "\n")
@@ -393,7 +393,6 @@ class _Output:
                         if importance is not None and t.quantize and ggml.has_imatrix_path(t.dtype) else None
                         for t in plan.tensors]
         self.stats = [ErrorStats() for _ in plan.tensors]
-        self.buffers: dict[int, np.ndarray] = {}
         self.records: list[dict] = []
 
     def row_bytes(self, i: int) -> int:
@@ -402,8 +401,8 @@ class _Output:
 
 
 def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile], component: str) -> list[list[dict]]:
-    """Every row block of every tensor encoded on the pool straight into its tensor's buffer (one per output), in one
-    stream; a tensor is written once its last block is in (its encoded bytes are the memory bound)."""
+    """Every row block of every tensor encoded on the pool and written to its place in each output file by the worker
+    that encoded it, in one stream: memory is a few blocks, and no thread waits for another's write."""
     uncond = component == "unconditional_transformer"
     outputs = [_Output(plan, sink, f, uncond) for (plan, sink), f in zip(jobs, files)]
     first = outputs[0]
@@ -419,18 +418,9 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
             offsets[i, k] = row
             row += s.shape[0] if s.shape else 0
     maps = FileMaps()
-    spare: list[np.ndarray] = []  # buffers of tensors already written, reused (no fresh page faults per tensor)
-
-    def take(nbytes: int) -> np.ndarray:
-        for j, b in enumerate(spare):
-            if b.size >= nbytes:
-                return spare.pop(j)[:nbytes]
-        return np.empty(nbytes, np.uint8)
 
     def blocks():
         for i, t in enumerate(first.tensors):
-            for o in outputs:
-                o.buffers[i] = take(o.tensors[i].bytes_out)
             for k, s in enumerate(t.sources):
                 for rows in s.row_ranges(first.sink.block_elements):
                     yield i, k, s, rows
@@ -454,15 +444,13 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         for o in outputs:
             t, vec = o.tensors[i], o.vectors[i]
             rb = o.row_bytes(i)
-            dest = o.buffers[i][start * rb : start * rb + x.shape[0] * rb].reshape(x.shape[0], rb)
             key = (t.dtype, id(vec))
-            if key in done_types:  # another output wants the same bytes: copy, do not encode again
-                dest[...] = done_types[key][0]
-                energies.append(done_types[key][1:])
-                continue
-            _encode_rows(data, x, t.dtype, vec, dest)
-            signal, noise = _sampled_error(x, dest, t.dtype)
-            done_types[key] = (dest, signal, noise)
+            if key not in done_types:  # outputs wanting the same bytes share one encode
+                dest = ws.take(f"gguf {t.dtype} {len(done_types)}", (x.shape[0], rb), torch.uint8).numpy()
+                _encode_rows(data, x, t.dtype, vec, dest)
+                done_types[key] = (dest, *_sampled_error(x, dest, t.dtype))
+            dest, signal, noise = done_types[key]
+            o.file.write(t.name, dest, start * rb)
             energies.append((signal, noise))
         maps.release(src, rows)
         return energies, x.size
@@ -475,9 +463,7 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         for o, (signal, noise) in zip(outputs, energies):
             o.stats[i].add_energies(signal, noise)
             if remaining[i] == 0:
-                t, buf = o.tensors[i], o.buffers.pop(i)
-                o.file.write(t.name, buf)
-                spare.append(buf.base if buf.base is not None else buf)
+                t = o.tensors[i]
                 record = manifest.tensor_record(t, o.stats[i].sqnr_db)
                 if o.importance is not None and t.quantize:
                     record["imatrix"] = o.vectors[i] is not None  # False: not in the file, ggml's unweighted path
