@@ -8,30 +8,31 @@ from .common import f32_bits, fp16_bits, jit
 
 
 @jit
-def encode_f16(x, out):
-    """Round to nearest even (subnormals included), >= 65520 -> inf, NaN -> 0x7E00 | sign."""
-    rows, cols = x.shape
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for j in range(cols):
-            h = fp16_bits(xr[j])
-            o[2 * j] = np.uint8(h & 0xFF)
-            o[2 * j + 1] = np.uint8((h >> 8) & 0xFF)
+def bf16_bits(f):
+    """float32 -> bfloat16 bits: NaN -> (bits >> 16) | 0x40; otherwise (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    (round to nearest even)."""
+    u = np.int64(f32_bits(f)) & 0xFFFFFFFF
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 0x40
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
 
 
 @jit
-def encode_bf16(x, out):
-    """NaN -> (bits >> 16) | 0x40; otherwise (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 (round to nearest even)."""
-    rows, cols = x.shape
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for j in range(cols):
-            u = np.int64(f32_bits(xr[j])) & 0xFFFFFFFF
-            if (u & 0x7FFFFFFF) > 0x7F800000:
-                h = (u >> 16) | 0x40
-            else:
-                h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-            o[2 * j] = np.uint8(h & 0xFF)
-            o[2 * j + 1] = np.uint8((h >> 8) & 0xFF)
+def _put_u16(o, pos, h):
+    """Store the 16-bit code h little-endian at o[pos:pos+2]."""
+    o[pos] = np.uint8(h & 0xFF)
+    o[pos + 1] = np.uint8((h >> 8) & 0xFF)
+
+
+@jit
+def encode_16(bf16, x, out):
+    """Every value of x as its 16-bit code: bfloat16 (bf16) or IEEE binary16 (round to nearest even, subnormals
+    included, >= 65520 -> inf, NaN -> 0x7E00 | sign). Rows are contiguous in x and out, so one flat pass does it."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    if bf16:
+        for j in range(xf.shape[0]):
+            _put_u16(of, 2 * j, bf16_bits(xf[j]))
+    else:
+        for j in range(xf.shape[0]):
+            _put_u16(of, 2 * j, fp16_bits(xf[j]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, ClassVar
 
 import gguf
@@ -50,19 +51,19 @@ class _Weighted(GGMLType, qtype=GGMLQuantizationType.Q4_0):  # base only; re-reg
 
 
 class Q4_0(_Weighted, qtype=GGMLQuantizationType.Q4_0):
-    kernel = legacy.encode_q4_0
+    kernel = partial(legacy.encode_legacy, 4, False)
 
 
 class Q4_1(_Weighted, qtype=GGMLQuantizationType.Q4_1):
-    kernel = legacy.encode_q4_1
+    kernel = partial(legacy.encode_legacy, 4, True)
 
 
 class Q5_0(_Weighted, qtype=GGMLQuantizationType.Q5_0):
-    kernel = legacy.encode_q5_0
+    kernel = partial(legacy.encode_legacy, 5, False)
 
 
 class Q5_1(_Weighted, qtype=GGMLQuantizationType.Q5_1):
-    kernel = legacy.encode_q5_1
+    kernel = partial(legacy.encode_legacy, 5, True)
 
 
 class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
@@ -70,28 +71,28 @@ class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
 
 
 class Q2_K(_Weighted, qtype=GGMLQuantizationType.Q2_K):
-    kernel = kquants.encode_q2_k
+    kernel = partial(kquants.encode_k, 2)
 
 
 class Q3_K(_Weighted, qtype=GGMLQuantizationType.Q3_K):
-    kernel = kquants.encode_q3_k
+    kernel = partial(kquants.encode_k, 3)
 
 
 class Q4_K(_Weighted, qtype=GGMLQuantizationType.Q4_K):
-    kernel = kquants.encode_q4_k
+    kernel = partial(kquants.encode_k, 4)
 
 
 class Q5_K(_Weighted, qtype=GGMLQuantizationType.Q5_K):
-    kernel = kquants.encode_q5_k
+    kernel = partial(kquants.encode_k, 5)
 
 
 class Q6_K(_Weighted, qtype=GGMLQuantizationType.Q6_K):
-    kernel = kquants.encode_q6_k
+    kernel = partial(kquants.encode_k, 6)
 
 
 class F16(GGMLType, qtype=GGMLQuantizationType.F16):
-    kernel = floats.encode_f16
+    kernel = partial(floats.encode_16, False)
 
 
 class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
-    kernel = floats.encode_bf16
+    kernel = partial(floats.encode_16, True)
