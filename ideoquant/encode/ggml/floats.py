@@ -17,22 +17,21 @@ def bf16_bits(f):
     return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
 
 
-@jit
-def _put_u16(o, pos, h):
-    """Store the 16-bit code h little-endian at o[pos:pos+2]."""
-    o[pos] = np.uint8(h & 0xFF)
-    o[pos + 1] = np.uint8((h >> 8) & 0xFF)
+def _encoder(bf16):
+    """The compiled encoder (x, out) of BF16 (bf16) or F16 (IEEE binary16: round to nearest even, subnormals
+    included, >= 65520 -> inf, NaN -> 0x7E00 | sign): every value's 16-bit code, little-endian."""
+
+    @jit
+    def encode(x, out):
+        xf = x.reshape(-1)  # rows are contiguous in x and in out: one flat pass
+        of = out.reshape(-1)
+        for j in range(xf.shape[0]):
+            h = bf16_bits(xf[j]) if bf16 else fp16_bits(xf[j])
+            of[2 * j] = np.uint8(h & 0xFF)
+            of[2 * j + 1] = np.uint8((h >> 8) & 0xFF)
+
+    return encode
 
 
-@jit
-def encode_16(bf16, x, out):
-    """Every value of x as its 16-bit code: bfloat16 (bf16) or IEEE binary16 (round to nearest even, subnormals
-    included, >= 65520 -> inf, NaN -> 0x7E00 | sign). Rows are contiguous in x and out, so one flat pass does it."""
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    if bf16:
-        for j in range(xf.shape[0]):
-            _put_u16(of, 2 * j, bf16_bits(xf[j]))
-    else:
-        for j in range(xf.shape[0]):
-            _put_u16(of, 2 * j, fp16_bits(xf[j]))
+encode_f16 = _encoder(False)
+encode_bf16 = _encoder(True)

@@ -38,43 +38,42 @@ def _gather(xr, s0, ns, sub, X):
             X[i, k] = xr[base + k * sub + i]
 
 
-@jit
-def _chunk_lanes(xr, s0, nsb, sub, Xf, Wf, Lf):
-    """The chunk of up to SB super-blocks from s0: (ns, X, W, L), [sub, g] lane views of the flat buffers, X
-    gathered."""
-    ns = min(SB, nsb - s0)
-    g = ns * (QK_K // sub)
-    X = Xf[: sub * g].reshape((sub, g))
-    W = Wf[: sub * g].reshape((sub, g))
-    L = Lf[: sub * g].reshape((sub, g))
-    _gather(xr, s0, ns, sub, X)
-    return ns, X, W, L
+def _encoder(bits):
+    """The compiled encoder of Q<bits>_K, (x, imat, weighted, out): every row of x in chunks of SB super-blocks,
+    each encoded by the type's chunk kernel. bits is a compile-time constant of the closure.
 
-
-@jit
-def encode_k(bits, x, imat, weighted, out):
-    """Q2_K .. Q6_K (bits 2 .. 6) on every row of x: chunks of SB super-blocks, each encoded by its type's kernel.
-
+    X, W, L are [sub, g] lane views of flat buffers (written out here: views returned by a jitted call cost time);
     P holds per sub-block values (scales, mins, weight sums, d, d*min), Is is int32 scratch for one super-block."""
-    rows, cols = x.shape
-    nsb = cols // QK_K
     sub = 32 if bits == 4 or bits == 5 else 16
-    Xf = np.empty(SB * QK_K, F32)
-    Wf = np.empty(SB * QK_K, F32)
-    Lf = np.empty(SB * QK_K, np.int32)
-    P = np.zeros((5, SB * 16), F32)
-    Is = np.empty(QK_K + 16, np.int32)
-    for r in range(rows):
-        for s0 in range(0, nsb, SB):
-            ns, X, W, L = _chunk_lanes(x[r], s0, nsb, sub, Xf, Wf, Lf)
-            if bits == 2:
-                _q2_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P)
-            elif bits == 3:
-                _q3_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P, Is)
-            elif bits == 6:
-                _q6_k_chunk(imat, weighted, out[r], s0, ns, X, W, L, P)
-            else:
-                _q45_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P, Is, bits)
+
+    @jit
+    def encode(x, imat, weighted, out):
+        rows, cols = x.shape
+        nsb = cols // QK_K
+        Xf = np.empty(SB * QK_K, F32)
+        Wf = np.empty(SB * QK_K, F32)
+        Lf = np.empty(SB * QK_K, np.int32)
+        P = (np.zeros(SB * 16, F32), np.zeros(SB * 16, F32), np.zeros(SB * 16, F32), np.zeros(SB * 16, F32),
+             np.zeros(SB * 16, F32))
+        Is = np.empty(QK_K + 16, np.int32)
+        for r in range(rows):
+            for s0 in range(0, nsb, SB):
+                ns = min(SB, nsb - s0)
+                g = ns * (QK_K // sub)
+                X = Xf[: sub * g].reshape((sub, g))
+                W = Wf[: sub * g].reshape((sub, g))
+                L = Lf[: sub * g].reshape((sub, g))
+                _gather(x[r], s0, ns, sub, X)
+                if bits == 2:
+                    _q2_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P)
+                elif bits == 3:
+                    _q3_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P, Is)
+                elif bits == 6:
+                    _q6_k_chunk(imat, weighted, out[r], s0, ns, X, W, L, P)
+                else:
+                    _q45_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P, bits)
+
+    return encode
 
 
 @jit
@@ -193,7 +192,7 @@ def _scale_min_k4(o, pos, j):
 
 
 @jit
-def _q45_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P, Is, bits):
+def _q45_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P, bits):
     """Q4_K (bits=4: d, dmin, scales[12], qs[128]; 144 B) and Q5_K (bits=5: ..., qh[32], qs[128]; 176 B) of the
     chunk's super-blocks."""
     sub = 32
@@ -202,8 +201,8 @@ def _q45_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P, Is, bits):
     bpb = 144 if bits == 4 else 176
     nmax = 15 if bits == 4 else 31
     scales, mins, dj, dmj = P[0], P[1], P[3], P[4]
-    ls = Is[:nsub]
-    lm = Is[nsub: 2 * nsub]
+    ls = np.empty(nsub, np.int32)
+    lm = np.empty(nsub, np.int32)
     if weighted:
         Ls, dblk, Lm, mblk = _qkx_weighted(xr, imat, s0, ns, sub, X, W, L, P, nmax, 63, True)
     else:
@@ -469,3 +468,10 @@ def _q3_k_requant_pack(xs, L, s, dj, D, Lsb, o, pos):
             for t in range(4):
                 v |= (Lsb[128 * hh + 32 * t + l] & 3) << (2 * t)
             o[pos + 32 + 32 * hh + l] = np.uint8(v)
+
+
+encode_q2_k = _encoder(2)
+encode_q3_k = _encoder(3)
+encode_q4_k = _encoder(4)
+encode_q5_k = _encoder(5)
+encode_q6_k = _encoder(6)

@@ -132,52 +132,57 @@ def encode_q8_0(x, out):
                     o[pos + 2 + j] = np.uint8(roundf_i(xr[base + j] * idv) & 0xFF)
 
 
-@jit
-def encode_legacy(bits, has_min, x, imat, weighted, out):
-    """Q4_0 / Q5_0 (has_min False: d[, qh[4]], qs[16]; 18 / 22 B) and Q4_1 / Q5_1 (has_min True: d, m[, qh[4]],
-    qs[16]; 20 / 24 B); bits 4 or 5. Without weights, one specialised row kernel per type."""
-    rows, cols = x.shape
-    nb = cols // QK
-    if not weighted:
+def _encoder(bits, has_min):
+    """The compiled encoder (x, imat, weighted, out) of Q4_0 / Q5_0 (has_min False: d[, qh[4]], qs[16]; 18 / 22 B)
+    or Q4_1 / Q5_1 (has_min True: d, m[, qh[4]], qs[16]; 20 / 24 B), bits 4 or 5: compile-time constants of the
+    closure. Without weights, the type's row kernel; with them, make_qx_quants / make_qkx3_quants on lanes."""
+
+    @jit
+    def encode(x, imat, weighted, out):
+        rows, cols = x.shape
+        nb = cols // QK
+        if not weighted:
+            for r in range(rows):
+                _ref_row(x[r], out[r], nb, bits, has_min)
+            return
+        head = 4 if has_min else 2  # the fp16 fields
+        qs_off = head + 4 if bits == 5 else head
+        bpb = qs_off + 16
+        nmax = (1 << bits) - 1 if has_min else 1 << (bits - 1)
+        X = np.empty(QK * LANES, F32)
+        W = np.empty(QK * LANES, F32)
+        L = np.empty(QK * LANES, np.int32)
+        sc = np.empty(LANES, F32)
+        mn = np.empty(LANES, F32)
         for r in range(rows):
-            _ref_row(x[r], out[r], nb, bits, has_min)
-        return
-    head = 4 if has_min else 2  # the fp16 fields
-    qs_off = head + 4 if bits == 5 else head
-    bpb = qs_off + 16
-    nmax = (1 << bits) - 1 if has_min else 1 << (bits - 1)
-    X = np.empty(QK * LANES, F32)
-    W = np.empty(QK * LANES, F32)
-    L = np.empty(QK * LANES, np.int32)
-    sc = np.empty(LANES, F32)
-    mn = np.empty(LANES, F32)
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        sigma2 = _row_sigma2(xr)
-        for b0 in range(0, nb, LANES):
-            g = min(LANES, nb - b0)
-            Xg = X[: QK * g].reshape((QK, g))
-            Wg = W[: QK * g].reshape((QK, g))
-            Lg = L[: QK * g].reshape((QK, g))
-            _gather(xr, imat, b0, g, sigma2, Xg, Wg)
-            if has_min:
-                make_qkx_quants(Xg, Wg, nmax, F32(-0.9), F32(0.05), 36, False, Lg, sc, mn)
-            else:
-                make_qx_quants(Xg, Wg, nmax, Lg, sc)
-            for k in range(g):
-                pos = (b0 + k) * bpb
-                put_fp16(o, pos, sc[k])
+            xr = x[r]
+            o = out[r]
+            sigma2 = _row_sigma2(xr)
+            for b0 in range(0, nb, LANES):
+                g = min(LANES, nb - b0)
+                Xg = X[: QK * g].reshape((QK, g))
+                Wg = W[: QK * g].reshape((QK, g))
+                Lg = L[: QK * g].reshape((QK, g))
+                _gather(xr, imat, b0, g, sigma2, Xg, Wg)
                 if has_min:
-                    put_fp16(o, pos + 2, -mn[k])
-                h = np.uint32(0)
-                for j in range(16):
-                    q0 = Lg[j, k]
-                    q1 = Lg[j + 16, k]
-                    o[pos + qs_off + j] = _nibbles(q0, q1)
-                    h |= _qh_bits(q0, q1, j)
-                if bits == 5:
-                    _put_u32(o, pos + head, h)
+                    make_qkx_quants(Xg, Wg, nmax, F32(-0.9), F32(0.05), 36, False, Lg, sc, mn)
+                else:
+                    make_qx_quants(Xg, Wg, nmax, Lg, sc)
+                for k in range(g):
+                    pos = (b0 + k) * bpb
+                    put_fp16(o, pos, sc[k])
+                    if has_min:
+                        put_fp16(o, pos + 2, -mn[k])
+                    h = np.uint32(0)
+                    for j in range(16):
+                        q0 = Lg[j, k]
+                        q1 = Lg[j + 16, k]
+                        o[pos + qs_off + j] = _nibbles(q0, q1)
+                        h |= _qh_bits(q0, q1, j)
+                    if bits == 5:
+                        _put_u32(o, pos + head, h)
+
+    return encode
 
 
 @jit
@@ -201,93 +206,68 @@ def _code(v, top):
 
 
 @jit
-def _put_scale_0(xr, base, o, pos, nmax):
-    """Q4_0 / Q5_0: d = max / -nmax of block xr[base:base+32] (max: ggml's signed absmax), stored as fp16 at o[pos];
-    returns (id, bias = nmax + 0.5). Where 1/d is inf, id = bias = 0: C's float -> int conversion of +-inf / NaN
-    gives 0 on x86, and x*0 + 0 converts to 0 as well."""
-    mp, mn = absmax_keys32(xr, base)
-    mx = _first_with_abs_bits(xr, base, mp) if mp == mn and mp > 0 else _signed_max(mp, mn)
-    d = mx / F32(-nmax)
-    put_fp16(o, pos, d)
-    idv = ONE / d if d != ZERO else ZERO
-    if np.isinf(idv):
-        return ZERO, ZERO
-    return idv, F32(nmax) + F32(0.5)
-
-
-@jit
-def _put_scale_1(xr, base, o, pos, nmax):
-    """Q4_1 / Q5_1: min and max of block xr[base:base+32], d = (max - min) / nmax; d and min stored as fp16 at
-    o[pos], o[pos+2]; returns (id, min, 0.5), all 0 where 1/d is inf (see _put_scale_0)."""
-    klo, khi = minmax_keys32(xr, base)
-    lo = _key_f32(klo)
-    hi = _key_f32(khi)
-    if lo == ZERO or hi == ZERO:  # +0 and -0 compare equal: C keeps the first zero it meets
-        z = _first_zero(xr, base)
-        lo = z if lo == ZERO else lo
-        hi = z if hi == ZERO else hi
-    d = (hi - lo) / F32(nmax)
-    put_fp16(o, pos, d)
-    put_fp16(o, pos + 2, lo)
+def _scale_offsets(d, lo, bias):
+    """(id, lz, hz) of a block with scale d, for q = (x - lz)*id + hz: (1/d, lo, bias), id = 0 for d = 0; all 0
+    where 1/d is inf (C's float -> int conversion of +-inf / NaN gives 0 on x86, and x*0 + 0 converts to 0)."""
     idv = ONE / d if d != ZERO else ZERO
     if np.isinf(idv):
         return ZERO, ZERO, ZERO
-    return idv, lo, F32(0.5)
+    return idv, lo, bias
 
 
-@jit
-def _ref_q4_0_row(xr, o, nb):
-    """quantize_row_q4_0_ref: q = MIN(15, (int8_t)(x*id + 8.5))."""
-    for b in range(nb):
-        base = b * QK
-        pos = b * 18
-        idv, bz = _put_scale_0(xr, base, o, pos, 8)
-        for j in range(16):
-            v0 = _code(xr[base + j] * idv + bz, 15)
-            v1 = _code(xr[base + j + 16] * idv + bz, 15)
-            o[pos + 2 + j] = _nibbles(v0, v1)
+def _ref_row_kernel(bits, has_min):
+    """The compiled row kernel of quantize_row_<t>_ref for t = Q4_0 / Q5_0 (has_min False: d = max / -nmax,
+    q = MIN(top, (int8_t)(x*id + nmax + 0.5))) or Q4_1 / Q5_1 (d = (max - min) / nmax, q = (int8_t)((x - min)*id
+    + 0.5), MIN(15, .) for Q4_1, unclamped for Q5_1). bits and has_min are compile-time constants of the closure,
+    so each type gets its own straight-line kernel. No jitted call takes an array on the per-block path (numba
+    would incref / decref it on every block)."""
+    nmax = ((1 << bits) - 1) if has_min else (1 << (bits - 1))
+    top = 127 if has_min and bits == 5 else (1 << bits) - 1  # MIN(127, (int8_t)v) never binds
+    head = 4 if has_min else 2
+    qs_off = head + 4 if bits == 5 else head
+    bpb = qs_off + 16
+
+    @jit
+    def row(xr, o, nb):
+        for b in range(nb):
+            base = b * QK
+            pos = b * bpb
+            if has_min:  # min and max; of +0 and -0 (equal to C) the first one met
+                klo, khi = minmax_keys32(xr, base)
+                lo = _key_f32(klo)
+                hi = _key_f32(khi)
+                if lo == ZERO or hi == ZERO:
+                    z = _first_zero(xr, base)
+                    lo = z if lo == ZERO else lo
+                    hi = z if hi == ZERO else hi
+                d = (hi - lo) / F32(nmax)
+                put_fp16(o, pos + 2, lo)
+            else:  # the signed absmax: the first value with the largest |x|
+                mp, mn = absmax_keys32(xr, base)
+                mx = _first_with_abs_bits(xr, base, mp) if mp == mn and mp > 0 else _signed_max(mp, mn)
+                lo = ZERO
+                d = mx / F32(-nmax)
+            put_fp16(o, pos, d)
+            idv, lz, hz = _scale_offsets(d, lo, F32(0.5) if has_min else F32(nmax) + F32(0.5))
+            h = np.uint32(0)
+            for j in range(16):
+                v0 = _code((xr[base + j] - lz) * idv + hz, top)
+                v1 = _code((xr[base + j + 16] - lz) * idv + hz, top)
+                o[pos + qs_off + j] = _nibbles(v0, v1)
+                h |= _qh_bits(v0, v1, j)
+            if bits == 5:
+                _put_u32(o, pos + head, h)
+
+    return row
 
 
-@jit
-def _ref_q5_0_row(xr, o, nb):
-    """quantize_row_q5_0_ref: q = MIN(31, (int8_t)(x*id + 16.5))."""
-    for b in range(nb):
-        base = b * QK
-        pos = b * 22
-        idv, bz = _put_scale_0(xr, base, o, pos, 16)
-        h = np.uint32(0)
-        for j in range(16):
-            v0 = _code(xr[base + j] * idv + bz, 31)
-            v1 = _code(xr[base + j + 16] * idv + bz, 31)
-            o[pos + 6 + j] = _nibbles(v0, v1)
-            h |= _qh_bits(v0, v1, j)
-        _put_u32(o, pos + 2, h)
+_ref_q4_0_row = _ref_row_kernel(4, False)
+_ref_q5_0_row = _ref_row_kernel(5, False)
+_ref_q4_1_row = _ref_row_kernel(4, True)
+_ref_q5_1_row = _ref_row_kernel(5, True)
 
 
-@jit
-def _ref_q4_1_row(xr, o, nb):
-    """quantize_row_q4_1_ref: q = MIN(15, (int8_t)((x - min)*id + 0.5))."""
-    for b in range(nb):
-        base = b * QK
-        idv, lz, hz = _put_scale_1(xr, base, o, b * 20, 15)
-        for j in range(16):
-            v0 = _code((xr[base + j] - lz) * idv + hz, 15)
-            v1 = _code((xr[base + j + 16] - lz) * idv + hz, 15)
-            o[b * 20 + 4 + j] = _nibbles(v0, v1)
-
-
-@jit
-def _ref_q5_1_row(xr, o, nb):
-    """quantize_row_q5_1_ref: q = (uint8_t)((x - min)*id + 0.5), unclamped (its low 5 bits are those of the int8_t
-    code, and MIN(127, .) never binds)."""
-    for b in range(nb):
-        base = b * QK
-        pos = b * 24
-        idv, lz, hz = _put_scale_1(xr, base, o, pos, 31)
-        h = np.uint32(0)
-        for j in range(16):
-            v0 = _code((xr[base + j] - lz) * idv + hz, 127)
-            v1 = _code((xr[base + j + 16] - lz) * idv + hz, 127)
-            o[pos + 8 + j] = _nibbles(v0, v1)
-            h |= _qh_bits(v0, v1, j)
-        _put_u32(o, pos + 4, h)
+encode_q4_0 = _encoder(4, False)
+encode_q5_0 = _encoder(5, False)
+encode_q4_1 = _encoder(4, True)
+encode_q5_1 = _encoder(5, True)

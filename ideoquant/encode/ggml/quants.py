@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, ClassVar
 
 import gguf
@@ -51,19 +50,19 @@ class _Weighted(GGMLType, qtype=GGMLQuantizationType.Q4_0):  # base only; re-reg
 
 
 class Q4_0(_Weighted, qtype=GGMLQuantizationType.Q4_0):
-    kernel = partial(legacy.encode_legacy, 4, False)
+    kernel = legacy.encode_q4_0
 
 
 class Q4_1(_Weighted, qtype=GGMLQuantizationType.Q4_1):
-    kernel = partial(legacy.encode_legacy, 4, True)
+    kernel = legacy.encode_q4_1
 
 
 class Q5_0(_Weighted, qtype=GGMLQuantizationType.Q5_0):
-    kernel = partial(legacy.encode_legacy, 5, False)
+    kernel = legacy.encode_q5_0
 
 
 class Q5_1(_Weighted, qtype=GGMLQuantizationType.Q5_1):
-    kernel = partial(legacy.encode_legacy, 5, True)
+    kernel = legacy.encode_q5_1
 
 
 class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
@@ -71,28 +70,28 @@ class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
 
 
 class Q2_K(_Weighted, qtype=GGMLQuantizationType.Q2_K):
-    kernel = partial(kquants.encode_k, 2)
+    kernel = kquants.encode_q2_k
 
 
 class Q3_K(_Weighted, qtype=GGMLQuantizationType.Q3_K):
-    kernel = partial(kquants.encode_k, 3)
+    kernel = kquants.encode_q3_k
 
 
 class Q4_K(_Weighted, qtype=GGMLQuantizationType.Q4_K):
-    kernel = partial(kquants.encode_k, 4)
+    kernel = kquants.encode_q4_k
 
 
 class Q5_K(_Weighted, qtype=GGMLQuantizationType.Q5_K):
-    kernel = partial(kquants.encode_k, 5)
+    kernel = kquants.encode_q5_k
 
 
 class Q6_K(_Weighted, qtype=GGMLQuantizationType.Q6_K):
-    kernel = partial(kquants.encode_k, 6)
+    kernel = kquants.encode_q6_k
 
 
 class F16(GGMLType, qtype=GGMLQuantizationType.F16):
-    kernel = partial(floats.encode_16, False)
+    kernel = floats.encode_f16
 
 
 class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
-    kernel = partial(floats.encode_16, True)
+    kernel = floats.encode_bf16
