@@ -70,8 +70,10 @@ def _encoder(bits):
                     _q3_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P, Is)
                 elif bits == 6:
                     _q6_k_chunk(imat, weighted, out[r], s0, ns, X, W, L, P)
+                elif bits == 4:
+                    _q4_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P)
                 else:
-                    _q45_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P, bits)
+                    _q5_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P)
 
     return encode
 
@@ -134,27 +136,25 @@ def _qkx_weighted(xr, imat, s0, ns, sub, X, W, L, P, nmax, smax, two):
 
 
 @jit
-def _max_scale_min(scales, mins, base, n):
-    """(the largest of scales[base:base+n], the largest of mins[base:base+n]), each at least 0."""
-    max_scale = ZERO
-    max_min = ZERO
-    for j in range(base, base + n):
-        sc = scales[j]
-        mn = mins[j]
-        max_scale = sc if sc > max_scale else max_scale
-        max_min = mn if mn > max_min else max_min
-    return max_scale, max_min
+def _superblock_max(v, ns, nsub):
+    """[ns]: the largest of each super-block's nsub values v[s*nsub:(s+1)*nsub], at least 0 (one call per chunk)."""
+    mx = np.zeros(ns, F32)
+    for s in range(ns):
+        for j in range(s * nsub, (s + 1) * nsub):
+            mx[s] = v[j] if v[j] > mx[s] else mx[s]
+    return mx
 
 
 @jit
-def _signed_absmax(v, base, n):
-    """(the first of v[base:base+n] with the largest |v| (0 if all are 0), that |v|)."""
-    mx = ZERO
-    amax = ZERO
-    for j in range(base, base + n):
-        if abs(v[j]) > amax:
-            amax = abs(v[j])
-            mx = v[j]
+def _superblock_absmax(v, ns, nsub):
+    """([ns], [ns]): each super-block's first value with the largest |v| (0 if all are 0), and that |v|."""
+    mx = np.zeros(ns, F32)
+    amax = np.zeros(ns, F32)
+    for s in range(ns):
+        for j in range(s * nsub, (s + 1) * nsub):
+            if abs(v[j]) > amax[s]:
+                amax[s] = abs(v[j])
+                mx[s] = v[j]
     return mx, amax
 
 
@@ -191,79 +191,90 @@ def _scale_min_k4(o, pos, j):
     return d, m
 
 
-@jit
-def _q45_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P, bits):
-    """Q4_K (bits=4: d, dmin, scales[12], qs[128]; 144 B) and Q5_K (bits=5: ..., qh[32], qs[128]; 176 B) of the
-    chunk's super-blocks."""
-    sub = 32
-    nsub = 8
-    g = ns * nsub
-    bpb = 144 if bits == 4 else 176
-    nmax = 15 if bits == 4 else 31
-    scales, mins, dj, dmj = P[0], P[1], P[3], P[4]
-    ls = np.empty(nsub, np.int32)
-    lm = np.empty(nsub, np.int32)
-    if weighted:
-        Ls, dblk, Lm, mblk = _qkx_weighted(xr, imat, s0, ns, sub, X, W, L, P, nmax, 63, True)
-    else:
-        for k in range(g):
-            acc = ZERO
-            for i in range(sub):
-                acc += X[i, k] * X[i, k]
-            av_x = np.sqrt(acc / F32(32))
-            for i in range(sub):
-                W[i, k] = av_x + abs(X[i, k])
-        rmin = F32(-1.0) if bits == 4 else F32(-0.5)
-        make_qkx_quants(X, W, nmax, rmin, F32(0.1), 20 if bits == 4 else 15, False, L, scales, mins)
-    for s in range(ns):
-        pos = (s0 + s) * bpb
+def _q45_k_chunk_kernel(bits):
+    """The compiled chunk kernel of Q4_K (bits=4: d, dmin, scales[12], qs[128]; 144 B) or Q5_K (bits=5: ..., qh[32],
+    qs[128]; 176 B); bits is a compile-time constant of the closure."""
+
+    @jit
+    def chunk(xr, imat, weighted, o, s0, ns, X, W, L, P):
+        sub = 32
+        nsub = 8
+        g = ns * nsub
+        bpb = 144 if bits == 4 else 176
+        nmax = 15 if bits == 4 else 31
+        scales, mins, dj, dmj = P[0], P[1], P[3], P[4]
+        ls = np.empty(nsub, np.int32)
+        lm = np.empty(nsub, np.int32)
         if weighted:
-            for j in range(nsub):
-                ls[j] = Ls[j, s] if bits == 4 else min(63, Ls[j, s])
-                lm[j] = Lm[j, s] if bits == 4 else min(63, Lm[j, s])
-            dv = dblk[s]
-            mv = mblk[s]
+            Ls, dblk, Lm, mblk = _qkx_weighted(xr, imat, s0, ns, sub, X, W, L, P, nmax, 63, True)
         else:
-            max_scale, max_min = _max_scale_min(scales, mins, s * nsub, nsub)
-            inv_scale = F32(63) / max_scale if max_scale > ZERO else ZERO
-            inv_min = F32(63) / max_min if max_min > ZERO else ZERO
+            for k in range(g):
+                acc = ZERO
+                for i in range(sub):
+                    acc += X[i, k] * X[i, k]
+                av_x = np.sqrt(acc / F32(32))
+                for i in range(sub):
+                    W[i, k] = av_x + abs(X[i, k])
+            rmin = F32(-1.0) if bits == 4 else F32(-0.5)
+            make_qkx_quants(X, W, nmax, rmin, F32(0.1), 20 if bits == 4 else 15, False, L, scales, mins)
+            max_scales = _superblock_max(scales, ns, nsub)
+            max_mins = _superblock_max(mins, ns, nsub)
+        for s in range(ns):
+            pos = (s0 + s) * bpb
+            if weighted:
+                for j in range(nsub):
+                    ls[j] = Ls[j, s] if bits == 4 else min(63, Ls[j, s])
+                    lm[j] = Lm[j, s] if bits == 4 else min(63, Lm[j, s])
+                dv = dblk[s]
+                mv = mblk[s]
+            else:
+                max_scale = max_scales[s]
+                max_min = max_mins[s]
+                inv_scale = F32(63) / max_scale if max_scale > ZERO else ZERO
+                inv_min = F32(63) / max_min if max_min > ZERO else ZERO
+                for j in range(nsub):
+                    ls[j] = min(63, nearest_int(inv_scale * scales[s * nsub + j]) & 0xFF)
+                    lm[j] = min(63, nearest_int(inv_min * mins[s * nsub + j]) & 0xFF)
+                dv = max_scale / F32(63)
+                mv = max_min / F32(63)
+            _pack_k4(o, pos + 4, ls, lm)
+            d = put_fp16(o, pos, dv)
+            dmin = put_fp16(o, pos + 2, mv)
             for j in range(nsub):
-                ls[j] = min(63, nearest_int(inv_scale * scales[s * nsub + j]) & 0xFF)
-                lm[j] = min(63, nearest_int(inv_min * mins[s * nsub + j]) & 0xFF)
-            dv = max_scale / F32(63)
-            mv = max_min / F32(63)
-        _pack_k4(o, pos + 4, ls, lm)
-        d = put_fp16(o, pos, dv)
-        dmin = put_fp16(o, pos + 2, mv)
-        for j in range(nsub):
-            scv, mnv = _scale_min_k4(o, pos + 4, j)
-            dj[s * nsub + j] = d * F32(scv)
-            dmj[s * nsub + j] = dmin * F32(mnv)
-    _requant(X, L, dj, dmj, 0, nmax, 0)
-    for s in range(ns):
-        pos = (s0 + s) * bpb
-        if bits == 4:
-            for p in range(4):
+                scv, mnv = _scale_min_k4(o, pos + 4, j)
+                dj[s * nsub + j] = d * F32(scv)
+                dmj[s * nsub + j] = dmin * F32(mnv)
+        _requant(X, L, dj, dmj, 0, nmax, 0)
+        for s in range(ns):
+            pos = (s0 + s) * bpb
+            if bits == 4:
+                for p in range(4):
+                    for l in range(32):
+                        a = L[l, s * nsub + 2 * p]
+                        b = L[l, s * nsub + 2 * p + 1]
+                        o[pos + 16 + 32 * p + l] = np.uint8(a | (b << 4))
+            else:
                 for l in range(32):
-                    a = L[l, s * nsub + 2 * p]
-                    b = L[l, s * nsub + 2 * p + 1]
-                    o[pos + 16 + 32 * p + l] = np.uint8(a | (b << 4))
-        else:
-            for l in range(32):
-                o[pos + 16 + l] = 0
-            for p in range(4):
-                for l in range(32):
-                    a = L[l, s * nsub + 2 * p]
-                    b = L[l, s * nsub + 2 * p + 1]
-                    h = 0
-                    if a > 15:
-                        a -= 16
-                        h |= 1 << (2 * p)
-                    if b > 15:
-                        b -= 16
-                        h |= 2 << (2 * p)
-                    o[pos + 16 + l] |= np.uint8(h)
-                    o[pos + 48 + 32 * p + l] = np.uint8(a | (b << 4))
+                    o[pos + 16 + l] = 0
+                for p in range(4):
+                    for l in range(32):
+                        a = L[l, s * nsub + 2 * p]
+                        b = L[l, s * nsub + 2 * p + 1]
+                        h = 0
+                        if a > 15:
+                            a -= 16
+                            h |= 1 << (2 * p)
+                        if b > 15:
+                            b -= 16
+                            h |= 2 << (2 * p)
+                        o[pos + 16 + l] |= np.uint8(h)
+                        o[pos + 48 + 32 * p + l] = np.uint8(a | (b << 4))
+
+    return chunk
+
+
+_q4_k_chunk = _q45_k_chunk_kernel(4)
+_q5_k_chunk = _q45_k_chunk_kernel(5)
 
 
 # ---------------------------------------------------------------- Q6_K
@@ -285,9 +296,11 @@ def _q6_k_chunk(imat, weighted, o, s0, ns, X, W, L, P):
             for k in range(g):
                 W[i, k] = X[i, k] * X[i, k]
     make_qx_quants(X, W, 32, L, scales)
+    max_scales, max_abss = _superblock_absmax(scales, ns, nsub)
     for s in range(ns):
         pos = (s0 + s) * 210
-        max_scale, max_abs = _signed_absmax(scales, s * nsub, nsub)
+        max_scale = max_scales[s]
+        max_abs = max_abss[s]
         if max_abs < GROUP_MAX_EPS:
             for t in range(210):
                 o[pos + t] = 0
@@ -348,6 +361,8 @@ def _q2_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P):
             for k in range(ns * nsub):
                 W[i, k] = abs(X[i, k])
         make_qkx_quants(X, W, 3, F32(-0.5), F32(0.1), 15, True, L, scales, mins)
+        max_scales = _superblock_max(scales, ns, nsub)
+        max_mins = _superblock_max(mins, ns, nsub)
     for s in range(ns):
         pos = (s0 + s) * 84
         if weighted:
@@ -356,7 +371,8 @@ def _q2_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P):
             d = put_fp16(o, pos + 80, dblk[s])
             dmin = put_fp16(o, pos + 82, mblk[s])
         else:
-            max_scale, max_min = _max_scale_min(scales, mins, s * nsub, nsub)
+            max_scale = max_scales[s]
+            max_min = max_mins[s]
             if max_scale > ZERO:
                 isc = F32(15) / max_scale
                 for j in range(nsub):
@@ -398,6 +414,7 @@ def _q3_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P, Is):
         make_qx_quants(_lanes_by_superblock(scales, ns, nsub), _lanes_by_superblock(sw, ns, nsub), 32, Ls, dblk)
     else:
         make_q3_quants(X, 4, L, scales)
+        max_scales, _ = _superblock_absmax(scales, ns, nsub)
     for s in range(ns):
         pos = (s0 + s) * 110
         for t in range(12):
@@ -408,7 +425,7 @@ def _q3_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P, Is):
             dv = dblk[s]
             have = True
         else:
-            max_scale, amax = _signed_absmax(scales, s * nsub, nsub)
+            max_scale = max_scales[s]
             have = max_scale != ZERO
             if have:
                 isc = F32(-32) / max_scale
