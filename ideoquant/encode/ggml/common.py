@@ -215,6 +215,26 @@ def amax_signed(X, mx, amax):
 
 
 @jit
+def level_sums(slx, sl2, wx, w, fl):
+    """(slx + wx*l, sl2 + (w*l)*l): ggml's sums sum w*x*l and sum w*l*l with one more element at level l = fl."""
+    return slx + wx * fl, sl2 + (w * fl) * fl
+
+
+@jit
+def raises_ratio(slx2, sl22, sumlx, suml2):
+    """ggml's cross-multiplied test that sums (slx2, sl22) give a larger sumlx^2 / suml2 than (sumlx, suml2)."""
+    return (slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22
+
+
+@jit
+def lsq_scales(sumlx, suml2, amax, scale):
+    """scale[k] = sumlx[k] / suml2[k] on every lane, 0 where the group's max |x| < GROUP_MAX_EPS or suml2 <= 0."""
+    for k in range(sumlx.shape[0]):
+        zero = amax[k] < GROUP_MAX_EPS
+        scale[k] = ZERO if zero or not suml2[k] > ZERO else sumlx[k] / suml2[k]
+
+
+@jit
 def make_qx_quants(X, W, nmax, L, scale):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=W) on every lane of X [n, g].
 
@@ -228,12 +248,12 @@ def make_qx_quants(X, W, nmax, L, scale):
     for i in range(n):
         for k in range(g):
             WX[i, k] = W[i, k] * X[i, k]
-    fn = F32(nmax)
-    lo = np.int32(-nmax)  # int32 lanes (see nearest_int)
-    hi = np.int32(nmax - 1)
     isc = np.empty(g, F32)
     best_isc = np.empty(g, F32)
     best = np.empty(g, F32)
+    fn = F32(nmax)
+    lo = np.int32(-nmax)  # int32 lanes (see nearest_int)
+    hi = np.int32(nmax - 1)
     sumlx = np.empty(g, F32)
     suml2 = np.empty(g, F32)
     for k in range(g):
@@ -303,9 +323,7 @@ def make_q3_quants(X, nmax, L, scale):
             w = x * x
             l = min(max(nearest_int(isc[k] * x), lo), hi)
             L[i, k] = l
-            fl = F32(l)
-            sumlx[k] += (w * x) * fl
-            suml2[k] += (w * fl) * fl
+            sumlx[k], suml2[k] = level_sums(sumlx[k], suml2[k], w * x, w, F32(l))
     for itry in range(5):
         changed = np.int32(0)
         for i in range(n):
@@ -318,22 +336,17 @@ def make_q3_quants(X, nmax, L, scale):
                 slx = sumlx[k] - wx * fl
                 sl2 = suml2[k] - (w * fl) * fl
                 nl = min(max(nearest_int((x * sl2) / slx), lo), hi)
-                fnl = F32(nl)
-                slx2 = slx + wx * fnl
-                sl22 = sl2 + (w * fnl) * fnl
-                acc = (slx > ZERO) & (nl != li) & (sl22 > ZERO) & \
-                    ((slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22)
+                slx2, sl22 = level_sums(slx, sl2, wx, w, F32(nl))
+                acc = (slx > ZERO) & (nl != li) & (sl22 > ZERO) & raises_ratio(slx2, sl22, sumlx[k], suml2[k])
                 L[i, k] = nl if acc else li  # branch-free: the lanes vectorise
-                sumlx[k] = slx2 if acc else sumlx[k]
-                suml2[k] = sl22 if acc else suml2[k]
+                sumlx[k], suml2[k] = (slx2, sl22) if acc else (sumlx[k], suml2[k])
                 changed = max(changed, np.int32(acc))  # int32 max: stays int32
         if changed == 0:  # a pass without a change leaves the state as it was: every later pass would be the same
             break
-    for k in range(g):
-        zero = amax[k] < GROUP_MAX_EPS
-        scale[k] = ZERO if zero or not suml2[k] > ZERO else sumlx[k] / suml2[k]
-        for i in range(n):
-            L[i, k] = 0 if zero else L[i, k] + nmax
+    lsq_scales(sumlx, suml2, amax, scale)
+    for i in range(n):
+        for k in range(g):
+            L[i, k] = 0 if amax[k] < GROUP_MAX_EPS else L[i, k] + nmax
 
 
 @jit
@@ -497,10 +510,7 @@ def make_qp_quants(X, W, nmax, L, scale):
             x = X[i, k]
             l = min(nm, nearest_int(isc[k] * x))
             L[i, k] = l & 0xFF  # stored as uint8; the sums use the int
-            fl = F32(l)
-            w = W[i, k]
-            sumlx[k] += (w * x) * fl
-            suml2[k] += (w * fl) * fl
+            sumlx[k], suml2[k] = level_sums(sumlx[k], suml2[k], W[i, k] * x, W[i, k], F32(l))
     for itry in range(5):
         changed = np.int32(0)
         for i in range(n):
@@ -512,20 +522,15 @@ def make_qp_quants(X, W, nmax, L, scale):
                 slx = sumlx[k] - (w * x) * fl
                 sl2 = suml2[k] - (w * fl) * fl
                 nl = min(nm, nearest_int((x * sl2) / slx))
-                fnl = F32(nl)
-                slx2 = slx + (w * x) * fnl
-                sl22 = sl2 + (w * fnl) * fnl
-                acc = (slx > ZERO) & (sl2 > ZERO) & (nl != li) & \
-                    ((slx2 * slx2) * suml2[k] > (sumlx[k] * sumlx[k]) * sl22)
+                slx2, sl22 = level_sums(slx, sl2, w * x, w, F32(nl))
+                acc = (slx > ZERO) & (sl2 > ZERO) & (nl != li) & raises_ratio(slx2, sl22, sumlx[k], suml2[k])
                 L[i, k] = (nl & 0xFF) if acc else li
-                sumlx[k] = slx2 if acc else sumlx[k]
-                suml2[k] = sl22 if acc else suml2[k]
+                sumlx[k], suml2[k] = (slx2, sl22) if acc else (sumlx[k], suml2[k])
                 changed = max(changed, np.int32(acc))
         if changed == 0:
             break
+    lsq_scales(sumlx, suml2, mx, scale)
     for k in range(g):
-        zero = mx[k] < GROUP_MAX_EPS
-        scale[k] = ZERO if zero or not suml2[k] > ZERO else sumlx[k] / suml2[k]
-        if zero:
+        if mx[k] < GROUP_MAX_EPS:
             for i in range(n):
                 L[i, k] = 0

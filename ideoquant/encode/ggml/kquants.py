@@ -38,6 +38,46 @@ def _gather(xr, s0, ns, sub, X):
             X[i, k] = xr[base + k * sub + i]
 
 
+def _encoder(bits):
+    """The compiled encoder of Q<bits>_K, (x, imat, weighted, out): every row of x in chunks of SB super-blocks,
+    each encoded by the type's chunk kernel. bits is a compile-time constant of the closure.
+
+    X, W, L are [sub, g] lane views of flat buffers (written out here: views returned by a jitted call cost time);
+    P holds per sub-block values (scales, mins, weight sums, d, d*min), Is is int32 scratch for one super-block."""
+    sub = 32 if bits == 4 or bits == 5 else 16
+
+    @jit
+    def encode(x, imat, weighted, out):
+        rows, cols = x.shape
+        nsb = cols // QK_K
+        Xf = np.empty(SB * QK_K, F32)
+        Wf = np.empty(SB * QK_K, F32)
+        Lf = np.empty(SB * QK_K, np.int32)
+        P = (np.zeros(SB * 16, F32), np.zeros(SB * 16, F32), np.zeros(SB * 16, F32), np.zeros(SB * 16, F32),
+             np.zeros(SB * 16, F32))
+        Is = np.empty(QK_K + 16, np.int32)
+        for r in range(rows):
+            for s0 in range(0, nsb, SB):
+                ns = min(SB, nsb - s0)
+                g = ns * (QK_K // sub)
+                X = Xf[: sub * g].reshape((sub, g))
+                W = Wf[: sub * g].reshape((sub, g))
+                L = Lf[: sub * g].reshape((sub, g))
+                _gather(x[r], s0, ns, sub, X)
+                if bits == 2:
+                    _q2_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P)
+                elif bits == 3:
+                    _q3_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P, Is)
+                elif bits == 6:
+                    _q6_k_chunk(imat, weighted, out[r], s0, ns, X, W, L, P)
+                elif bits == 4:
+                    _q4_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P)
+                else:
+                    _q5_k_chunk(x[r], imat, weighted, out[r], s0, ns, X, W, L, P)
+
+    return encode
+
+
 @jit
 def _superblock_sigma2(xr, s, two):
     """ggml's sum_x2 over one super-block (sequential), times 2 or not, over 256."""
@@ -68,11 +108,54 @@ def _imat_weights(xr, qw, s0, ns, sub, X, W, sw, two):
 
 
 @jit
-def _lanes_by_superblock(v, ns, nsub, V):
-    """[ns*nsub] per-sub-block values -> V[nsub, ns] (lanes = super-blocks)."""
+def _lanes_by_superblock(v, ns, nsub):
+    """[ns*nsub] per-sub-block values -> a new V[nsub, ns] (lanes = super-blocks)."""
+    V = np.empty((nsub, ns), F32)
     for s in range(ns):
         for j in range(nsub):
             V[j, s] = v[s * nsub + j]
+    return V
+
+
+@jit
+def _qkx_weighted(xr, imat, s0, ns, sub, X, W, L, P, nmax, smax, two):
+    """The imatrix path of Q2_K / Q4_K / Q5_K: the weights, make_qkx3_quants on the sub-blocks (scales P[0], mins
+    P[1], weight sums P[2]), then make_qp_quants(smax) of the scales and of the mins of each super-block, weighted by
+    the sums: (Ls, d, Lm, dmin), Ls / Lm [nsub, ns] and d / dmin [ns]."""
+    nsub = QK_K // sub
+    _imat_weights(xr, imat, s0, ns, sub, X, W, P[2], two)
+    make_qkx_quants(X, W, nmax, F32(-0.9), F32(0.05), 36, False, L, P[0], P[1])
+    S = _lanes_by_superblock(P[2], ns, nsub)
+    Ls = np.empty((nsub, ns), np.int32)
+    Lm = np.empty((nsub, ns), np.int32)
+    d = np.empty(ns, F32)
+    dmin = np.empty(ns, F32)
+    make_qp_quants(_lanes_by_superblock(P[0], ns, nsub), S, smax, Ls, d)
+    make_qp_quants(_lanes_by_superblock(P[1], ns, nsub), S, smax, Lm, dmin)
+    return Ls, d, Lm, dmin
+
+
+@jit
+def _superblock_max(v, ns, nsub):
+    """[ns]: the largest of each super-block's nsub values v[s*nsub:(s+1)*nsub], at least 0 (one call per chunk)."""
+    mx = np.zeros(ns, F32)
+    for s in range(ns):
+        for j in range(s * nsub, (s + 1) * nsub):
+            mx[s] = v[j] if v[j] > mx[s] else mx[s]
+    return mx
+
+
+@jit
+def _superblock_absmax(v, ns, nsub):
+    """([ns], [ns]): each super-block's first value with the largest |v| (0 if all are 0), and that |v|."""
+    mx = np.zeros(ns, F32)
+    amax = np.zeros(ns, F32)
+    for s in range(ns):
+        for j in range(s * nsub, (s + 1) * nsub):
+            if abs(v[j]) > amax[s]:
+                amax[s] = abs(v[j])
+                mx[s] = v[j]
+    return mx, amax
 
 
 @jit
@@ -108,209 +191,150 @@ def _scale_min_k4(o, pos, j):
     return d, m
 
 
-@jit
-def encode_q4_k(x, imat, weighted, out):
-    _encode_q45_k(x, imat, weighted, out, 4)
+def _q45_k_chunk_kernel(bits):
+    """The compiled chunk kernel of Q4_K (bits=4: d, dmin, scales[12], qs[128]; 144 B) or Q5_K (bits=5: ..., qh[32],
+    qs[128]; 176 B); bits is a compile-time constant of the closure."""
 
-
-@jit
-def encode_q5_k(x, imat, weighted, out):
-    _encode_q45_k(x, imat, weighted, out, 5)
-
-
-@jit
-def _encode_q45_k(x, imat, weighted, out, bits):
-    rows, cols = x.shape
-    nsb = cols // QK_K
-    sub = 32
-    nsub = 8
-    bpb = 144 if bits == 4 else 176
-    nmax = 15 if bits == 4 else 31
-    rmin = F32(-1.0) if bits == 4 else F32(-0.5)
-    nstep = 20 if bits == 4 else 15
-    G = SB * nsub
-    Xf = np.empty(sub * G, F32)
-    Wf = np.empty(sub * G, F32)
-    Lf = np.empty(sub * G, np.int32)
-    scales = np.empty(G, F32)
-    mins = np.empty(G, F32)
-    sw = np.empty(G, F32)
-    dj = np.empty(G, F32)
-    dmj = np.empty(G, F32)
-    Vf = np.empty(nsub * SB, F32)
-    Sf = np.empty(nsub * SB, F32)
-    Lsf = np.empty(nsub * SB, np.int32)
-    Lmf = np.empty(nsub * SB, np.int32)
-    dblk = np.empty(SB, F32)
-    mblk = np.empty(SB, F32)
-    ls = np.empty(nsub, np.int32)
-    lm = np.empty(nsub, np.int32)
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for s0 in range(0, nsb, SB):
-            ns = min(SB, nsb - s0)
-            g = ns * nsub
-            X = Xf[: sub * g].reshape((sub, g))
-            W = Wf[: sub * g].reshape((sub, g))
-            L = Lf[: sub * g].reshape((sub, g))
-            _gather(xr, s0, ns, sub, X)
+    @jit
+    def chunk(xr, imat, weighted, o, s0, ns, X, W, L, P):
+        sub = 32
+        nsub = 8
+        g = ns * nsub
+        bpb = 144 if bits == 4 else 176
+        nmax = 15 if bits == 4 else 31
+        scales, mins, dj, dmj = P[0], P[1], P[3], P[4]
+        ls = np.empty(nsub, np.int32)
+        lm = np.empty(nsub, np.int32)
+        if weighted:
+            Ls, dblk, Lm, mblk = _qkx_weighted(xr, imat, s0, ns, sub, X, W, L, P, nmax, 63, True)
+        else:
+            for k in range(g):
+                acc = ZERO
+                for i in range(sub):
+                    acc += X[i, k] * X[i, k]
+                av_x = np.sqrt(acc / F32(32))
+                for i in range(sub):
+                    W[i, k] = av_x + abs(X[i, k])
+            rmin = F32(-1.0) if bits == 4 else F32(-0.5)
+            make_qkx_quants(X, W, nmax, rmin, F32(0.1), 20 if bits == 4 else 15, False, L, scales, mins)
+            max_scales = _superblock_max(scales, ns, nsub)
+            max_mins = _superblock_max(mins, ns, nsub)
+        for s in range(ns):
+            pos = (s0 + s) * bpb
             if weighted:
-                _imat_weights(xr, imat, s0, ns, sub, X, W, sw, True)
-                make_qkx_quants(X, W, nmax, F32(-0.9), F32(0.05), 36, False, L, scales, mins)
-                V = Vf[: nsub * ns].reshape((nsub, ns))
-                S = Sf[: nsub * ns].reshape((nsub, ns))
-                Ls = Lsf[: nsub * ns].reshape((nsub, ns))
-                Lm = Lmf[: nsub * ns].reshape((nsub, ns))
-                _lanes_by_superblock(sw, ns, nsub, S)
-                _lanes_by_superblock(scales, ns, nsub, V)
-                make_qp_quants(V, S, 63, Ls, dblk)
-                _lanes_by_superblock(mins, ns, nsub, V)
-                make_qp_quants(V, S, 63, Lm, mblk)
-            else:
-                for k in range(g):
-                    acc = ZERO
-                    for i in range(sub):
-                        acc += X[i, k] * X[i, k]
-                    av_x = np.sqrt(acc / F32(32))
-                    for i in range(sub):
-                        W[i, k] = av_x + abs(X[i, k])
-                make_qkx_quants(X, W, nmax, rmin, F32(0.1), nstep, False, L, scales, mins)
-            for s in range(ns):
-                pos = (s0 + s) * bpb
-                if weighted:
-                    for j in range(nsub):
-                        ls[j] = Ls[j, s] if bits == 4 else min(63, Ls[j, s])
-                        lm[j] = Lm[j, s] if bits == 4 else min(63, Lm[j, s])
-                    dv = dblk[s]
-                    mv = mblk[s]
-                else:
-                    max_scale = ZERO
-                    max_min = ZERO
-                    for j in range(nsub):
-                        sc = scales[s * nsub + j]
-                        mn = mins[s * nsub + j]
-                        max_scale = sc if sc > max_scale else max_scale
-                        max_min = mn if mn > max_min else max_min
-                    inv_scale = F32(63) / max_scale if max_scale > ZERO else ZERO
-                    inv_min = F32(63) / max_min if max_min > ZERO else ZERO
-                    for j in range(nsub):
-                        ls[j] = min(63, nearest_int(inv_scale * scales[s * nsub + j]) & 0xFF)
-                        lm[j] = min(63, nearest_int(inv_min * mins[s * nsub + j]) & 0xFF)
-                    dv = max_scale / F32(63)
-                    mv = max_min / F32(63)
-                _pack_k4(o, pos + 4, ls, lm)
-                d = put_fp16(o, pos, dv)
-                dmin = put_fp16(o, pos + 2, mv)
                 for j in range(nsub):
-                    scv, mnv = _scale_min_k4(o, pos + 4, j)
-                    dj[s * nsub + j] = d * F32(scv)
-                    dmj[s * nsub + j] = dmin * F32(mnv)
-            _requant(X, L, dj, dmj, 0, nmax, 0)
-            for s in range(ns):
-                pos = (s0 + s) * bpb
-                if bits == 4:
-                    for p in range(4):
-                        for l in range(32):
-                            a = L[l, s * nsub + 2 * p]
-                            b = L[l, s * nsub + 2 * p + 1]
-                            o[pos + 16 + 32 * p + l] = np.uint8(a | (b << 4))
-                else:
+                    ls[j] = Ls[j, s] if bits == 4 else min(63, Ls[j, s])
+                    lm[j] = Lm[j, s] if bits == 4 else min(63, Lm[j, s])
+                dv = dblk[s]
+                mv = mblk[s]
+            else:
+                max_scale = max_scales[s]
+                max_min = max_mins[s]
+                inv_scale = F32(63) / max_scale if max_scale > ZERO else ZERO
+                inv_min = F32(63) / max_min if max_min > ZERO else ZERO
+                for j in range(nsub):
+                    ls[j] = min(63, nearest_int(inv_scale * scales[s * nsub + j]) & 0xFF)
+                    lm[j] = min(63, nearest_int(inv_min * mins[s * nsub + j]) & 0xFF)
+                dv = max_scale / F32(63)
+                mv = max_min / F32(63)
+            _pack_k4(o, pos + 4, ls, lm)
+            d = put_fp16(o, pos, dv)
+            dmin = put_fp16(o, pos + 2, mv)
+            for j in range(nsub):
+                scv, mnv = _scale_min_k4(o, pos + 4, j)
+                dj[s * nsub + j] = d * F32(scv)
+                dmj[s * nsub + j] = dmin * F32(mnv)
+        _requant(X, L, dj, dmj, 0, nmax, 0)
+        for s in range(ns):
+            pos = (s0 + s) * bpb
+            if bits == 4:
+                for p in range(4):
                     for l in range(32):
-                        o[pos + 16 + l] = 0
-                    for p in range(4):
-                        for l in range(32):
-                            a = L[l, s * nsub + 2 * p]
-                            b = L[l, s * nsub + 2 * p + 1]
-                            h = 0
-                            if a > 15:
-                                a -= 16
-                                h |= 1 << (2 * p)
-                            if b > 15:
-                                b -= 16
-                                h |= 2 << (2 * p)
-                            o[pos + 16 + l] |= np.uint8(h)
-                            o[pos + 48 + 32 * p + l] = np.uint8(a | (b << 4))
+                        a = L[l, s * nsub + 2 * p]
+                        b = L[l, s * nsub + 2 * p + 1]
+                        o[pos + 16 + 32 * p + l] = np.uint8(a | (b << 4))
+            else:
+                for l in range(32):
+                    o[pos + 16 + l] = 0
+                for p in range(4):
+                    for l in range(32):
+                        a = L[l, s * nsub + 2 * p]
+                        b = L[l, s * nsub + 2 * p + 1]
+                        h = 0
+                        if a > 15:
+                            a -= 16
+                            h |= 1 << (2 * p)
+                        if b > 15:
+                            b -= 16
+                            h |= 2 << (2 * p)
+                        o[pos + 16 + l] |= np.uint8(h)
+                        o[pos + 48 + 32 * p + l] = np.uint8(a | (b << 4))
+
+    return chunk
+
+
+_q4_k_chunk = _q45_k_chunk_kernel(4)
+_q5_k_chunk = _q45_k_chunk_kernel(5)
 
 
 # ---------------------------------------------------------------- Q6_K
 
 @jit
-def encode_q6_k(x, imat, weighted, out):
-    rows, cols = x.shape
-    nsb = cols // QK_K
+def _q6_k_chunk(imat, weighted, o, s0, ns, X, W, L, P):
+    """Q6_K (ql[128], qh[64], scales[16], d; 210 B) of the chunk's super-blocks."""
     sub = 16
     nsub = 16
-    G = SB * nsub
-    Xf = np.empty(sub * G, F32)
-    Wf = np.empty(sub * G, F32)
-    Lf = np.empty(sub * G, np.int32)
-    scales = np.empty(G, F32)
-    dj = np.empty(G, F32)
-    dmj = np.zeros(G, F32)
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for s0 in range(0, nsb, SB):
-            ns = min(SB, nsb - s0)
-            g = ns * nsub
-            X = Xf[: sub * g].reshape((sub, g))
-            W = Wf[: sub * g].reshape((sub, g))
-            L = Lf[: sub * g].reshape((sub, g))
-            _gather(xr, s0, ns, sub, X)
-            if weighted:
-                for s in range(ns):
-                    for kk in range(nsub):
-                        for i in range(sub):
-                            W[i, s * nsub + kk] = imat[(s0 + s) * QK_K + kk * sub + i]
-            else:
+    g = ns * nsub
+    scales, dj, dmj = P[0], P[3], P[4]  # dmj stays 0
+    if weighted:
+        for s in range(ns):
+            for kk in range(nsub):
                 for i in range(sub):
-                    for k in range(g):
-                        W[i, k] = X[i, k] * X[i, k]
-            make_qx_quants(X, W, 32, L, scales)
-            for s in range(ns):
-                pos = (s0 + s) * 210
-                max_scale = ZERO
-                max_abs = ZERO
-                for j in range(nsub):
-                    v = scales[s * nsub + j]
-                    if abs(v) > max_abs:
-                        max_abs = abs(v)
-                        max_scale = v
-                if max_abs < GROUP_MAX_EPS:
-                    for t in range(210):
-                        o[pos + t] = 0
-                    for j in range(nsub):
-                        dj[s * nsub + j] = ZERO
-                        for i in range(sub):
-                            L[i, s * nsub + j] = -1  # marks the block as written
-                    continue
-                iscale = F32(-128) / max_scale
-                d = put_fp16(o, pos + 208, ONE / iscale)
-                for j in range(nsub):
-                    v = min(127, nearest_int(iscale * scales[s * nsub + j]))
-                    v = ((v + 128) & 255) - 128  # int8_t
-                    o[pos + 192 + j] = np.uint8(v & 0xFF)
-                    dj[s * nsub + j] = d * F32(v)
-            _requant(X, L, dj, dmj, -32, 31, 32)
-            for s in range(ns):
-                pos = (s0 + s) * 210
-                if L[0, s * nsub] < 0:
-                    continue
-                for h in range(2):
-                    for l in range(32):
-                        e = 128 * h + l
-                        q1 = L[e % 16, s * nsub + e // 16]
-                        q2 = L[(e + 32) % 16, s * nsub + (e + 32) // 16]
-                        q3 = L[(e + 64) % 16, s * nsub + (e + 64) // 16]
-                        q4 = L[(e + 96) % 16, s * nsub + (e + 96) // 16]
-                        o[pos + 64 * h + l] = np.uint8((q1 & 0xF) | ((q3 & 0xF) << 4))
-                        o[pos + 64 * h + l + 32] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
-                        o[pos + 128 + 32 * h + l] = np.uint8(
-                            (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
+                    W[i, s * nsub + kk] = imat[(s0 + s) * QK_K + kk * sub + i]
+    else:
+        for i in range(sub):
+            for k in range(g):
+                W[i, k] = X[i, k] * X[i, k]
+    make_qx_quants(X, W, 32, L, scales)
+    max_scales, max_abss = _superblock_absmax(scales, ns, nsub)
+    for s in range(ns):
+        pos = (s0 + s) * 210
+        max_scale = max_scales[s]
+        max_abs = max_abss[s]
+        if max_abs < GROUP_MAX_EPS:
+            for t in range(210):
+                o[pos + t] = 0
+            for j in range(nsub):
+                dj[s * nsub + j] = ZERO
+                for i in range(sub):
+                    L[i, s * nsub + j] = -1  # marks the block as written
+            continue
+        iscale = F32(-128) / max_scale
+        d = put_fp16(o, pos + 208, ONE / iscale)
+        for j in range(nsub):
+            v = min(127, nearest_int(iscale * scales[s * nsub + j]))
+            v = ((v + 128) & 255) - 128  # int8_t
+            o[pos + 192 + j] = np.uint8(v & 0xFF)
+            dj[s * nsub + j] = d * F32(v)
+    _requant(X, L, dj, dmj, -32, 31, 32)
+    for s in range(ns):
+        pos = (s0 + s) * 210
+        if L[0, s * nsub] < 0:
+            continue
+        for h in range(2):
+            for l in range(32):
+                e = 128 * h + l
+                q1 = L[e % 16, s * nsub + e // 16]
+                q2 = L[(e + 32) % 16, s * nsub + (e + 32) // 16]
+                q3 = L[(e + 64) % 16, s * nsub + (e + 64) // 16]
+                q4 = L[(e + 96) % 16, s * nsub + (e + 96) // 16]
+                o[pos + 64 * h + l] = np.uint8((q1 & 0xF) | ((q3 & 0xF) << 4))
+                o[pos + 64 * h + l + 32] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
+                o[pos + 128 + 32 * h + l] = np.uint8(
+                    (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
 
 
-# ---------------------------------------------------------------- Q2_K / Q3_K shared packing
+# ---------------------------------------------------------------- Q2_K / Q3_K
 
 @jit
 def _pack_2bit(o, pos, L, s, nsub):
@@ -325,180 +349,112 @@ def _pack_2bit(o, pos, L, s, nsub):
 
 
 @jit
-def encode_q2_k(x, imat, weighted, out):
-    rows, cols = x.shape
-    nsb = cols // QK_K
+def _q2_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P):
+    """Q2_K (scales[16], qs[64], d, dmin; 84 B) of the chunk's super-blocks."""
     sub = 16
     nsub = 16
-    G = SB * nsub
-    Xf = np.empty(sub * G, F32)
-    Wf = np.empty(sub * G, F32)
-    Lf = np.empty(sub * G, np.int32)
-    scales = np.empty(G, F32)
-    mins = np.empty(G, F32)
-    sw = np.empty(G, F32)
-    dj = np.empty(G, F32)
-    dmj = np.empty(G, F32)
-    Vf = np.empty(nsub * SB, F32)
-    Sf = np.empty(nsub * SB, F32)
-    Lsf = np.empty(nsub * SB, np.int32)
-    Lmf = np.empty(nsub * SB, np.int32)
-    dblk = np.empty(SB, F32)
-    mblk = np.empty(SB, F32)
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for s0 in range(0, nsb, SB):
-            ns = min(SB, nsb - s0)
-            g = ns * nsub
-            X = Xf[: sub * g].reshape((sub, g))
-            W = Wf[: sub * g].reshape((sub, g))
-            L = Lf[: sub * g].reshape((sub, g))
-            _gather(xr, s0, ns, sub, X)
-            if weighted:
-                _imat_weights(xr, imat, s0, ns, sub, X, W, sw, False)
-                make_qkx_quants(X, W, 3, F32(-0.9), F32(0.05), 36, False, L, scales, mins)
-                V = Vf[: nsub * ns].reshape((nsub, ns))
-                S = Sf[: nsub * ns].reshape((nsub, ns))
-                Ls = Lsf[: nsub * ns].reshape((nsub, ns))
-                Lm = Lmf[: nsub * ns].reshape((nsub, ns))
-                _lanes_by_superblock(sw, ns, nsub, S)
-                _lanes_by_superblock(scales, ns, nsub, V)
-                make_qp_quants(V, S, 15, Ls, dblk)
-                _lanes_by_superblock(mins, ns, nsub, V)
-                make_qp_quants(V, S, 15, Lm, mblk)
-            else:
-                for i in range(sub):
-                    for k in range(g):
-                        W[i, k] = abs(X[i, k])
-                make_qkx_quants(X, W, 3, F32(-0.5), F32(0.1), 15, True, L, scales, mins)
-            for s in range(ns):
-                pos = (s0 + s) * 84
-                if weighted:
-                    for j in range(nsub):
-                        o[pos + j] = np.uint8((Ls[j, s] | (Lm[j, s] << 4)) & 0xFF)
-                    d = put_fp16(o, pos + 80, dblk[s])
-                    dmin = put_fp16(o, pos + 82, mblk[s])
-                else:
-                    max_scale = ZERO
-                    max_min = ZERO
-                    for j in range(nsub):
-                        sc = scales[s * nsub + j]
-                        mn = mins[s * nsub + j]
-                        max_scale = sc if sc > max_scale else max_scale
-                        max_min = mn if mn > max_min else max_min
-                    if max_scale > ZERO:
-                        isc = F32(15) / max_scale
-                        for j in range(nsub):
-                            o[pos + j] = np.uint8(nearest_int(isc * scales[s * nsub + j]) & 0xFF)
-                        d = put_fp16(o, pos + 80, max_scale / F32(15))
-                    else:
-                        for j in range(nsub):
-                            o[pos + j] = 0
-                        d = put_fp16(o, pos + 80, ZERO)
-                    if max_min > ZERO:
-                        imn = F32(15) / max_min
-                        for j in range(nsub):
-                            o[pos + j] |= np.uint8((nearest_int(imn * mins[s * nsub + j]) << 4) & 0xFF)
-                        dmin = put_fp16(o, pos + 82, max_min / F32(15))
-                    else:
-                        dmin = put_fp16(o, pos + 82, ZERO)
+    scales, mins, dj, dmj = P[0], P[1], P[3], P[4]
+    if weighted:
+        Ls, dblk, Lm, mblk = _qkx_weighted(xr, imat, s0, ns, sub, X, W, L, P, 3, 15, False)
+    else:
+        for i in range(sub):
+            for k in range(ns * nsub):
+                W[i, k] = abs(X[i, k])
+        make_qkx_quants(X, W, 3, F32(-0.5), F32(0.1), 15, True, L, scales, mins)
+        max_scales = _superblock_max(scales, ns, nsub)
+        max_mins = _superblock_max(mins, ns, nsub)
+    for s in range(ns):
+        pos = (s0 + s) * 84
+        if weighted:
+            for j in range(nsub):
+                o[pos + j] = np.uint8((Ls[j, s] | (Lm[j, s] << 4)) & 0xFF)
+            d = put_fp16(o, pos + 80, dblk[s])
+            dmin = put_fp16(o, pos + 82, mblk[s])
+        else:
+            max_scale = max_scales[s]
+            max_min = max_mins[s]
+            if max_scale > ZERO:
+                isc = F32(15) / max_scale
                 for j in range(nsub):
-                    b = np.int32(o[pos + j])
-                    dj[s * nsub + j] = d * F32(b & 0xF)
-                    dmj[s * nsub + j] = dmin * F32(b >> 4)
-            _requant(X, L, dj, dmj, 0, 3, 0)
-            for s in range(ns):
-                _pack_2bit(o, (s0 + s) * 84 + 16, L, s, nsub)
+                    o[pos + j] = np.uint8(nearest_int(isc * scales[s * nsub + j]) & 0xFF)
+                d = put_fp16(o, pos + 80, max_scale / F32(15))
+            else:
+                for j in range(nsub):
+                    o[pos + j] = 0
+                d = put_fp16(o, pos + 80, ZERO)
+            if max_min > ZERO:
+                imn = F32(15) / max_min
+                for j in range(nsub):
+                    o[pos + j] |= np.uint8((nearest_int(imn * mins[s * nsub + j]) << 4) & 0xFF)
+                dmin = put_fp16(o, pos + 82, max_min / F32(15))
+            else:
+                dmin = put_fp16(o, pos + 82, ZERO)
+        for j in range(nsub):
+            b = np.int32(o[pos + j])
+            dj[s * nsub + j] = d * F32(b & 0xF)
+            dmj[s * nsub + j] = dmin * F32(b >> 4)
+    _requant(X, L, dj, dmj, 0, 3, 0)
+    for s in range(ns):
+        _pack_2bit(o, (s0 + s) * 84 + 16, L, s, nsub)
 
 
 @jit
-def encode_q3_k(x, imat, weighted, out):
-    rows, cols = x.shape
-    nsb = cols // QK_K
-    sub = 16
+def _q3_k_chunk(xr, imat, weighted, o, s0, ns, X, W, L, P, Is):
+    """Q3_K (hmask[32], qs[64], scales[12], d; 110 B) of the chunk's super-blocks."""
     nsub = 16
-    G = SB * nsub
-    Xf = np.empty(sub * G, F32)
-    Wf = np.empty(sub * G, F32)
-    Lf = np.empty(sub * G, np.int32)
-    scales = np.empty(G, F32)
-    sw = np.empty(G, F32)
-    dj = np.empty(G, F32)
-    Vf = np.empty(nsub * SB, F32)
-    Sf = np.empty(nsub * SB, F32)
-    Lsf = np.empty(nsub * SB, np.int32)
-    dblk = np.empty(SB, F32)
-    lsv = np.empty(nsub, np.int32)
-    Lsb = np.empty(QK_K, np.int32)
+    scales, sw, dj = P[0], P[2], P[3]
+    Lsb = Is[:QK_K]
+    lsv = Is[QK_K: QK_K + nsub]
     D = np.empty(QK_K, F32)
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for s0 in range(0, nsb, SB):
-            ns = min(SB, nsb - s0)
-            g = ns * nsub
-            X = Xf[: sub * g].reshape((sub, g))
-            W = Wf[: sub * g].reshape((sub, g))
-            L = Lf[: sub * g].reshape((sub, g))
-            _gather(xr, s0, ns, sub, X)
-            if weighted:
-                _imat_weights(xr, imat, s0, ns, sub, X, W, sw, True)
-                make_qx_quants(X, W, 4, L, scales)
-                V = Vf[: nsub * ns].reshape((nsub, ns))
-                S = Sf[: nsub * ns].reshape((nsub, ns))
-                Ls = Lsf[: nsub * ns].reshape((nsub, ns))
-                _lanes_by_superblock(sw, ns, nsub, S)
-                _lanes_by_superblock(scales, ns, nsub, V)
-                make_qx_quants(V, S, 32, Ls, dblk)
-            else:
-                make_q3_quants(X, 4, L, scales)
-            for s in range(ns):
-                pos = (s0 + s) * 110
-                for t in range(12):
-                    o[pos + 96 + t] = 0
-                if weighted:
-                    for j in range(nsub):
-                        lsv[j] = Ls[j, s]
-                    dv = dblk[s]
-                    have = True
-                else:
-                    max_scale = ZERO
-                    amax = ZERO
-                    for j in range(nsub):
-                        v = scales[s * nsub + j]
-                        if abs(v) > amax:
-                            amax = abs(v)
-                            max_scale = v
-                    have = max_scale != ZERO
-                    if have:
-                        isc = F32(-32) / max_scale
-                        for j in range(nsub):
-                            l = nearest_int(isc * scales[s * nsub + j])
-                            l = ((l + 128) & 255) - 128  # int8_t
-                            lsv[j] = min(max(l, -32), 31) + 32
-                        dv = ONE / isc
-                    else:
-                        dv = ZERO
-                if have:
-                    for j in range(nsub):
-                        l = lsv[j]
-                        if j < 8:
-                            o[pos + 96 + j] = np.uint8(l & 0xF)
-                        else:
-                            o[pos + 96 + j - 8] |= np.uint8((l & 0xF) << 4)
-                        o[pos + 96 + 8 + j % 4] |= np.uint8(((l >> 4) << (2 * (j // 4))) & 0xFF)
-                d = put_fp16(o, pos + 108, dv)
+    if weighted:
+        _imat_weights(xr, imat, s0, ns, 16, X, W, sw, True)
+        make_qx_quants(X, W, 4, L, scales)
+        Ls = np.empty((nsub, ns), np.int32)
+        dblk = np.empty(ns, F32)
+        make_qx_quants(_lanes_by_superblock(scales, ns, nsub), _lanes_by_superblock(sw, ns, nsub), 32, Ls, dblk)
+    else:
+        make_q3_quants(X, 4, L, scales)
+        max_scales, _ = _superblock_absmax(scales, ns, nsub)
+    for s in range(ns):
+        pos = (s0 + s) * 110
+        for t in range(12):
+            o[pos + 96 + t] = 0
+        if weighted:
+            for j in range(nsub):
+                lsv[j] = Ls[j, s]
+            dv = dblk[s]
+            have = True
+        else:
+            max_scale = max_scales[s]
+            have = max_scale != ZERO
+            if have:
+                isc = F32(-32) / max_scale
                 for j in range(nsub):
-                    if j < 8:
-                        sc = np.int32(o[pos + 96 + j]) & 0xF
-                    else:
-                        sc = np.int32(o[pos + 96 + j - 8]) >> 4
-                    sc = (sc | (((np.int32(o[pos + 104 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
-                    dj[s * nsub + j] = d * F32(sc)
-            for s in range(ns):
-                sb = s0 + s
-                _q3_k_requant_pack(xr[sb * QK_K: (sb + 1) * QK_K], L, s, dj, D, Lsb, o, sb * 110)
+                    l = nearest_int(isc * scales[s * nsub + j])
+                    l = ((l + 128) & 255) - 128  # int8_t
+                    lsv[j] = min(max(l, -32), 31) + 32
+                dv = ONE / isc
+            else:
+                dv = ZERO
+        if have:
+            for j in range(nsub):
+                l = lsv[j]
+                if j < 8:
+                    o[pos + 96 + j] = np.uint8(l & 0xF)
+                else:
+                    o[pos + 96 + j - 8] |= np.uint8((l & 0xF) << 4)
+                o[pos + 96 + 8 + j % 4] |= np.uint8(((l >> 4) << (2 * (j // 4))) & 0xFF)
+        d = put_fp16(o, pos + 108, dv)
+        for j in range(nsub):
+            if j < 8:
+                sc = np.int32(o[pos + 96 + j]) & 0xF
+            else:
+                sc = np.int32(o[pos + 96 + j - 8]) >> 4
+            sc = (sc | (((np.int32(o[pos + 104 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+            dj[s * nsub + j] = d * F32(sc)
+    for s in range(ns):
+        sb = s0 + s
+        _q3_k_requant_pack(xr[sb * QK_K: (sb + 1) * QK_K], L, s, dj, D, Lsb, o, sb * 110)
 
 
 @jit
@@ -529,3 +485,10 @@ def _q3_k_requant_pack(xs, L, s, dj, D, Lsb, o, pos):
             for t in range(4):
                 v |= (Lsb[128 * hh + 32 * t + l] & 3) << (2 * t)
             o[pos + 32 + 32 * hh + l] = np.uint8(v)
+
+
+encode_q2_k = _encoder(2)
+encode_q3_k = _encoder(3)
+encode_q4_k = _encoder(4)
+encode_q5_k = _encoder(5)
+encode_q6_k = _encoder(6)

@@ -74,6 +74,7 @@ def _trunc_i(v):
 
 @jit
 def _row_sigma2(xr):
+    """ggml's sigma2 of a row: sum x*x (sequential) over its length."""
     s = ZERO
     for j in range(xr.shape[0]):
         s += xr[j] * xr[j]
@@ -82,6 +83,7 @@ def _row_sigma2(xr):
 
 @jit
 def _gather(xr, qw, b0, g, sigma2, X, W):
+    """X[i, k] = value i of block b0 + k, W = qw * sqrtf(sigma2 + x*x)."""
     for i in range(QK):
         for k in range(g):
             x = xr[(b0 + k) * QK + i]
@@ -90,16 +92,20 @@ def _gather(xr, qw, b0, g, sigma2, X, W):
 
 
 @jit
-def _put_nibbles(o, pos, q):
-    for j in range(16):
-        o[pos + j] = np.uint8((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4))
+def _nibbles(v0, v1):
+    """The byte of two 4-bit codes: v0 low, v1 high."""
+    return np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
 
 
 @jit
-def _put_qh(o, pos, q):
-    h = np.uint32(0)
-    for j in range(QK):
-        h |= np.uint32((q[j] >> 4) & 1) << np.uint32(j)
+def _qh_bits(v0, v1, j):
+    """Bits 4 of codes j and j + 16 at their places j and j + 16 of the 32-bit qh."""
+    return (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
+
+
+@jit
+def _put_u32(o, pos, h):
+    """Store the uint32 h little-endian at o[pos:pos+4]."""
     for t in range(4):
         o[pos + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
 
@@ -126,221 +132,142 @@ def encode_q8_0(x, out):
                     o[pos + 2 + j] = np.uint8(roundf_i(xr[base + j] * idv) & 0xFF)
 
 
-@jit
-def encode_q4_0(x, imat, weighted, out):
-    _encode_x_0(x, imat, weighted, out, 4)
+def _encoder(bits, has_min):
+    """The compiled encoder (x, imat, weighted, out) of Q4_0 / Q5_0 (has_min False: d[, qh[4]], qs[16]; 18 / 22 B)
+    or Q4_1 / Q5_1 (has_min True: d, m[, qh[4]], qs[16]; 20 / 24 B), bits 4 or 5: compile-time constants of the
+    closure. Without weights, the type's row kernel; with them, make_qx_quants / make_qkx3_quants on lanes."""
 
-
-@jit
-def encode_q5_0(x, imat, weighted, out):
-    _encode_x_0(x, imat, weighted, out, 5)
-
-
-@jit
-def encode_q4_1(x, imat, weighted, out):
-    _encode_x_1(x, imat, weighted, out, 4)
-
-
-@jit
-def encode_q5_1(x, imat, weighted, out):
-    _encode_x_1(x, imat, weighted, out, 5)
-
-
-@jit
-def _encode_x_0(x, imat, weighted, out, bits):
-    """Q4_0 (bits=4: d, qs[16]; 18 B) and Q5_0 (bits=5: d, qh[4], qs[16]; 22 B)."""
-    rows, cols = x.shape
-    nb = cols // QK
-    bpb = 18 if bits == 4 else 22
-    qs_off = 2 if bits == 4 else 6
-    nmax = 8 if bits == 4 else 16
-    q = np.empty(QK, np.int32)
-    X = np.empty(QK * LANES, F32)
-    W = np.empty(QK * LANES, F32)
-    L = np.empty(QK * LANES, np.int32)
-    sc = np.empty(LANES, F32)
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        if weighted:
+    @jit
+    def encode(x, imat, weighted, out):
+        rows, cols = x.shape
+        nb = cols // QK
+        if not weighted:
+            for r in range(rows):
+                _ref_row(x[r], out[r], nb, bits, has_min)
+            return
+        head = 4 if has_min else 2  # the fp16 fields
+        qs_off = head + 4 if bits == 5 else head
+        bpb = qs_off + 16
+        nmax = (1 << bits) - 1 if has_min else 1 << (bits - 1)
+        X = np.empty(QK * LANES, F32)
+        W = np.empty(QK * LANES, F32)
+        L = np.empty(QK * LANES, np.int32)
+        sc = np.empty(LANES, F32)
+        mn = np.empty(LANES, F32)
+        for r in range(rows):
+            xr = x[r]
+            o = out[r]
             sigma2 = _row_sigma2(xr)
             for b0 in range(0, nb, LANES):
                 g = min(LANES, nb - b0)
                 Xg = X[: QK * g].reshape((QK, g))
                 Wg = W[: QK * g].reshape((QK, g))
                 Lg = L[: QK * g].reshape((QK, g))
-                sg = sc[:g]
                 _gather(xr, imat, b0, g, sigma2, Xg, Wg)
-                make_qx_quants(Xg, Wg, nmax, Lg, sg)
+                if has_min:
+                    make_qkx_quants(Xg, Wg, nmax, F32(-0.9), F32(0.05), 36, False, Lg, sc, mn)
+                else:
+                    make_qx_quants(Xg, Wg, nmax, Lg, sc)
                 for k in range(g):
                     pos = (b0 + k) * bpb
-                    put_fp16(o, pos, sg[k])
-                    for j in range(QK):
-                        q[j] = Lg[j, k]
+                    put_fp16(o, pos, sc[k])
+                    if has_min:
+                        put_fp16(o, pos + 2, -mn[k])
+                    h = np.uint32(0)
+                    for j in range(16):
+                        q0 = Lg[j, k]
+                        q1 = Lg[j + 16, k]
+                        o[pos + qs_off + j] = _nibbles(q0, q1)
+                        h |= _qh_bits(q0, q1, j)
                     if bits == 5:
-                        _put_qh(o, pos + 2, q)
-                    _put_nibbles(o, pos + qs_off, q)
-        else:
-            _ref_x_0(xr, o, nb, bits)
+                        _put_u32(o, pos + head, h)
+
+    return encode
 
 
 @jit
-def _encode_x_1(x, imat, weighted, out, bits):
-    """Q4_1 (d, m, qs[16]; 20 B) and Q5_1 (d, m, qh[4], qs[16]; 24 B)."""
-    rows, cols = x.shape
-    nb = cols // QK
-    bpb = 20 if bits == 4 else 24
-    qs_off = 4 if bits == 4 else 8
-    nmax = 15 if bits == 4 else 31
-    q = np.empty(QK, np.int32)
-    X = np.empty(QK * LANES, F32)
-    W = np.empty(QK * LANES, F32)
-    L = np.empty(QK * LANES, np.int32)
-    sc = np.empty(LANES, F32)
-    mn = np.empty(LANES, F32)
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        if weighted:
-            sigma2 = _row_sigma2(xr)
-            for b0 in range(0, nb, LANES):
-                g = min(LANES, nb - b0)
-                Xg = X[: QK * g].reshape((QK, g))
-                Wg = W[: QK * g].reshape((QK, g))
-                Lg = L[: QK * g].reshape((QK, g))
-                sg = sc[:g]
-                mg = mn[:g]
-                _gather(xr, imat, b0, g, sigma2, Xg, Wg)
-                make_qkx_quants(Xg, Wg, nmax, F32(-0.9), F32(0.05), 36, False, Lg, sg, mg)
-                for k in range(g):
-                    pos = (b0 + k) * bpb
-                    put_fp16(o, pos, sg[k])
-                    put_fp16(o, pos + 2, -mg[k])
-                    for j in range(QK):
-                        q[j] = Lg[j, k]
-                    if bits == 5:
-                        _put_qh(o, pos + 4, q)
-                    _put_nibbles(o, pos + qs_off, q)
+def _ref_row(xr, o, nb, bits, has_min):
+    """quantize_row_<t>_ref on one row, by the row kernel of the type."""
+    if has_min:
+        if bits == 4:
+            _ref_q4_1_row(xr, o, nb)
         else:
-            _ref_x_1(xr, o, nb, bits)
-
-
-@jit
-def _ref_x_0(xr, o, nb, bits):
-    """quantize_row_q4_0_ref / q5_0_ref on one row: d = max / -nmax, q = MIN(top, (int8_t)(x*id + bias))."""
-    if bits == 4:
+            _ref_q5_1_row(xr, o, nb)
+    elif bits == 4:
         _ref_q4_0_row(xr, o, nb)
     else:
         _ref_q5_0_row(xr, o, nb)
 
 
 @jit
-def _ref_x_1(xr, o, nb, bits):
-    """quantize_row_q4_1_ref / q5_1_ref on one row: d = (max - min) / nmax, q = (x - min)*id + 0.5."""
-    if bits == 4:
-        _ref_q4_1_row(xr, o, nb)
-    else:
-        _ref_q5_1_row(xr, o, nb)
+def _code(v, top):
+    """MIN(top, (int8_t)v): C's float -> int8 conversion of a finite float32 (toward zero, wrapped), clamped."""
+    return min(top, ((_trunc_i(v) + 128) & 255) - 128)
 
 
 @jit
-def _scale_0(mx, nmax):
-    """(d, id, bias multiplier) of a Q4_0/Q5_0 block; id = 0 (and no bias) where 1/d is inf: C's float -> int
-    conversion of +-inf / NaN gives 0 on x86, and x*0 + 0 converts to 0 as well."""
-    d = mx / F32(-nmax)
+def _scale_offsets(d, lo, bias):
+    """(id, lz, hz) of a block with scale d, for q = (x - lz)*id + hz: (1/d, lo, bias), id = 0 for d = 0; all 0
+    where 1/d is inf (C's float -> int conversion of +-inf / NaN gives 0 on x86, and x*0 + 0 converts to 0)."""
     idv = ONE / d if d != ZERO else ZERO
     if np.isinf(idv):
-        return d, ZERO, ZERO
-    return d, idv, ONE
+        return ZERO, ZERO, ZERO
+    return idv, lo, bias
 
 
-@jit
-def _ref_q4_0_row(xr, o, nb):
-    for b in range(nb):
-        base = b * QK
-        mp, mn = absmax_keys32(xr, base)
-        mx = _first_with_abs_bits(xr, base, mp) if mp == mn and mp > 0 else _signed_max(mp, mn)
-        d, idv, on = _scale_0(mx, 8)
-        bz = F32(8.5) * on
-        pos = b * 18
-        put_fp16(o, pos, d)
-        for j in range(16):
-            v0 = min(15, ((_trunc_i(xr[base + j] * idv + bz) + 128) & 255) - 128)  # MIN(15, (int8_t)..)
-            v1 = min(15, ((_trunc_i(xr[base + j + 16] * idv + bz) + 128) & 255) - 128)
-            o[pos + 2 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
+def _ref_row_kernel(bits, has_min):
+    """The compiled row kernel of quantize_row_<t>_ref for t = Q4_0 / Q5_0 (has_min False: d = max / -nmax,
+    q = MIN(top, (int8_t)(x*id + nmax + 0.5))) or Q4_1 / Q5_1 (d = (max - min) / nmax, q = (int8_t)((x - min)*id
+    + 0.5), MIN(15, .) for Q4_1, unclamped for Q5_1). bits and has_min are compile-time constants of the closure,
+    so each type gets its own straight-line kernel. No jitted call takes an array on the per-block path (numba
+    would incref / decref it on every block)."""
+    nmax = ((1 << bits) - 1) if has_min else (1 << (bits - 1))
+    top = 127 if has_min and bits == 5 else (1 << bits) - 1  # MIN(127, (int8_t)v) never binds
+    head = 4 if has_min else 2
+    qs_off = head + 4 if bits == 5 else head
+    bpb = qs_off + 16
+
+    @jit
+    def row(xr, o, nb):
+        for b in range(nb):
+            base = b * QK
+            pos = b * bpb
+            if has_min:  # min and max; of +0 and -0 (equal to C) the first one met
+                klo, khi = minmax_keys32(xr, base)
+                lo = _key_f32(klo)
+                hi = _key_f32(khi)
+                if lo == ZERO or hi == ZERO:
+                    z = _first_zero(xr, base)
+                    lo = z if lo == ZERO else lo
+                    hi = z if hi == ZERO else hi
+                d = (hi - lo) / F32(nmax)
+                put_fp16(o, pos + 2, lo)
+            else:  # the signed absmax: the first value with the largest |x|
+                mp, mn = absmax_keys32(xr, base)
+                mx = _first_with_abs_bits(xr, base, mp) if mp == mn and mp > 0 else _signed_max(mp, mn)
+                lo = ZERO
+                d = mx / F32(-nmax)
+            put_fp16(o, pos, d)
+            idv, lz, hz = _scale_offsets(d, lo, F32(0.5) if has_min else F32(nmax) + F32(0.5))
+            h = np.uint32(0)
+            for j in range(16):
+                v0 = _code((xr[base + j] - lz) * idv + hz, top)
+                v1 = _code((xr[base + j + 16] - lz) * idv + hz, top)
+                o[pos + qs_off + j] = _nibbles(v0, v1)
+                h |= _qh_bits(v0, v1, j)
+            if bits == 5:
+                _put_u32(o, pos + head, h)
+
+    return row
 
 
-@jit
-def _ref_q5_0_row(xr, o, nb):
-    for b in range(nb):
-        base = b * QK
-        mp, mn = absmax_keys32(xr, base)
-        mx = _first_with_abs_bits(xr, base, mp) if mp == mn and mp > 0 else _signed_max(mp, mn)
-        d, idv, on = _scale_0(mx, 16)
-        bz = F32(16.5) * on
-        pos = b * 22
-        put_fp16(o, pos, d)
-        h = np.uint32(0)
-        for j in range(16):
-            v0 = min(31, ((_trunc_i(xr[base + j] * idv + bz) + 128) & 255) - 128)
-            v1 = min(31, ((_trunc_i(xr[base + j + 16] * idv + bz) + 128) & 255) - 128)
-            o[pos + 6 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
-            h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
-        for t in range(4):
-            o[pos + 2 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
+_ref_q4_0_row = _ref_row_kernel(4, False)
+_ref_q5_0_row = _ref_row_kernel(5, False)
+_ref_q4_1_row = _ref_row_kernel(4, True)
+_ref_q5_1_row = _ref_row_kernel(5, True)
 
 
-@jit
-def _scale_1(lo, hi, nmax):
-    """(d, id, lz, hz) of a Q4_1/Q5_1 block; where 1/d is inf, id = lz = hz = 0 (see _scale_0)."""
-    d = (hi - lo) / F32(nmax)
-    idv = ONE / d if d != ZERO else ZERO
-    if np.isinf(idv):
-        return d, ZERO, ZERO, ZERO
-    return d, idv, lo, F32(0.5)
-
-
-@jit
-def _ref_q4_1_row(xr, o, nb):
-    for b in range(nb):
-        base = b * QK
-        klo, khi = minmax_keys32(xr, base)
-        lo = _key_f32(klo)
-        hi = _key_f32(khi)
-        if lo == ZERO or hi == ZERO:  # +0 and -0 compare equal: C keeps the first zero it meets
-            z = _first_zero(xr, base)
-            lo = z if lo == ZERO else lo
-            hi = z if hi == ZERO else hi
-        d, idv, lz, hz = _scale_1(lo, hi, 15)
-        pos = b * 20
-        put_fp16(o, pos, d)
-        put_fp16(o, pos + 2, lo)
-        for j in range(16):
-            v0 = min(15, ((_trunc_i((xr[base + j] - lz) * idv + hz) + 128) & 255) - 128)  # MIN(15, (int8_t)..)
-            v1 = min(15, ((_trunc_i((xr[base + j + 16] - lz) * idv + hz) + 128) & 255) - 128)
-            o[pos + 4 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
-
-
-@jit
-def _ref_q5_1_row(xr, o, nb):
-    for b in range(nb):
-        base = b * QK
-        klo, khi = minmax_keys32(xr, base)
-        lo = _key_f32(klo)
-        hi = _key_f32(khi)
-        if lo == ZERO or hi == ZERO:
-            z = _first_zero(xr, base)
-            lo = z if lo == ZERO else lo
-            hi = z if hi == ZERO else hi
-        d, idv, lz, hz = _scale_1(lo, hi, 31)
-        pos = b * 24
-        put_fp16(o, pos, d)
-        put_fp16(o, pos + 2, lo)
-        h = np.uint32(0)
-        for j in range(16):
-            v0 = _trunc_i((xr[base + j] - lz) * idv + hz) & 255  # (uint8_t), no clamp
-            v1 = _trunc_i((xr[base + j + 16] - lz) * idv + hz) & 255
-            o[pos + 8 + j] = np.uint8((v0 & 0xF) | ((v1 & 0xF) << 4))
-            h |= (np.uint32((v0 >> 4) & 1) << np.uint32(j)) | (np.uint32((v1 >> 4) & 1) << np.uint32(j + 16))
-        for t in range(4):
-            o[pos + 4 + t] = np.uint8((h >> np.uint32(8 * t)) & np.uint32(0xFF))
+encode_q4_0 = _encoder(4, False)
+encode_q5_0 = _encoder(5, False)
+encode_q4_1 = _encoder(4, True)
+encode_q5_1 = _encoder(5, True)
