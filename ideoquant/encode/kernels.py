@@ -150,7 +150,8 @@ def quantize_fp8(codes, row_scale, table, qdata, scale, energy):
 
 @_jit
 def max_magnitude_bits(bits, mask):
-    """max(bits & mask) over a flat, non-empty integer view of floats: at or above the exponent mask means a NaN or Inf."""
+    """max(bits & mask) over a flat, non-empty integer view of floats: at or above the exponent mask means a NaN or
+    Inf."""
     m = bits[0] & mask
     for j in range(1, bits.shape[0]):
         a = bits[j] & mask

@@ -1,9 +1,9 @@
 """SmoothQuant's convert-time part for the INT8 W8A8 output, the way torchao 0.18's `SmoothQuantConfig` does it.
 
 `ideoquant calibrate` (`evaluation/calibrate.py`) runs the source backbones on sample or captured inputs with a
-forward pre-hook on every linear the recipe quantizes and keeps a running per-input-channel max |x| (what torchao's `RunningAbsMaxSmoothQuantObserver`
-keeps). The statistics go to a safetensors file: one float32 vector per `<component>.<module>` (the bf16 absmax,
-exactly), provenance in the header.
+forward pre-hook on every linear the recipe quantizes and keeps a running per-input-channel max |x| (what
+torchao's `RunningAbsMaxSmoothQuantObserver` keeps). The statistics go to a safetensors file: one float32 vector
+per `<component>.<module>` (the bf16 absmax, exactly), provenance in the header.
 
 `convert(..., smoothquant=stats, alpha=0.5)` then applies, per quantized linear, torchao's
 `torchao/prototype/smoothquant/core.py` math in the model dtype (bf16):

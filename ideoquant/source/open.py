@@ -726,7 +726,8 @@ def _read_config(path: Path) -> dict:
     if qc is not None and not isinstance(qc, dict):
         raise IdeoquantError(f"{path}: quantization_config must be an object, not {_kind(qc)}")
     if isinstance(qc, dict) and "quant_method" in qc and not isinstance(qc["quant_method"], str):
-        raise IdeoquantError(f"{path}: quantization_config.quant_method must be a string, not {_kind(qc['quant_method'])}")
+        raise IdeoquantError(f"{path}: quantization_config.quant_method must be a string, "
+                             f"not {_kind(qc['quant_method'])}")
     return config
 
 

@@ -231,9 +231,11 @@ def disk_full_error(folder: Path, e: OSError, needed: int | None = None) -> Ideo
     what = "quota exceeded" if e.errno == errno.EDQUOT else "disk full"
     msg = f"{what} writing {folder}"
     if needed is not None and free is not None and needed > free:
-        msg += f": the output needs {human_bytes(needed)}, {human_bytes(free)} free ({human_bytes(needed - free)} missing)"
+        msg += (f": the output needs {human_bytes(needed)}, {human_bytes(free)} free "
+                f"({human_bytes(needed - free)} missing)")
     elif needed is not None and free is not None:
-        msg += f": the output needs {human_bytes(needed)}, only {human_bytes(free)} free (missing at the time of writing)"
+        msg += (f": the output needs {human_bytes(needed)}, only {human_bytes(free)} free "
+                "(missing at the time of writing)")
     elif free is not None:
         msg += f": {human_bytes(free)} free"
     return IdeoquantError(msg + "; nothing was written, an existing output is unchanged")
