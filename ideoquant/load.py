@@ -26,9 +26,9 @@ BF16_BASE_PIPELINE = "CalamitousFelicitousness/Ideogram-4-bf16-Diffusers"
 # What each base needs (the backbones are ideoquant's in every case).
 BASE_PIPELINES = {
     DEFAULT_BASE_PIPELINE: "the official diffusers-layout release; its Qwen3-VL text encoder is bitsandbytes NF4, so "
-    "it needs `pip install bitsandbytes` and a CUDA GPU",
+                           "it needs `pip install bitsandbytes` and a CUDA GPU",
     BF16_BASE_PIPELINE: "a community diffusers-layout bf16 repack; no bitsandbytes, runs anywhere torch does, but the "
-    "bf16 Qwen3-VL-8B text encoder is about 16 GB",
+                        "bf16 Qwen3-VL-8B text encoder is about 16 GB",
 }
 
 
@@ -49,9 +49,8 @@ def load_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat
     return m.eval()
 
 
-def load_pipeline(
-    quantized: str | Path, base: str | Path = DEFAULT_BASE_PIPELINE, compute_dtype=torch.bfloat16, **kwargs
-):
+def load_pipeline(quantized: str | Path, base: str | Path = DEFAULT_BASE_PIPELINE, compute_dtype=torch.bfloat16,
+                  **kwargs):
     """An `Ideogram4Pipeline` with both backbones from `quantized` (an INT8 output folder, or a folder holding the
     two GGUF files ideoquant writes) and everything else from `base`: a diffusers-layout Ideogram 4 pipeline (Hub
     repo id or folder; see `BASE_PIPELINES` for what each needs). `kwargs` go to `from_pretrained` (revision, ...)."""
@@ -62,11 +61,9 @@ def load_pipeline(
     try:
         return Ideogram4Pipeline.from_pretrained(base, torch_dtype=compute_dtype, **backbones, **kwargs)
     except (OSError, ValueError, TypeError, ImportError) as e:
-        raise IdeoquantError(
-            f"cannot load the base pipeline {base}: {' '.join(str(e).split())} "
-            f"(a base is a diffusers-layout Ideogram 4 pipeline, e.g. {DEFAULT_BASE_PIPELINE}, "
-            f"which needs bitsandbytes on CUDA, or {BF16_BASE_PIPELINE})"
-        ) from None
+        raise IdeoquantError(f"cannot load the base pipeline {base}: {' '.join(str(e).split())} "
+                             f"(a base is a diffusers-layout Ideogram 4 pipeline, e.g. {DEFAULT_BASE_PIPELINE}, "
+                             f"which needs bitsandbytes on CUDA, or {BF16_BASE_PIPELINE})") from None
 
 
 def backbone_path(quantized: str | Path, component: str) -> Path:
@@ -75,16 +72,13 @@ def backbone_path(quantized: str | Path, component: str) -> Path:
     quantized = Path(quantized)
     ggufs = sorted(quantized.glob(f"*-{component}-*.gguf"))
     if len(ggufs) > 1:
-        raise IdeoquantError(
-            f"{quantized} holds {len(ggufs)} {component} GGUF files ({', '.join(f.name for f in ggufs)}); "
-            "keep one type per folder"
-        )
+        raise IdeoquantError(f"{quantized} holds {len(ggufs)} {component} GGUF files ({', '.join(f.name for f in ggufs)}); "
+                             "keep one type per folder")
     if ggufs:
         return ggufs[0]
     if not (quantized / component / "config.json").is_file():
-        raise IdeoquantError(
-            f"{quantized} holds no {component} (neither {component}/config.json nor *-{component}-*.gguf)"
-        )
+        raise IdeoquantError(f"{quantized} holds no {component} (neither {component}/config.json nor "
+                             f"*-{component}-*.gguf)")
     return quantized / component
 
 
@@ -130,20 +124,11 @@ def load_gguf_transformer(path: str | Path, compute_dtype: torch.dtype = torch.b
     expected = set(m.state_dict())
     missing = sorted(expected - set(state))
     if missing or set(state) - expected:
-        raise IdeoquantError(
-            f"{path.name} is not an Ideogram 4 backbone for this config "
-            f"(missing {missing[:1]}, unexpected {sorted(set(state) - expected)[:1]})"
-        )
+        raise IdeoquantError(f"{path.name} is not an Ideogram 4 backbone for this config "
+                             f"(missing {missing[:1]}, unexpected {sorted(set(state) - expected)[:1]})")
     quantizer.preprocess_model(model=m, device_map=None, state_dict=state, keep_in_fp32_modules=[])
-    load_model_dict_into_meta(
-        m,
-        state,
-        dtype=compute_dtype,
-        device_map={"": torch.device("cpu")},
-        hf_quantizer=quantizer,
-        keep_in_fp32_modules=[],
-        unexpected_keys=[],
-    )
+    load_model_dict_into_meta(m, state, dtype=compute_dtype, device_map={"": torch.device("cpu")},
+                              hf_quantizer=quantizer, keep_in_fp32_modules=[], unexpected_keys=[])
     quantizer.postprocess_model(m)
     m.hf_quantizer = quantizer
     return m.eval()
@@ -168,6 +153,6 @@ def pipeline_quantization_config(recipe: str | Recipe = "int8-w8a8", config: dic
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec = model.model_spec(config or {})
     protected = r.protected_modules(sorted(spec.linear_modules))
-    return PipelineQuantizationConfig(
-        quant_mapping={c: TorchAoConfig(int8.config(), modules_to_not_convert=protected) for c in model.COMPONENTS}
-    )
+    return PipelineQuantizationConfig(quant_mapping={
+        c: TorchAoConfig(int8.config(), modules_to_not_convert=protected) for c in model.COMPONENTS
+    })

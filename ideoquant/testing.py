@@ -40,10 +40,7 @@ def build_model(config: dict | None = None, seed: int = 0) -> torch.nn.Module:
 
 
 LAYOUTS = ("diffusers", "official", "original", "diffsynth", "comfy", "int8_convrot", "nf4", "nf4-diffusers")
-COMFY_FILES = {
-    "transformer": "ideogram4_{fmt}.safetensors",
-    "unconditional_transformer": "ideogram4_unconditional_{fmt}.safetensors",
-}
+COMFY_FILES = {"transformer": "ideogram4_{fmt}.safetensors", "unconditional_transformer": "ideogram4_unconditional_{fmt}.safetensors"}
 FP8_MAX = 448.0
 
 
@@ -150,22 +147,15 @@ def build_checkpoint(
             _set_class(folder / "config.json", class_name)
             qc = quantization_config
             if layout == "nf4-diffusers" and qc is None:
-                qc = {
-                    "quant_method": "bitsandbytes",
-                    "load_in_4bit": True,
-                    "bnb_4bit_quant_type": "nf4",
-                    "bnb_4bit_use_double_quant": False,
-                    "bnb_4bit_compute_dtype": "bfloat16",
-                }
+                qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                      "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "bfloat16"}
             if qc:
                 cfg = json.loads((folder / "config.json").read_text())
                 cfg["quantization_config"] = qc
                 (folder / "config.json").write_text(json.dumps(cfg, indent=2))
             if layout == "official":  # the release's index points every key at its one file
-                index = {
-                    "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
-                    "weight_map": {k: weights.name for k in sorted(sd)},
-                }
+                index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                         "weight_map": {k: weights.name for k in sorted(sd)}}
                 (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if layout == "original":
         save_file(single, path / "ideogram4.safetensors", metadata={"format": "pt"})
@@ -174,17 +164,12 @@ def build_checkpoint(
         return path / "ideogram4_int8_convrot.safetensors"
     if layout in ("comfy", "diffsynth"):
         return path
-    (path / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": model.PIPELINE_CLASS,
-                "_diffusers_version": _diffusers_version(),
-                "transformer": ["diffusers", model.MODEL_CLASS],
-                "unconditional_transformer": ["diffusers", model.MODEL_CLASS],
-            },
-            indent=2,
-        )
-    )
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": model.PIPELINE_CLASS,
+        "_diffusers_version": _diffusers_version(),
+        "transformer": ["diffusers", model.MODEL_CLASS],
+        "unconditional_transformer": ["diffusers", model.MODEL_CLASS],
+    }, indent=2))
     return path
 
 
@@ -202,18 +187,14 @@ def _comfy_layer(mod: str, w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]
     w = w.float()
     if fmt == "fp8":
         scale = (w.abs().max() / FP8_MAX).clamp_min(1e-8).reshape(())
-        tensors = {
-            f"{mod}.weight": (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
-            f"{mod}.weight_scale": scale.float(),
-        }
+        tensors = {f"{mod}.weight": (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+                   f"{mod}.weight_scale": scale.float()}
         marker = {"format": "float8_e4m3fn"}
     elif fmt == "nvfp4":
         out, n_in = w.shape
-        tensors = {
-            f"{mod}.weight": torch.zeros(out, n_in // 2, dtype=torch.uint8),
-            f"{mod}.weight_scale": torch.ones(out, n_in // 16).to(torch.float8_e4m3fn),
-            f"{mod}.weight_scale_2": torch.tensor(1.0),
-        }
+        tensors = {f"{mod}.weight": torch.zeros(out, n_in // 2, dtype=torch.uint8),
+                   f"{mod}.weight_scale": torch.ones(out, n_in // 16).to(torch.float8_e4m3fn),
+                   f"{mod}.weight_scale_2": torch.tensor(1.0)}
         marker = {"format": "nvfp4"}
     else:
         raise ValueError(f"comfy layout: fmt fp8 or nvfp4, not {fmt!r}")
@@ -225,14 +206,11 @@ def _nf4_layer(mod: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """A bitsandbytes NF4 linear as bnb serializes it (blocksize 64, compress_statistics False)."""
     out, n_in = w.shape
     state = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [out, n_in]}
-    return {
-        f"{mod}.weight": torch.zeros(out * n_in // 2, 1, dtype=torch.uint8),
-        f"{mod}.weight.absmax": w.float().reshape(-1, 64).abs().amax(dim=1),
-        f"{mod}.weight.quant_map": torch.linspace(-1, 1, 16),
-        f"{mod}.weight.quant_state.bitsandbytes__nf4": torch.tensor(
-            list(json.dumps(state).encode()), dtype=torch.uint8
-        ),
-    }
+    return {f"{mod}.weight": torch.zeros(out * n_in // 2, 1, dtype=torch.uint8),
+            f"{mod}.weight.absmax": w.float().reshape(-1, 64).abs().amax(dim=1),
+            f"{mod}.weight.quant_map": torch.linspace(-1, 1, 16),
+            f"{mod}.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(state).encode()),
+                                                                       dtype=torch.uint8)}
 
 
 def _set_class(config_file: Path, class_name: str | None) -> None:

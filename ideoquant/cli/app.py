@@ -101,11 +101,8 @@ class _App(TyperGroup):
         except Exception as e:  # noqa: BLE001  a bug: one line, the traceback on request
             if debug:
                 raise
-            render.error(
-                f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback and report it)",
-                as_json,
-                EXIT_INTERNAL,
-            )
+            render.error(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback and "
+                         "report it)", as_json, EXIT_INTERNAL)
             code = EXIT_INTERNAL
         if standalone_mode:
             sys.exit(code)
@@ -116,11 +113,8 @@ class _App(TyperGroup):
         """Ctrl-C, SIGTERM or SIGHUP: the job has cleaned up by now. Exit code 128 + the signal's number."""
         signum = int(signum)
         code = 128 + signum
-        render.error(
-            f"interrupted ({signal.Signals(signum).name}): nothing was written, an existing output is unchanged",
-            as_json,
-            code,
-        )
+        render.error(f"interrupted ({signal.Signals(signum).name}): nothing was written, an existing output is "
+                     "unchanged", as_json, code)
         return code
 
 
@@ -136,15 +130,9 @@ def os_error_line(e: OSError) -> str:
     return " ".join(line.split())
 
 
-app = typer.Typer(
-    cls=_App,
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    help="Quantize Ideogram 4 for consumer GPUs: INT8 W8A8 for stock diffusers, bit-exact GGUF.",
-)
+app = typer.Typer(cls=_App, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Quantize Ideogram 4 for consumer GPUs: INT8 W8A8 for stock diffusers, bit-exact GGUF.")
 
 
 def _version(value: bool) -> None:
@@ -157,9 +145,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
-    ] = None,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an internal error.")] = False,
 ) -> None:
     """Quantize Ideogram 4 for consumer GPUs: INT8 W8A8 for stock diffusers, bit-exact GGUF."""

@@ -15,9 +15,8 @@ from .options import Json
 
 @app.command()
 def demo(
-    out: Annotated[
-        Path, typer.Option("--out", "-o", metavar="PATH", help="Working folder (replaced on each run).")
-    ] = Path("ideoquant-demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Working folder (replaced on each run).")]
+    = Path("ideoquant-demo"),
     as_json: Json = False,
 ):
     """Run the whole job offline on a tiny Ideogram 4 that ideoquant builds itself."""
@@ -32,16 +31,8 @@ def demo(
     for col in ("variant", "files", "size", "vs source", "velocity SQNR", "cosine"):
         t.add_column(col, justify="left" if col in ("variant", "files") else "right")
     for v in report["variants"]:
-        t.add_row(
-            v["name"],
-            v["files"],
-            render.human_bytes(v["bytes"]),
-            f"{v['ratio']:.2f}x",
-            render.db(v["sqnr_db"]),
-            f"{v['cosine']:.5f}",
-        )
+        t.add_row(v["name"], v["files"], render.human_bytes(v["bytes"]), f"{v['ratio']:.2f}x", render.db(v["sqnr_db"]),
+                  f"{v['cosine']:.5f}")
     render.out_console.print(t)
-    render.out_console.print(
-        "velocity SQNR: the quantized backbones' outputs against the source's, both backbones, "
-        "same inputs. Next: `ideoquant convert` on the real model (see README)."
-    )
+    render.out_console.print("velocity SQNR: the quantized backbones' outputs against the source's, both backbones, "
+                             "same inputs. Next: `ideoquant convert` on the real model (see README).")

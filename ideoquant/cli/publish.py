@@ -35,37 +35,25 @@ def verify(
             render.out_console.print(f"[green]ok[/green]   {c}", highlight=False)
         for p in result.problems:
             render.out_console.print(f"[red]FAIL[/red] {p}", highlight=False)
-        render.out_console.print(
-            "[green]verified[/green]" if result.ok else f"[red]{len(result.problems)} problem(s)[/red]"
-        )
+        render.out_console.print("[green]verified[/green]" if result.ok
+                                 else f"[red]{len(result.problems)} problem(s)[/red]")
     raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
 
 
 @app.command()
 def upload(
     folder: Folder,
-    repo_id: Annotated[
-        str, typer.Option("--repo-id", metavar="ORG/NAME", help="ORG/NAME on the Hub.", show_default=False)
-    ],
+    repo_id: Annotated[str, typer.Option("--repo-id", metavar="ORG/NAME", help="ORG/NAME on the Hub.", show_default=False)],
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
-    revision: Annotated[
-        Optional[str],
-        typer.Option(metavar="BRANCH", help="Branch to commit to (created if missing).", show_default=False),
-    ] = None,
+    revision: Annotated[Optional[str], typer.Option(metavar="BRANCH", help="Branch to commit to (created if missing).",
+                                                    show_default=False)] = None,
     create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing to the branch.")] = False,
-    commit_message: Annotated[
-        Optional[str], typer.Option(metavar="TEXT", help="Commit message.", show_default=False)
-    ] = None,
-    keep_card: Annotated[
-        bool, typer.Option(help="Keep the folder's own README.md instead of writing a model card.")
-    ] = False,
+    commit_message: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Commit message.", show_default=False)] = None,
+    keep_card: Annotated[bool, typer.Option(
+        help="Keep the folder's own README.md instead of writing a model card.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Show files and the model card; send nothing.")] = False,
-    base: Annotated[
-        Optional[str],
-        typer.Option(
-            metavar="PIPELINE", help=render.BASE_HELP + " Named in the model card's code.", show_default=False
-        ),
-    ] = None,
+    base: Annotated[Optional[str], typer.Option(metavar="PIPELINE", help=render.BASE_HELP + " Named in the model card's code.",
+                                                show_default=False)] = None,
     token: Token = None,
     as_json: Json = False,
 ):
@@ -73,19 +61,9 @@ def upload(
     quiet_diffusers()
     from ..publish.upload import upload as api
 
-    result = api(
-        folder,
-        repo_id,
-        private=private,
-        revision=revision,
-        create_pr=create_pr,
-        commit_message=commit_message,
-        dry_run=dry_run,
-        keep_card=keep_card,
-        token=token,
-        progress=not as_json,
-        base=base,
-    )
+    result = api(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                 commit_message=commit_message, dry_run=dry_run, keep_card=keep_card, token=token,
+                 progress=not as_json, base=base)
     if as_json:
         return render.print_json(result)
     t = Table(title=("dry run: would upload" if dry_run else "uploaded") + f" to {repo_id}", title_justify="left")

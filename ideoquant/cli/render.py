@@ -9,16 +9,8 @@ import json
 import sys
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
 from ..progress import Reporter
@@ -27,11 +19,9 @@ from ..write.staging import human_bytes  # the one byte formatter, re-used here
 # The base pipeline (text encoder, tokenizer, VAE, scheduler); the same names as ideoquant.load, which this module
 # does not import (it pulls in torch).
 DEFAULT_BASE = "ideogram-ai/ideogram-4-nf4-diffusers"
-BASE_HELP = (
-    f"Diffusers-layout Ideogram 4 pipeline for the text encoder, tokenizer, VAE and scheduler [default: "
-    f"{DEFAULT_BASE}: its text encoder is NF4, so bitsandbytes on CUDA; or a bf16 diffusers repack such as "
-    "CalamitousFelicitousness/Ideogram-4-bf16-Diffusers]."
-)
+BASE_HELP = (f"Diffusers-layout Ideogram 4 pipeline for the text encoder, tokenizer, VAE and scheduler [default: "
+             f"{DEFAULT_BASE}: its text encoder is NF4, so bitsandbytes on CUDA; or a bf16 diffusers repack such as "
+             "CalamitousFelicitousness/Ideogram-4-bf16-Diffusers].")
 
 console = Console(stderr=True)
 out_console = Console()
@@ -66,17 +56,9 @@ class BinarySpeedColumn(ProgressColumn):
 
 
 def byte_progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description:<36}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        BinarySpeedColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
+    return Progress(TextColumn("[bold]{task.description:<36}"), BarColumn(), DownloadColumn(binary_units=True),
+                    BinarySpeedColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console, disable=not enabled)
 
 
 def duration(seconds: float, nbytes: int | None = None) -> str:
@@ -92,16 +74,9 @@ def print_warnings(m: dict) -> None:
 
 
 def step_progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description:<40}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
+    return Progress(TextColumn("[bold]{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    disable=not enabled)
 
 
 def with_progress(fn, as_json: bool, steps: bool = False):
@@ -138,7 +113,5 @@ def db(x) -> str:
 def sample_note(inputs: dict) -> str:
     if inputs.get("kind") == "captured":
         return f"captured inputs {inputs.get('path')} ({inputs.get('calls')})"
-    return (
-        f"{inputs['steps']} sample steps, {inputs['tokens']} text tokens + {inputs['grid'][0]}x{inputs['grid'][1]} "
-        f"image tokens, batch {inputs['batch']}"
-    )
+    return (f"{inputs['steps']} sample steps, {inputs['tokens']} text tokens + {inputs['grid'][0]}x{inputs['grid'][1]} "
+            f"image tokens, batch {inputs['batch']}")

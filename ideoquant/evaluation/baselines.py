@@ -22,22 +22,9 @@ from .runner import source_model, stored_bytes
 NF4_BLOCK = 64
 # bitsandbytes' NF4 code book (bitsandbytes.functional / backends.utils CODE["nf4"]).
 NF4_CODE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
 
@@ -67,9 +54,7 @@ def fp8_model(component, device: str = "cpu"):
 
     def fake_quantize(w):
         q, scale = quantize_fp8r(w.float())
-        return dequantize_fp8r(q, scale).to(
-            w.dtype
-        ), q.numel() * q.element_size() + scale.numel() * scale.element_size()
+        return dequantize_fp8r(q, scale).to(w.dtype), q.numel() * q.element_size() + scale.numel() * scale.element_size()
 
     return _weight_only(component, device, fake_quantize)
 
@@ -95,9 +80,8 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = NF4_BLOCK) -> tuple[torc
     return idx, absmax
 
 
-def nf4_dequantize(
-    idx: torch.Tensor, absmax: torch.Tensor, shape, dtype=torch.bfloat16, blocksize: int = NF4_BLOCK
-) -> torch.Tensor:
+def nf4_dequantize(idx: torch.Tensor, absmax: torch.Tensor, shape, dtype=torch.bfloat16,
+                   blocksize: int = NF4_BLOCK) -> torch.Tensor:
     """As bitsandbytes' dequantize_4bit: the code value in the output dtype times the block absmax, in that dtype."""
     n = idx.numel()
     blocks = absmax.numel()
@@ -121,6 +105,7 @@ def nf4_model(component, device: str = "cpu"):
 def w8a8_model(component, device: str = "cpu"):
     """INT8 W8A8 (torchao Int8DynamicActivationInt8WeightConfig) on every linear, nothing protected."""
     from torchao.quantization import quantize_
+
 
     m = source_model(component, device)
     quantize_(m, int8.config())

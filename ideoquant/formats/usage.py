@@ -16,28 +16,17 @@ CARD_CALL = {"height": 2048, "width": 2048}
 IMAGE_FILE = "ideogram4.png"
 
 
-def pipeline_snippet(
-    imports: list[str],
-    backbone_lines: list[str],
-    components: list[str],
-    base: str,
-    device: str = CARD_DEVICE,
-    call: dict | None = None,
-) -> str:
+def pipeline_snippet(imports: list[str], backbone_lines: list[str], components: list[str], base: str,
+                     device: str = CARD_DEVICE, call: dict | None = None) -> str:
     """Imports, one line (or statement) per backbone, the pipeline from `base` with both backbones, one image."""
     call = CARD_CALL if call is None else call
     args = "".join(f"    {c}={c},\n" for c in components)
     kwargs = "".join(f", {k}={py(v)}" for k, v in call.items())
-    lines = [
-        "import torch",
-        *imports,
-        "",
-        *backbone_lines,
-        f"pipe = Ideogram4Pipeline.from_pretrained(\n    {py(str(base))},\n{args}    torch_dtype=torch.bfloat16,\n)",
-        f"pipe.to({py(device)})",
-        f"image = pipe({py(PROMPT)}{kwargs}).images[0]",
-        f"image.save({py(IMAGE_FILE)})",
-    ]
+    lines = ["import torch", *imports, "", *backbone_lines,
+             f"pipe = Ideogram4Pipeline.from_pretrained(\n    {py(str(base))},\n{args}    torch_dtype=torch.bfloat16,\n)",
+             f"pipe.to({py(device)})",
+             f"image = pipe({py(PROMPT)}{kwargs}).images[0]",
+             f"image.save({py(IMAGE_FILE)})"]
     return "\n".join(lines)
 
 
@@ -49,4 +38,4 @@ def py(value) -> str:
 def code_block(markdown: str) -> str:
     """The first ```python block of a card's markdown, without the fences."""
     start = markdown.index("```python\n") + len("```python\n")
-    return markdown[start : markdown.index("\n```", start)]
+    return markdown[start:markdown.index("\n```", start)]

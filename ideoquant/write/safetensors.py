@@ -20,11 +20,7 @@ from .positional import PositionalFile
 
 # torch dtype -> the name safetensors headers use for it
 DTYPE_NAMES = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8",
 }
 
 
@@ -60,11 +56,7 @@ class ShardWriter:
         self.offsets: dict[str, tuple[int, int]] = {}
         for k in order:
             s = slots[k]
-            header[k] = {
-                "dtype": DTYPE_NAMES[s.dtype],
-                "shape": list(s.shape),
-                "data_offsets": [offset, offset + s.nbytes],
-            }
+            header[k] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
             self.offsets[k] = (offset, s.nbytes)
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -113,22 +105,8 @@ def shard_groups(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(KIB|MIB|GIB|TIB|KB|MB|GB|TB|K|M|G|T|B)?")
-_UNITS = {
-    "KIB": 1 << 10,
-    "MIB": 1 << 20,
-    "GIB": 1 << 30,
-    "TIB": 1 << 40,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "B": 1,
-    None: 1,
-}
+_UNITS = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+          "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1, None: 1}
 MIN_SHARD_BYTES = 1 << 10  # smaller shards are a typo, not a choice
 MAX_SHARD_BYTES = 1 << 50
 
