@@ -54,3 +54,12 @@ def test_many_types_one_read_same_bytes(bf16_source, tmp_path, monkeypatch):
 def test_a_type_listed_twice_is_refused(bf16_source, tmp_path):
     r = CliRunner().invoke(app, ["gguf", str(bf16_source), "--out", str(tmp_path / "x"), "--type", "q8_0,q8_0"])
     assert r.exit_code == 2 and "each type once" in r.output
+
+
+def test_eval_takes_a_multi_type_folder_as_its_outputs(bf16_source, tmp_path):
+    from ideoquant.evaluation.variants import resolve_variants
+
+    ideoquant.convert_gguf(bf16_source, tmp_path / "many", qtype="q8_0,q4_k_m", components=["transformer"])
+    variants = resolve_variants([tmp_path / "many"])
+    assert [(v.kind, sorted(v.paths)) for v in variants] == [("gguf", ["transformer"])] * 2
+    assert [v.paths["transformer"].rsplit("/", 2)[-2] for v in variants] == ["Q4_K_M", "Q8_0"]

@@ -13,6 +13,7 @@ from .. import model as model_mod
 from ..errors import IdeoquantError
 from ..formats.gguf import KEY_COMPONENT, read_metadata
 from ..load import load_transformer
+from ..manifest import MANIFEST
 from . import baselines
 from .runner import stored_bytes
 
@@ -62,7 +63,7 @@ def resolve_variants(paths) -> list[Variant]:
         if not cfg.get("quantization_config"):
             raise IdeoquantError(f"{folder} is not quantized (no quantization_config in config.json)")
 
-    for p in map(Path, paths):
+    for p in _expand_multi_type(map(Path, paths)):
         if not p.exists():
             raise IdeoquantError(f"no such quantized output: {p}")
         if p.is_file():
@@ -121,3 +122,12 @@ def baseline_variants(names=BASELINES) -> list[Variant]:
         out.append(Variant(label, n, {c: "(built from the source weights)" for c in model_mod.COMPONENTS},
                            (lambda component, src, device, build=build: build(src, device))))
     return out
+
+
+def _expand_multi_type(paths):
+    """A folder written by one pass of several types (`gguf --type a,b`: OUT/<TYPE>/ each an output) stands for its
+    outputs, in order."""
+    for p in paths:
+        several = p.is_dir() and not (p / MANIFEST).exists() and not any(p.glob("*.gguf"))
+        subs = sorted(d for d in p.iterdir() if (d / MANIFEST).is_file()) if several else []
+        yield from subs or [p]
