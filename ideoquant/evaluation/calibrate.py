@@ -101,6 +101,7 @@ def calibrate(
     from safetensors.torch import save_file
 
     reporter = reporter or Reporter()
+    _check_out_file(out)
     device = check_device(device)
     r = resolve(recipe, protect, no_protect)
     if r.format != "int8":
@@ -189,6 +190,7 @@ def calibrate_imatrix(
     from .. import imatrix
 
     reporter = reporter or Reporter()
+    _check_out_file(out)
     device = check_device(device)
     src, ins = open_with_inputs(source, inputs, components=components, revision=revision, token=token,
                                 **sample)
@@ -202,3 +204,14 @@ def calibrate_imatrix(
     imatrix.write_gguf(out, result)
     return {"out": str(out), "bytes": out.stat().st_size, "entries": len(result.entries), "calls": counts,
             "inputs": ins.info, "datasets": result.datasets}
+
+
+def _check_out_file(out) -> None:
+    """Refuse, before the models run, a file output that cannot be written: a folder, or under something that is
+    not a folder."""
+    out = Path(out)
+    if out.is_dir():
+        raise IdeoquantError(f"cannot write {out}: it is a folder; give a file name")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise IdeoquantError(f"cannot write {out}: {parent} is not a folder")
