@@ -140,8 +140,9 @@ def test_killed_process_leaves_no_out(tmp_path):
     src = testing.build_checkpoint(tmp_path / "src", fmt="bf16",
                                 config={**testing.TINY_CONFIG, "num_layers": 8, "llm_features_dim": 4096})
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "ideoquant", "gguf", str(src), "--out", str(out), "--type", "q4_k"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the slowest encoder path on one thread, so the run is still writing when it is caught
+    proc = subprocess.Popen([sys.executable, "-m", "ideoquant", "gguf", str(src), "--out", str(out), "--type", "q4_1",
+                             "--imatrix", "ones", "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     staged = []
     while time.time() < deadline and proc.poll() is None:
