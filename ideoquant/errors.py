@@ -4,5 +4,12 @@
 class IdeoquantError(Exception):
     """A problem with the user's input or environment.
 
-    The CLI prints the message as one line and exits with code 2; nothing half-written is left behind.
+    The message is always one line: control characters that came from the input (a tensor name with a newline in a
+    hostile file) are shown escaped. The CLI prints it and exits with code 2; nothing half-written is left behind.
     """
+
+    def __init__(self, message: str = "") -> None:
+        text = str(message)
+        if any(c < " " or c == "\x7f" for c in text):
+            text = "".join(c if c >= " " and c != "\x7f" else repr(c)[1:-1] for c in text)
+        super().__init__(text)
