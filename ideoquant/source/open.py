@@ -517,10 +517,11 @@ def _parse_header(f: Path, text: bytes, data_size: int, data_start: int):
         if dtype not in STORED_DTYPES:
             raise IdeoquantError(f"{f}: tensor {key} has dtype {dtype[:20]}, which ideoquant does not read "
                                  "(it reads BF16, F16, F32 and FP8 e4m3 with scales)")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        # Sizes are 64-bit unsigned in the format (safetensors' usize): a larger number is not a size.
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**64 for d in shape):
             raise _corrupt(f, f"tensor {key} has an invalid shape")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+                or not 0 <= offsets[0] <= offsets[1] < 2**64):
             raise _corrupt(f, f"tensor {key} has invalid data_offsets")
         if math.prod(shape) * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
             raise _corrupt(f, f"tensor {key}: data_offsets hold {offsets[1] - offsets[0]} bytes, its shape "
