@@ -109,3 +109,17 @@ def test_error_is_the_first_and_only_line(tmp_path):
     r = runner.invoke(app, ["gguf", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--json"])
     assert r.exit_code == 2 and json.loads(r.stdout) == {"error": json.loads(r.stdout)["error"], "exit_code": 2}
     assert "source not found" in json.loads(r.stdout)["error"]
+
+
+def test_a_run_failing_mid_job_prints_only_its_error(bf16_source, tmp_path):
+    """After the progress display has started: still exactly one line (no bars, no blank line)."""
+    import numpy as np
+
+    from ideoquant import imatrix
+
+    entry = imatrix.Entry(np.ones((1, 10), np.float32), np.ones(1, np.float32))  # 10 columns: the tensor has 512
+    imatrix.write_gguf(tmp_path / "bad.gguf", imatrix.ImportanceMatrix({"llm_cond_proj.weight": entry}, ["x"], 1, 512))
+    r = runner.invoke(app, ["gguf", str(bf16_source), "--out", str(tmp_path / "o"), "--imatrix", str(tmp_path / "bad.gguf")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, repr(r.output)
+    assert r.output.startswith("error: imatrix entry for llm_cond_proj.weight has 10 columns, the tensor has 512")
+    assert not (tmp_path / "o").exists()

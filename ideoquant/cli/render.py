@@ -84,13 +84,15 @@ def with_progress(fn, as_json: bool, steps: bool = False):
     p = (step_progress if steps else byte_progress)(not as_json)
     reporter = RichReporter(p)
     try:
-        return fn(reporter)
+        result = fn(reporter)
     except BaseException:
-        p.live.transient = True  # a failed run leaves no half-full bars: its one error line says it all
+        if reporter.tasks:  # a failed run leaves no half-full bars (nor Rich's closing blank line): one error line
+            p.live.transient = True
+            p.live.stop()
         raise
-    finally:
-        if reporter.tasks:
-            p.stop()
+    if reporter.tasks:
+        p.stop()
+    return result
 
 
 def error(message: str, as_json: bool, code: int) -> None:
