@@ -524,10 +524,10 @@ def test_signal_cleans_up_like_ctrl_c(slow_source, old_out, sig):
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=30)
     elapsed = time.perf_counter() - t0
-    assert proc.returncode == 128 + signum, err
+    assert proc.returncode == 128 + signum, (proc.returncode, err)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"interrupted ({sig})" in errors[0] and "Traceback" not in err, err
-    assert elapsed < 3, elapsed
+    assert elapsed < 5, (elapsed, err)  # typically a few tenths of a second; the margin is for a loaded machine
     assert (old_out / "keep.txt").read_text() == "old" and sorted(p.name for p in old_out.iterdir()) == ["keep.txt"]
     assert _debris(old_out.parent) == []
     assert _tree(slow_source) == before
