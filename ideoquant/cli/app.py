@@ -51,15 +51,24 @@ def signals_as_interrupts():
         fired.append(signum)
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
+    def unraisable(info):
+        # An interrupt can land inside a library's half-built object (llvmlite while numba compiles): its __del__
+        # then fails as the stack unwinds. After an interrupt that is teardown noise, not a second error.
+        if not fired:
+            default_unraisable(info)
+
     previous = {}
     for name in STOP_SIGNALS:
         sig = getattr(signal, name, None)
         if sig is None or signal.getsignal(sig) is signal.SIG_IGN:
             continue
         previous[sig] = signal.signal(sig, handler)
+    default_unraisable, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield fired
     finally:
+        if not fired:  # after an interrupt the process is ending: its teardown noise stays quiet too
+            sys.unraisablehook = default_unraisable
         for sig, h in previous.items():
             signal.signal(sig, h)
 
