@@ -131,13 +131,6 @@ def gguf_recipe(qtype: str | None = None, recipe: str | Recipe | None = None, ty
     return resolve(recipe or "gguf", protect, no_protect, q, type_rules), q.upper()
 
 
-def block_size(qtype: str) -> tuple[int, int]:
-    """(elements per block, bytes per block) from gguf-py's table."""
-    import gguf
-
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-
-
 def read_metadata(path: str | Path) -> dict:
     """The GGUF key/value pairs as Python values (strings, numbers, lists)."""
     import gguf
@@ -199,14 +192,14 @@ class GGUFFormat:
                 continue
             qtype, why = recipe.type_for(out, *names)
             wanted = qtype
-            while qtype in FALLBACK and shape[-1] % block_size(qtype)[0]:
+            while qtype in FALLBACK and shape[-1] % ggml.type_size(qtype)[0]:
                 qtype = FALLBACK[qtype]
             if qtype != wanted:
-                why += f"; rows of {shape[-1]} are not a multiple of {block_size(wanted)[0]}, so {qtype}"
+                why += f"; rows of {shape[-1]} are not a multiple of {ggml.type_size(wanted)[0]}, so {qtype}"
             if qtype in PLAIN:
                 nbytes = numel(shape) * PLAIN[qtype]
             else:
-                block, size = block_size(qtype)
+                block, size = ggml.type_size(qtype)
                 nbytes = numel(shape) // block * size
             tensors.append(TensorPlan(out, tuple(srcs), shape, qtype not in PLAIN, qtype, why, nbytes))
         return ComponentPlan(component, "gguf", layout, tensors, sorted(protected))
