@@ -410,7 +410,7 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         for k, s in enumerate(t.sources):
             offsets[i, k] = row
             row += s.shape[0] if s.shape else 0
-    maps = FileMaps()
+    maps = FileMaps(first.sink.source.reads)
 
     def blocks():
         for i, t in enumerate(first.tensors):

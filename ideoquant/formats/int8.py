@@ -250,7 +250,7 @@ def _write_tensors(tensors: list[TensorPlan], writer: ShardWriter, component: st
 
     modules = [model.module_of(t.name) for t in tensors]
     row_elements = [math.prod(t.shape[1:]) if len(t.shape) > 1 else 0 for t in tensors]  # byte offsets of blocks
-    maps = FileMaps()
+    maps = FileMaps(sink.source.reads)
 
     def encode(block) -> tuple[int, ErrorStats]:
         """One block of rows; runs on the pool's threads, each with its own workspace."""
