@@ -1,12 +1,14 @@
 """Bit-exact ggml encoders, compiled with numba: every ggml type ideoquant writes, with and without an imatrix.
 
-Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F16, BF16. ``encode`` writes, byte for byte,
-what ggml's ``ggml_quantize_chunk`` writes (ggml 0.15.3, strict float32, no FMA): ``quantize_row_<t>_ref`` without
-an imatrix, ``quantize_row_<t>_impl`` with one (Q8_0, F16 and BF16 ignore it, as ggml does). Decoding is
+Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F16, BF16, IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS,
+IQ2_XXS. ``encode`` writes, byte for byte, what ggml's ``ggml_quantize_chunk`` writes (ggml 0.15.3 and 0.19.0,
+strict float32, no FMA): ``quantize_row_<t>_ref`` without an imatrix, ``quantize_row_<t>_impl`` with one (Q8_0,
+F16 and BF16 ignore it, as ggml does; IQ2_XXS and IQ2_XS refuse to run without one, as ggml does). Decoding is
 gguf-py's ``gguf.quants.dequantize``. tests/test_ggml_types.py checks every file of tests/data/ggml.
 
 Layout: ``common`` (float32 helpers, nearest_int, fp16, the make_*_quants searches), ``legacy`` (Q4_0 .. Q8_0),
-``kquants`` (Q2_K .. Q6_K), ``floats`` (F16, BF16), ``quants`` (one registered class per type).
+``kquants`` (Q2_K .. Q6_K), ``floats`` (F16, BF16), ``grids`` (the IQ lattices: gguf-py's grids and the
+neighbour maps ggml derives from them), ``iquants`` (IQ3_S .. IQ2_XXS), ``quants`` (one registered class per type).
 
 ``encode`` is a pure function of its arguments: no threads, no I/O, no global state, and the kernels release the
 GIL, so a caller may run it from several threads on disjoint row slices (rows are independent).
@@ -28,13 +30,14 @@ __all__ = [
     "dequantize",
     "encode",
     "has_imatrix_path",
+    "requires_imatrix",
     "normalize_qtype",
     "quantize",
     "type_size",
 ]
 
 QTYPES: tuple[str, ...] = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-                           "F16", "BF16")
+                           "F16", "BF16", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")
 
 
 def normalize_qtype(qtype: Any) -> str:
@@ -73,6 +76,12 @@ def has_imatrix_path(qtype: Any) -> bool:
     return TYPES[normalize_qtype(qtype)].uses_imatrix
 
 
+def requires_imatrix(qtype: Any) -> bool:
+    """True if ggml refuses to quantize ``qtype`` without an importance matrix (``ggml_quantize_requires_imatrix``:
+    IQ2_XXS, IQ2_XS, IQ1_S)."""
+    return TYPES[normalize_qtype(qtype)].requires_imatrix
+
+
 def encode(x: np.ndarray, qtype: Any, imatrix: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """ggml's bytes for the rows of ``x`` (float32, 2-D, C-contiguous): uint8 ``[rows, bytes_per_row]``.
 
@@ -94,6 +103,8 @@ def encode(x: np.ndarray, qtype: Any, imatrix: np.ndarray | None = None, out: np
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (cols,):
             raise ValueError(f"imatrix must have shape ({cols},), got {imatrix.shape}")
+    elif t.requires_imatrix:
+        raise ValueError(f"{t.name} needs an importance matrix (ggml asserts one)")
     else:
         imatrix = None
     if rows:

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from . import floats, kquants, legacy
+from . import floats, iquants, kquants, legacy
 
 _NO_IMATRIX = np.zeros(0, np.float32)
 
@@ -23,6 +23,7 @@ class GGMLType:
     block_size: ClassVar[int]
     type_size: ClassVar[int]
     uses_imatrix: ClassVar[bool] = False  # does ggml have a weighted (`_impl`) path for this type
+    requires_imatrix: ClassVar[bool] = False  # does ggml assert one (ggml_quantize_requires_imatrix)
     kernel: ClassVar[Callable[..., None]]
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType, **kw: Any):
@@ -95,3 +96,25 @@ class F16(GGMLType, qtype=GGMLQuantizationType.F16):
 
 class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
     kernel = floats.encode_bf16
+
+
+class IQ2_XXS(_Weighted, qtype=GGMLQuantizationType.IQ2_XXS):
+    requires_imatrix = True
+    kernel = iquants.encode_iq2_xxs
+
+
+class IQ2_XS(_Weighted, qtype=GGMLQuantizationType.IQ2_XS):
+    requires_imatrix = True
+    kernel = iquants.encode_iq2_xs
+
+
+class IQ2_S(_Weighted, qtype=GGMLQuantizationType.IQ2_S):
+    kernel = iquants.encode_iq2_s
+
+
+class IQ3_XXS(_Weighted, qtype=GGMLQuantizationType.IQ3_XXS):
+    kernel = iquants.encode_iq3_xxs
+
+
+class IQ3_S(_Weighted, qtype=GGMLQuantizationType.IQ3_S):
+    kernel = iquants.encode_iq3_s
