@@ -93,6 +93,18 @@ def test_round_trip_error_within_readme_bounds(name):
     assert rel.max() <= ERR[qtype][flavour] * 1.1, (name, rel.max())  # the table gives 2 significant digits
 
 
+def test_registry_agrees_with_gguf_py():
+    """Every entry's sizes and file type are gguf-py's; every fallback is registered and takes shorter rows."""
+    for name, t in ggml.registry.TYPES.items():
+        assert (t.block_size, t.type_size) == gguf.GGML_QUANT_SIZES[GGMLQuantizationType[name]], name
+        assert t.file_type in gguf.LlamaFileType.__members__, (name, t.file_type)
+        if t.fallback is not None:
+            f = ggml.registry.TYPES[t.fallback]
+            assert t.block_size % f.block_size == 0 and f.block_size < t.block_size, name
+        assert set(t.readers) <= set(ggml.registry.EVERY_READER) and t.readers, name
+    assert not ggml.registry.TYPES["F32"].encoder  # norms and biases: stored as they are, never a --type
+
+
 def test_type_helpers():
     assert ggml.QTYPES == QUANTS + ("F16", "BF16")
     for name in ggml.QTYPES:
