@@ -19,7 +19,8 @@ DATA = Path(__file__).resolve().parent / "data" / "ggml"
 FILES = sorted(p.name for p in DATA.glob("*.npz"))
 QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 IQ = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")
-NEEDS_IMATRIX = ("IQ2_XS", "IQ2_XXS")  # ggml_quantize_requires_imatrix: no file without one
+REQUIRED = ("IQ2_XS", "IQ2_XXS")  # ggml_quantize_requires_imatrix: no file without one
+NEEDS_IMATRIX = REQUIRED + ("IQ2_S",)  # and the ones llama-quantize refuses to write without one
 WEIGHTED = tuple(t for t in QUANTS if t != "Q8_0") + IQ
 SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
          "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
@@ -55,7 +56,7 @@ def test_reference_set_is_complete():
     has a weighted path); every file is a type of ours."""
     want = {"f16_special.npz", "bf16_special.npz"}
     for t in ggml.QTYPES:
-        if not ggml.requires_imatrix(t):
+        if t not in REQUIRED:
             want.add(t.lower() + ".npz")
         if ggml.has_imatrix_path(t):
             want |= {t.lower() + "_imat_ones.npz", t.lower() + "_imat_act.npz"}
@@ -110,6 +111,18 @@ def test_round_trip_error_within_readme_bounds(name):
     assert rel.max() <= ERR[qtype][flavour] * 1.1, (name, rel.max())  # the table gives 2 significant digits
 
 
+def test_registry_agrees_with_gguf_py():
+    """Every entry's sizes and file type are gguf-py's; every fallback is registered and takes shorter rows."""
+    for name, t in ggml.registry.TYPES.items():
+        assert (t.block_size, t.type_size) == gguf.GGML_QUANT_SIZES[GGMLQuantizationType[name]], name
+        assert t.file_type in gguf.LlamaFileType.__members__, (name, t.file_type)
+        if t.fallback is not None:
+            f = ggml.registry.TYPES[t.fallback]
+            assert t.block_size % f.block_size == 0 and f.block_size < t.block_size, name
+        assert set(t.readers) <= set(ggml.registry.EVERY_READER) and t.readers, name
+    assert not ggml.registry.TYPES["F32"].encoder  # norms and biases: stored as they are, never a --type
+
+
 def test_type_helpers():
     assert ggml.QTYPES == QUANTS + ("F16", "BF16") + IQ
     for name in ggml.QTYPES:
@@ -122,7 +135,8 @@ def test_type_helpers():
         assert not ggml.can_quantize(name, 0)
         assert ggml.can_quantize(name, bs + 1) == (bs == 1)
         assert ggml.has_imatrix_path(name) == (name in WEIGHTED)
-        assert ggml.requires_imatrix(name) == (name in NEEDS_IMATRIX)
+        assert ggml.needs_imatrix(name) == (name in NEEDS_IMATRIX)
+        assert (ggml.registry.get(name).imatrix == ggml.registry.REQUIRED) == (name in REQUIRED)
     for bad in ("Q8_1", "TQ2_0", "F32", "", "q4_k_m", GGMLQuantizationType.TQ1_0, 9999, None):
         with pytest.raises(ValueError):
             ggml.normalize_qtype(bad)
@@ -134,7 +148,7 @@ def test_type_helpers():
 def test_gguf_py_decodes_every_type(qtype):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((3, 512)) * 0.02).astype(np.float32)
-    q = ggml.encode(x, qtype, np.ones(512, np.float32) if ggml.requires_imatrix(qtype) else None)
+    q = ggml.encode(x, qtype, np.ones(512, np.float32) if qtype in REQUIRED else None)
     bs, ts = SIZES[qtype]
     assert q.shape == (3, 512 // bs * ts)
     y = gguf.quants.dequantize(q, GGMLQuantizationType[qtype])
@@ -156,7 +170,7 @@ def test_encode_argument_checks():
     with pytest.raises(ValueError):
         ggml.encode(x, "Q4_K", imatrix=np.ones(255, np.float32))
     assert ggml.encode(np.zeros((0, 256), np.float32), "Q6_K").shape == (0, 210)
-    for qtype in NEEDS_IMATRIX:  # ggml asserts an imatrix for these
+    for qtype in REQUIRED:  # ggml asserts an imatrix for these
         with pytest.raises(ValueError, match="importance matrix"):
             ggml.encode(x, qtype)
 
