@@ -124,7 +124,7 @@ def test_registry_agrees_with_gguf_py():
 
 
 def test_type_helpers():
-    assert ggml.QTYPES == QUANTS + ("F16", "BF16") + IQ
+    assert ggml.QTYPES == QUANTS + IQ + ("F16", "BF16")
     for name in ggml.QTYPES:
         bs, ts = ggml.type_size(name)
         assert (bs, ts) == SIZES[name]
