@@ -85,7 +85,7 @@ class _Quantizer:
             return True
         for n in names:
             qtype = self.planned[n][0]
-            if qtype not in ggml.QTYPES or qtype in ("F16", "BF16"):
+            if ggml.registry.TYPES[qtype].plain:
                 continue
             mod = self.modules[n]
             w = mod.weight
