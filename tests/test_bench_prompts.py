@@ -5,13 +5,13 @@ from collections import Counter
 
 import pytest
 
-from ideoquant.bench.prompts import BUILTIN_PROMPTS, Prompt, load_prompts
+from ideoquant.bench.prompts import BUILTIN, Prompt, load_prompts
 from ideoquant.errors import IdeoquantError
 
 
 def test_builtin_set_matches_its_file_and_covers_every_group():
     prompts = load_prompts(None)
-    rows = [json.loads(line) for line in BUILTIN_PROMPTS.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in BUILTIN.read_text(encoding="utf-8").splitlines()]
     assert [p.id for p in prompts] == [r["id"] for r in rows]
     assert [p.prompt for p in prompts] == [r["prompt"] for r in rows]
     assert 180 <= len(prompts) <= 220
@@ -27,12 +27,20 @@ def test_builtin_set_matches_its_file_and_covers_every_group():
 
 def test_plain_text_one_prompt_per_line_ids_are_line_numbers(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_text("a red fox\n\n  a sign that reads \"OPEN\"  \n{\"prompt\": \"kept as typed\"}\n", encoding="utf-8")
+    caption = '{"caption": "a red fox", "style": "photo"}'  # an Ideogram JSON caption is a plain-text prompt
+    path.write_text(f"a red fox\n\n  a sign that reads \"OPEN\"  \n{caption}\n", encoding="utf-8")
     assert load_prompts(path) == [
         Prompt(id="1", prompt="a red fox"),
         Prompt(id="3", prompt='a sign that reads "OPEN"'),
-        Prompt(id="4", prompt='{"prompt": "kept as typed"}'),  # plain text is never parsed
+        Prompt(id="4", prompt=caption),
     ]
+
+
+def test_jsonl_content_in_a_plain_text_name_is_refused(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text('\n{"prompt": "a cat", "text": "CAT"}\n', encoding="utf-8")
+    with pytest.raises(IdeoquantError, match=r"prompts.txt:2: .*name the file \*\.jsonl"):
+        load_prompts(path)
 
 
 def test_jsonl_fields_and_default_ids(tmp_path):
@@ -54,18 +62,18 @@ def test_jsonl_fields_and_default_ids(tmp_path):
     ('{"prompt": "a", ', "prompts.jsonl:1: not valid JSON"),
     ('["a cat"]', "prompts.jsonl:1: expected a JSON object"),
     ('{"promt": "a cat"}', "prompts.jsonl:1: unknown field 'promt'"),
-    ('{"prompt": "  "}', "prompts.jsonl:1: 'prompt' must be a non-empty string"),
-    ('{"prompt": "a"}\n{"prompt": 3}', "prompts.jsonl:2: 'prompt' must be a non-empty string"),
-    ('{"prompt": "a", "text": 5}', "'text' must be a non-empty string"),
-    ('{"prompt": "a", "seed": -1}', "'seed' must be an integer"),
-    ('{"prompt": "a", "seed": true}', "'seed' must be an integer"),
-    ('{"prompt": "a", "seed": 1.5}', "'seed' must be an integer"),
-    ('{"prompt": "a", "group": ""}', "'group' must be a non-empty string"),
+    ('{"prompt": "  "}', "prompts.jsonl:1: \"prompt\" must be a non-empty string"),
+    ('{"prompt": "a"}\n{"prompt": 3}', "prompts.jsonl:2: \"prompt\" must be a non-empty string"),
+    ('{"prompt": "a", "text": 5}', "\"text\" must be a non-empty string"),
+    ('{"prompt": "a", "seed": -1}', "\"seed\" must be an integer"),
+    ('{"prompt": "a", "seed": true}', "\"seed\" must be an integer"),
+    ('{"prompt": "a", "seed": 1.5}', "\"seed\" must be an integer"),
+    ('{"prompt": "a", "group": ""}', "\"group\" must be a non-empty string"),
     ('{"prompt": "a", "id": "../escape"}', "id '../escape' must be"),
     ('{"prompt": "a", "id": "a\\nb"}', "id 'a\\nb' must be"),
-    ('{"prompt": "a", "id": null}', "'id' must be a string or an integer"),
-    ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}', "id 'x' is used twice"),
-    ('{"prompt": "a"}\n{"prompt": "b", "id": "1"}', "id '1' is used twice"),
+    ('{"prompt": "a", "id": null}', "\"id\" must be a string or an integer"),
+    ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}', "id 'x' appears twice"),
+    ('{"prompt": "a"}\n{"prompt": "b", "id": "1"}', "id '1' appears twice"),
     ("\n  \n", "holds no prompt"),
 ])
 def test_bad_jsonl_is_one_line_naming_the_line(tmp_path, content, message):
