@@ -88,6 +88,8 @@ register(GGMLType("IQ3_XXS", 256, 98, "iquants.encode_iq3_xxs", OPTIONAL, "Q8_0"
 register(GGMLType("IQ2_S", 256, 82, "iquants.encode_iq2_s", EXPECTED, "Q8_0", "MOSTLY_IQ2_S", SDCPP_ONLY))
 register(GGMLType("IQ2_XS", 256, 74, "iquants.encode_iq2_xs", REQUIRED, "Q8_0", "MOSTLY_IQ2_XS", SDCPP_ONLY))
 register(GGMLType("IQ2_XXS", 256, 66, "iquants.encode_iq2_xxs", REQUIRED, "Q8_0", "MOSTLY_IQ2_XXS", SDCPP_ONLY))
+register(GGMLType("IQ1_S", 256, 50, "iq1.encode_iq1_s", REQUIRED, "Q8_0", "MOSTLY_IQ1_S", SDCPP_ONLY))
+register(GGMLType("IQ1_M", 256, 56, "iq1.encode_iq1_m", EXPECTED, "Q8_0", "MOSTLY_IQ1_M", SDCPP_ONLY))
 # Plain types. F32 is what norms, biases and embeddings are stored in; it is never a `--type`.
 register(GGMLType("F16", 1, 2, "floats.encode_f16", file_type="MOSTLY_F16"))
 register(GGMLType("BF16", 1, 2, "floats.encode_bf16", file_type="MOSTLY_BF16"))
