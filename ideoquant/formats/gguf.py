@@ -370,7 +370,12 @@ def gguf_metadata(plan: ComponentPlan, src, recipe: Recipe, label: str) -> dict:
     return kv
 
 
-SAMPLE_ROWS = 2  # rows per block whose error feeds the manifest's SQNR: a bounded sample, not a second pass
+# The manifest's per-tensor SQNR: exact (every row decoded) for a tensor of at most EXACT_SQNR_ELEMENTS elements,
+# where decoding costs about what encoding does (Q4_K: ~85 M elements per CPU-second, so ~12 ms for the largest;
+# this covers every tensor of the tiny models and the real model's norms and small projections); above it, an
+# estimate from SAMPLE_ROWS evenly spaced rows of every block, whose count the manifest records (sqnr_sample_rows).
+EXACT_SQNR_ELEMENTS = 1 << 20
+SAMPLE_ROWS = 2
 
 
 class _Output:
@@ -385,6 +390,7 @@ class _Output:
                         if importance is not None and t.quantize and ggml.has_imatrix_path(t.dtype) else None
                         for t in plan.tensors]
         self.stats = [ErrorStats() for _ in plan.tensors]
+        self.measured_rows = [0 for _ in plan.tensors]
         self.records: list[dict] = []
 
     def row_bytes(self, i: int) -> int:
@@ -410,6 +416,7 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
             offsets[i, k] = row
             row += s.shape[0] if s.shape else 0
     maps = FileMaps()
+    exact_sqnr = [numel(t.shape) <= EXACT_SQNR_ELEMENTS for t in first.tensors]
 
     def blocks():
         for i, t in enumerate(first.tensors):
@@ -440,10 +447,10 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
             if key not in done_types:  # outputs wanting the same bytes share one encode
                 dest = ws.take(f"gguf {t.dtype} {len(done_types)}", (x.shape[0], rb), torch.uint8).numpy()
                 _encode_rows(data, x, t.dtype, vec, dest)
-                done_types[key] = (dest, *_sampled_error(x, dest, t.dtype))
-            dest, signal, noise = done_types[key]
+                done_types[key] = (dest, *_error_energies(x, dest, t.dtype, exact_sqnr[i]))
+            dest, signal, noise, measured = done_types[key]
             o.file.write(t.name, dest, start * rb)
-            energies.append((signal, noise))
+            energies.append((signal, noise, measured))
         maps.release(src, rows)
         return energies, x.size
 
@@ -452,11 +459,13 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         energies, n = result
         reporter.advance(component, src.nbytes * n // max(1, numel(src.shape)))
         remaining[i] -= 1
-        for o, (signal, noise) in zip(outputs, energies):
+        for o, (signal, noise, measured) in zip(outputs, energies):
             o.stats[i].add_energies(signal, noise)
+            o.measured_rows[i] += measured
             if remaining[i] == 0:
                 t = o.tensors[i]
-                record = manifest.tensor_record(t, o.stats[i].sqnr_db)
+                sampled = not exact_sqnr[i] and t.dtype != "F32"  # F32 is exact by construction
+                record = manifest.tensor_record(t, o.stats[i].sqnr_db, o.measured_rows[i] if sampled else None)
                 if o.importance is not None and t.quantize:
                     record["imatrix"] = o.vectors[i] is not None  # False: not in the file, ggml's unweighted path
                 o.records.append(record)
@@ -494,14 +503,17 @@ def _encode_rows(data: torch.Tensor, x: np.ndarray, dtype: str, vec, dest: np.nd
         ggml.encode(x, dtype, vec, out=dest)
 
 
-def _sampled_error(x: np.ndarray, q: np.ndarray, dtype: str) -> tuple[float, float]:
-    """Signal and noise energies of at most SAMPLE_ROWS evenly spaced rows of the block (exact types: no noise)."""
+def _error_energies(x: np.ndarray, q: np.ndarray, dtype: str, exact: bool) -> tuple[float, float, int]:
+    """Signal and noise energies of the block's rows, and how many rows they cover: every row when `exact`, else at
+    most SAMPLE_ROWS evenly spaced ones. F32 is exact by construction: no noise, nothing measured."""
     if dtype == "F32":
-        return 0.0, 0.0
-    step = max(1, x.shape[0] // SAMPLE_ROWS)
-    ref = np.ascontiguousarray(x[::step]).reshape(-1)
-    diff = ggml.decode(np.ascontiguousarray(q[::step]), dtype).reshape(-1) - ref
-    return float(np.dot(ref, ref)), float(np.dot(diff, diff))
+        return 0.0, 0.0, 0
+    step = 1 if exact else max(1, x.shape[0] // SAMPLE_ROWS)
+    ref = np.ascontiguousarray(x[::step])
+    diff = (ggml.decode(np.ascontiguousarray(q[::step]), dtype).reshape(ref.shape) - ref).reshape(-1)
+    rows = ref.shape[0]
+    ref = ref.reshape(-1)
+    return float(np.dot(ref, ref)), float(np.dot(diff, diff)), rows
 
 
 FORMAT = GGUFFormat()
