@@ -81,6 +81,15 @@ register(GGMLType("Q3_K", 256, 110, "kquants.encode_q3_k", OPTIONAL, "Q8_0", "MO
 register(GGMLType("Q4_K", 256, 144, "kquants.encode_q4_k", OPTIONAL, "Q8_0", "MOSTLY_Q4_K_S"))
 register(GGMLType("Q5_K", 256, 176, "kquants.encode_q5_k", OPTIONAL, "Q8_0", "MOSTLY_Q5_K_S"))
 register(GGMLType("Q6_K", 256, 210, "kquants.encode_q6_k", OPTIONAL, "Q8_0", "MOSTLY_Q6_K"))
+# Non-linear 4-bit levels (every reader). IQ4_XS is a 256-value super-block; other rows take IQ4_NL (32), as
+# llama.cpp falls back.
+register(GGMLType("IQ4_NL", 32, 18, "iq4.encode_iq4_nl", OPTIONAL, "BF16", "MOSTLY_IQ4_NL"))
+register(GGMLType("IQ4_XS", 256, 136, "iq4.encode_iq4_xs", OPTIONAL, "IQ4_NL", "MOSTLY_IQ4_XS"))
+# FP4 (E2M1 codes; only stable-diffusion.cpp reads them). NVFP4's 64-value blocks fall back to MXFP4's 32.
+register(GGMLType("MXFP4", 32, 17, "fp4.encode_mxfp4", fallback="BF16", file_type="MOSTLY_MXFP4_MOE",
+                  readers=SDCPP_ONLY))
+register(GGMLType("NVFP4", 64, 36, "fp4.encode_nvfp4", fallback="MXFP4", file_type="MOSTLY_NVFP4",
+                  readers=SDCPP_ONLY))
 # Plain types. F32 is what norms, biases and embeddings are stored in; it is never a `--type`.
 register(GGMLType("F16", 1, 2, "floats.encode_f16", file_type="MOSTLY_F16"))
 register(GGMLType("BF16", 1, 2, "floats.encode_bf16", file_type="MOSTLY_BF16"))
