@@ -1,6 +1,7 @@
 """ideoquant.encode.ggml against ggml's own bytes: every type, with and without an importance matrix.
 
-The vectors in tests/data/ggml (see its README.md) were written by ggml 0.15.3's ``ggml_quantize_chunk``.
+The vectors in tests/data/ggml (see its README.md) were written by ggml's ``ggml_quantize_chunk`` (0.15.3 for the
+first 32 files, 8e800ce, the ggml stable-diffusion.cpp pins, for the IQ, MXFP4 and NVFP4 files).
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from ideoquant.encode import ggml
 
 DATA = Path(__file__).resolve().parent / "data" / "ggml"
 FILES = sorted(p.name for p in DATA.glob("*.npz"))
-QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-WEIGHTED = tuple(t for t in QUANTS if t != "Q8_0")
-SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-         "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-         "F16": (1, 2), "BF16": (1, 2)}
+REGISTRY = ggml.registry.TYPES
+WEIGHTED = tuple(t for t in ggml.QTYPES if REGISTRY[t].weighted)
+IGNORING = tuple(t for t in ggml.QTYPES if not REGISTRY[t].weighted)  # ggml never reads the weights
 # README: max |error| / row absmax on the normal rows (NULL, ones, act), plus a little slack
 ERR = {"Q2_K": (0.42, 0.40, 0.65), "Q3_K": (0.24, 0.23, 0.29), "Q4_0": (0.125, 0.12, 0.18),
        "Q4_1": (0.067, 0.081, 0.13), "Q5_0": (0.0625, 0.054, 0.079), "Q5_1": (0.033, 0.042, 0.065),
@@ -41,10 +40,19 @@ def same(got, want, what):
     assert bad.size == 0, f"{what}: {len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
 
 
+def _file_type(name: str) -> str:
+    return name.removesuffix(".npz").split("_imat_")[0].removesuffix("_special").upper()
+
+
 def test_reference_set_is_complete():
-    assert len(FILES) == 32, FILES
+    """Every type ideoquant encodes has ggml's vectors here: without weights unless ggml requires them, and with the
+    ones and act flavours wherever ggml reads them."""
     assert (DATA / "README.md").is_file()
-    assert sum((DATA / f).stat().st_size for f in FILES) < 30 * 2**20
+    assert {_file_type(f) for f in FILES} == set(ggml.QTYPES)
+    for t in ggml.QTYPES:
+        assert (f"{t.lower()}.npz" in FILES) == (REGISTRY[t].imatrix != "required"), t
+        for flavour in ("ones", "act"):
+            assert (f"{t.lower()}_imat_{flavour}.npz" in FILES) == (REGISTRY[t].weighted or t in ("MXFP4", "NVFP4"))
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -74,7 +82,7 @@ def test_weighted_rows_are_independent(qtype):
     same(got, q, qtype + " act, row slices")
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "F16", "BF16"])
+@pytest.mark.parametrize("qtype", IGNORING)
 def test_types_without_weighted_path_ignore_imatrix(qtype):
     x, q, _, _ = load(qtype.lower() + ".npz")
     _, _, _, w = load("q4_k_imat_act.npz")
@@ -82,7 +90,7 @@ def test_types_without_weighted_path_ignore_imatrix(qtype):
     same(ggml.encode(x, qtype, w), q, qtype + " with imatrix")
 
 
-@pytest.mark.parametrize("name", [f for f in FILES if "special" not in f])
+@pytest.mark.parametrize("name", [f for f in FILES if "special" not in f and _file_type(f) in ERR])
 def test_round_trip_error_within_readme_bounds(name):
     x, q, qtype, _ = load(name)
     flavour = 2 if "imat_act" in name else 1 if "imat_ones" in name else 0
@@ -106,10 +114,10 @@ def test_registry_agrees_with_gguf_py():
 
 
 def test_type_helpers():
-    assert ggml.QTYPES == QUANTS + ("F16", "BF16")
+    assert set(ggml.QTYPES) == {n for n, t in REGISTRY.items() if t.encoder}
     for name in ggml.QTYPES:
         bs, ts = ggml.type_size(name)
-        assert (bs, ts) == SIZES[name]
+        assert (bs, ts) == gguf.GGML_QUANT_SIZES[GGMLQuantizationType[name]]
         assert ggml.type_size(name.lower()) == (bs, ts) == ggml.type_size(GGMLQuantizationType[name])
         assert ggml.normalize_qtype(GGMLQuantizationType[name]) == name
         assert ggml.normalize_qtype(f" {name.lower()} ") == name
@@ -117,19 +125,19 @@ def test_type_helpers():
         assert not ggml.can_quantize(name, 0)
         assert ggml.can_quantize(name, bs + 1) == (bs == 1)
         assert ggml.has_imatrix_path(name) == (name in WEIGHTED)
-    for bad in ("Q8_1", "IQ2_XXS", "F32", "", "q4_k_m", GGMLQuantizationType.IQ4_NL, 9999, None):
+    for bad in ("Q8_1", "TQ1_0", "F32", "", "q4_k_m", GGMLQuantizationType.TQ2_0, 9999, None):
         with pytest.raises(ValueError):
             ggml.normalize_qtype(bad)
         with pytest.raises(ValueError):
             ggml.type_size(bad)
 
 
-@pytest.mark.parametrize("qtype", QUANTS + ("F16", "BF16"))
+@pytest.mark.parametrize("qtype", ggml.QTYPES)
 def test_gguf_py_decodes_every_type(qtype):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((3, 512)) * 0.02).astype(np.float32)
-    q = ggml.encode(x, qtype)
-    bs, ts = SIZES[qtype]
+    q = ggml.encode(x, qtype, np.ones(512, np.float32) if REGISTRY[qtype].needs_imatrix else None)
+    bs, ts = ggml.type_size(qtype)
     assert q.shape == (3, 512 // bs * ts)
     y = gguf.quants.dequantize(q, GGMLQuantizationType[qtype])
     assert y.shape == x.shape
