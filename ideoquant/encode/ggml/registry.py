@@ -90,6 +90,13 @@ register(GGMLType("MXFP4", 32, 17, "fp4.encode_mxfp4", fallback="BF16", file_typ
                   readers=SDCPP_ONLY))
 register(GGMLType("NVFP4", 64, 36, "fp4.encode_nvfp4", fallback="MXFP4", file_type="MOSTLY_NVFP4",
                   readers=SDCPP_ONLY))
+# IQ types (256-value super-blocks, quantized against ggml's lattices; only stable-diffusion.cpp reads them), IQ4_NL
+# for other rows, as llama.cpp falls back. The file type is llama.cpp's for a file of that type.
+register(GGMLType("IQ3_S", 256, 110, "iquants.encode_iq3_s", OPTIONAL, "IQ4_NL", "MOSTLY_IQ3_S", SDCPP_ONLY))
+register(GGMLType("IQ3_XXS", 256, 98, "iquants.encode_iq3_xxs", OPTIONAL, "IQ4_NL", "MOSTLY_IQ3_XXS", SDCPP_ONLY))
+register(GGMLType("IQ2_S", 256, 82, "iquants.encode_iq2_s", EXPECTED, "IQ4_NL", "MOSTLY_IQ2_S", SDCPP_ONLY))
+register(GGMLType("IQ2_XS", 256, 74, "iquants.encode_iq2_xs", REQUIRED, "IQ4_NL", "MOSTLY_IQ2_XS", SDCPP_ONLY))
+register(GGMLType("IQ2_XXS", 256, 66, "iquants.encode_iq2_xxs", REQUIRED, "IQ4_NL", "MOSTLY_IQ2_XXS", SDCPP_ONLY))
 # Plain types. F32 is what norms, biases and embeddings are stored in; it is never a `--type`.
 register(GGMLType("F16", 1, 2, "floats.encode_f16", file_type="MOSTLY_F16"))
 register(GGMLType("BF16", 1, 2, "floats.encode_bf16", file_type="MOSTLY_BF16"))
