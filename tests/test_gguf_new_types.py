@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import ideoquant
-from ideoquant import imatrix, testing
+from ideoquant import imatrix, model, testing
 from ideoquant.cli.app import app
 from ideoquant.encode import ggml
 from ideoquant.evaluation.runner import velocity
@@ -44,20 +44,31 @@ def reference_source(tmp_path_factory):
     return folder
 
 
-def _imatrix_file(path: Path, w: np.ndarray) -> Path:
-    """An imatrix whose llama.cpp weights for llm_cond_proj are exactly `w`."""
-    entry = imatrix.Entry(w[None, :].astype(np.float32), np.ones(1, np.float32))
-    imatrix.write_gguf(path, imatrix.ImportanceMatrix({"llm_cond_proj.weight": entry}, ["reference"], 1, 512))
+@pytest.fixture(scope="module")
+def linear_columns():
+    """Every linear weight of the reference source, by its original-layout name: its number of columns."""
+    config = {**testing.TINY_CONFIG, "llm_features_dim": np.load(DATA / "q8_0.npz")["x"].shape[1],
+              "num_attention_heads": 1}
+    return {model.diffusers_to_original(f"{n}.weight")[0]: mod.in_features
+            for n, mod in testing.build_model(config).named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def _imatrix_file(path: Path, w: np.ndarray, others: dict[str, int] | None = None) -> Path:
+    """An imatrix whose llama.cpp weights for llm_cond_proj are exactly `w`, and ones for `others`."""
+    entries = {n: imatrix.Entry(np.ones((1, cols), np.float32), np.ones(1, np.float32))
+               for n, cols in (others or {}).items()}
+    entries["llm_cond_proj.weight"] = imatrix.Entry(w[None, :].astype(np.float32), np.ones(1, np.float32))
+    imatrix.write_gguf(path, imatrix.ImportanceMatrix(entries, ["reference"], 1, 512))
     return path
 
 
 @pytest.mark.parametrize("qtype", NEW)
-def test_cli_export_equals_ggml_and_every_tensor_decodes(reference_source, tmp_path, qtype):
+def test_cli_export_equals_ggml_and_every_tensor_decodes(reference_source, linear_columns, tmp_path, qtype):
     """`ideoquant gguf --type <t>` on a model holding ggml's input: the tensor's bytes are ggml's, the file type is
     llama.cpp's, gguf-py decodes every tensor, and a type only stable-diffusion.cpp reads is warned about."""
     needs = ggml.registry.TYPES[qtype].needs_imatrix
     ref = np.load(DATA / (f"{qtype.lower()}_imat_act.npz" if needs else f"{qtype.lower()}.npz"))
-    extra = ["--imatrix", _imatrix_file(tmp_path / "w.imatrix.gguf", ref["imatrix"])] if needs else []
+    extra = ["--imatrix", _imatrix_file(tmp_path / "w.imatrix.gguf", ref["imatrix"], linear_columns)] if needs else []
     out = tmp_path / "out"
     r = _cli("gguf", reference_source, "--type", qtype.lower(), "--out", out, *extra)
     assert r.exit_code == 0, r.output
@@ -111,3 +122,38 @@ def test_types_and_misspellings_refused_in_one_line(bf16_source, tmp_path):
     r = _cli("gguf", bf16_source, "--type", "q8_0", "--type-rule", r"attention\.o=iq4_nlx", "--out", tmp_path / "out")
     assert r.exit_code == 2 and "iq4_nlx" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+NEEDS = [t for t in ggml.QTYPES if ggml.registry.TYPES[t].needs_imatrix]
+
+
+def _one_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("qtype", NEEDS)
+def test_type_that_needs_an_imatrix_is_refused_before_the_source_is_read(tmp_path, qtype):
+    """No imatrix, or `--imatrix ones`, for a type that needs one: one line saying how to make one, before the source
+    is even looked for (it does not exist here), nothing written; the same when a rule asks for the type."""
+    missing = tmp_path / "no-such-source"
+    out = tmp_path / "out"
+    _one_error(_cli("gguf", missing, "--type", qtype.lower(), "--out", out), qtype, "ideoquant calibrate")
+    _one_error(_cli("gguf", missing, "--type", qtype.lower(), "--imatrix", "ones", "--out", out), qtype,
+               "--imatrix ones", "ideoquant calibrate")
+    _one_error(_cli("gguf", missing, "--type", "q8_0,iq4_xs", "--type-rule", f"attention\\.o={qtype.lower()}",
+                    "--out", out), qtype, "ideoquant calibrate")
+    assert not out.exists()
+
+
+def test_imatrix_that_misses_a_tensor_the_type_needs_is_refused(reference_source, tmp_path):
+    """An imatrix with an entry for llm_cond_proj only, for a type that needs weights on every linear."""
+    w = np.ones(np.load(DATA / "q8_0.npz")["x"].shape[1], np.float32)
+    out = tmp_path / "out"
+    r = _cli("gguf", reference_source, "--type", NEEDS[0].lower(), "--imatrix",
+             _imatrix_file(tmp_path / "w.imatrix.gguf", w), "--out", out)
+    _one_error(r, "imatrix has no entry for", NEEDS[0])
+    assert not out.exists()
