@@ -17,6 +17,7 @@ from ideoquant.encode import ggml
 from ideoquant.evaluation.runner import velocity
 from ideoquant.metrics import sqnr_db
 from tests.conftest import load_reference
+from tests.test_gguf_reference_export import reference_source  # noqa: F401  (fixture: ggml's input as a model)
 
 DATA = Path(__file__).parent / "data" / "ggml"
 ORIGINAL = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"}
@@ -29,19 +30,6 @@ TILES = 2
 
 def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def reference_source(tmp_path_factory):
-    """A transformer folder (float32) whose llm_cond_proj.weight is ggml's reference input, tiled."""
-    x = np.load(DATA / "q8_0.npz")["x"]
-    config = {**testing.TINY_CONFIG, "llm_features_dim": x.shape[1], "num_attention_heads": 1}
-    m = testing.build_model(config)
-    with torch.no_grad():
-        m.llm_cond_proj.weight.copy_(torch.from_numpy(np.tile(x, (TILES, 1))))
-    folder = tmp_path_factory.mktemp("ref") / "transformer"
-    m.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -53,21 +53,6 @@ def e8m0_half(e):
 
 
 @jit
-def encode_mxfp4(x, out):
-    rows, cols = x.shape
-    levels = LEVELS
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for b in range(cols // 32):
-            amax = _amax(xr, b * 32, 32)
-            # (uint8_t)(floorf(log2f(amax)) - 2 + 127): float32 throughout, truncated as x86 converts
-            e = (np.int32(np.floor(np.log2(amax)) - F32(2) + F32(127)) & 0xFF) if amax > ZERO else 0
-            o[b * 17] = np.uint8(e)
-            _codes(xr, b * 32, 32, e8m0_half(e), levels, o, b * 17 + 1)
-
-
-@jit
 def ue4m3_bits(x):
     """ggml_fp32_to_ue4m3: unsigned E4M3 (bias 7) of a float32, mantissa rounded half up, saturating at 0x7E."""
     if not x > ZERO:
@@ -106,15 +91,42 @@ def ue4m3_half(u):
 
 
 @jit
-def encode_nvfp4(x, out):
-    rows, cols = x.shape
-    levels = LEVELS
-    for r in range(rows):
-        xr = x[r]
-        o = out[r]
-        for b in range(cols // 64):
-            for s in range(4):
-                base = b * 64 + s * 16
-                u = ue4m3_bits(_amax(xr, base, 16) / F32(6.0))
-                o[b * 36 + s] = np.uint8(u)
-                _codes(xr, base, 16, ue4m3_half(u), levels, o, b * 36 + 4 + s * 8)
+def _mx_scale(xr, base, o, pos):
+    """MXFP4's block scale: (uint8_t)(floorf(log2f(amax)) - 2 + 127), float32 throughout, truncated as x86 converts
+    (0 for an all-zero block); stored at o[pos], returned as 2^(e - 128)."""
+    amax = _amax(xr, base, 32)
+    e = (np.int32(np.floor(np.log2(amax)) - F32(2) + F32(127)) & 0xFF) if amax > ZERO else 0
+    o[pos] = np.uint8(e)
+    return e8m0_half(e)
+
+
+@jit
+def _nv_scale(xr, base, o, pos):
+    """NVFP4's sub-block scale: ue4m3(amax / 6), stored at o[pos], returned as ggml reads it back (value / 2)."""
+    u = ue4m3_bits(_amax(xr, base, 16) / F32(6.0))
+    o[pos] = np.uint8(u)
+    return ue4m3_half(u)
+
+
+def _encoder(nv):
+    """The compiled encoder (x, out) of MXFP4 (nv False: blocks of 32, e then qs[16]) or NVFP4 (nv True: blocks of
+    64, four sub-block scales d[4] then qs[32], 16 values per scale)."""
+    block, group, head, bpb = (64, 16, 4, 36) if nv else (32, 32, 1, 17)
+
+    @jit
+    def encode(x, out):
+        rows, cols = x.shape
+        for r in range(rows):
+            xr = x[r]
+            o = out[r]
+            for b in range(cols // block):
+                for s in range(block // group):
+                    base = b * block + s * group
+                    d = _nv_scale(xr, base, o, b * bpb + s) if nv else _mx_scale(xr, base, o, b * bpb)
+                    _codes(xr, base, group, d, LEVELS, o, b * bpb + head + s * group // 2)
+
+    return encode
+
+
+encode_mxfp4 = _encoder(False)
+encode_nvfp4 = _encoder(True)
