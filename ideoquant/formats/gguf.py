@@ -91,13 +91,14 @@ def needed_importance(recipes: list[Recipe]) -> list[str]:
     return sorted(q for q in named if q in ggml.registry.TYPES and ggml.registry.TYPES[q].needs_imatrix)
 
 
-def check_importance(recipes: list[Recipe], importance: "Importance | None") -> None:
-    """Refuse, before the source is read, a type that needs an importance matrix without a real one. `--imatrix
-    ones` does not count: it satisfies ggml's assertion but carries no activation statistics, which is what these
-    grids need (the README's GGUF section says why)."""
+def check_importance(recipes: list[Recipe], imatrix: str | Path | None) -> None:
+    """Refuse, before the source is read, a type that needs an importance matrix without a real one (`imatrix`: the
+    `--imatrix` value). `ones` does not count: it satisfies ggml's assertion but carries no activation statistics,
+    which is what these grids need (the README's importance-matrix section says why)."""
     needed = needed_importance(recipes)
-    if needed and (importance is None or importance.matrix is None):
-        given = "--imatrix ones is not an importance matrix" if importance is not None else "no --imatrix given"
+    ones = imatrix is not None and str(imatrix).strip().lower() == "ones"
+    if needed and (imatrix is None or ones):
+        given = "--imatrix ones is not an importance matrix" if ones else "no --imatrix given"
         raise IdeoquantError(f"{', '.join(needed)} needs an importance matrix ({given}): {IMATRIX_HOWTO}")
 
 

@@ -97,6 +97,8 @@ register(GGMLType("IQ3_XXS", 256, 98, "iquants.encode_iq3_xxs", OPTIONAL, "IQ4_N
 register(GGMLType("IQ2_S", 256, 82, "iquants.encode_iq2_s", EXPECTED, "IQ4_NL", "MOSTLY_IQ2_S", SDCPP_ONLY))
 register(GGMLType("IQ2_XS", 256, 74, "iquants.encode_iq2_xs", REQUIRED, "IQ4_NL", "MOSTLY_IQ2_XS", SDCPP_ONLY))
 register(GGMLType("IQ2_XXS", 256, 66, "iquants.encode_iq2_xxs", REQUIRED, "IQ4_NL", "MOSTLY_IQ2_XXS", SDCPP_ONLY))
+register(GGMLType("IQ1_S", 256, 50, "iq1.encode_iq1_s", REQUIRED, "IQ4_NL", "MOSTLY_IQ1_S", SDCPP_ONLY))
+register(GGMLType("IQ1_M", 256, 56, "iq1.encode_iq1_m", EXPECTED, "IQ4_NL", "MOSTLY_IQ1_M", SDCPP_ONLY))
 # Plain types. F32 is what norms, biases and embeddings are stored in; it is never a `--type`.
 register(GGMLType("F16", 1, 2, "floats.encode_f16", file_type="MOSTLY_F16"))
 register(GGMLType("BF16", 1, 2, "floats.encode_bf16", file_type="MOSTLY_BF16"))
