@@ -23,7 +23,7 @@ from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
 from ..source import FileMaps
 from ..write.safetensors import DTYPE_NAMES, ShardWriter, Slot, shard_groups
-from . import CardText, Sink, usage
+from . import CardText, Conversion, FitRow, Output, Recognised, Sink, resolve, take_options, torchao_common, usage
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -35,15 +35,53 @@ class Options:
     smoother: object | None = None  # formats.smoothquant.Smoother
 
 
+DEFAULT_RECIPE = "int8-w8a8"
+
+
+def check_untyped(fmt, r) -> None:
+    """A torchao recipe has one scheme for every quantized linear: no GGUF `type` or type rules."""
+    if r.type is not None or r.rules:
+        raise IdeoquantError(f"--type and --type-rule apply to gguf recipes; '{r.name}' is an {fmt.name} recipe")
+
+
 class Int8Format:
     name = "int8"
+    command = "convert"
+    recipe_keys = frozenset()
+    smoothquant = True  # `ideoquant calibrate` + `convert --smoothquant` apply to it
+
+    # ------------------------------------------------------------ recipe and options
+
+    def parse_recipe(self, data, where: str) -> dict:
+        return {}
+
+    def check_recipe(self, r) -> None:
+        check_untyped(self, r)
+
+    def conversion(self, recipe, protect, no_protect, options) -> Conversion:
+        from ..device import check_device
+        from ..write.safetensors import parse_size
+        from .smoothquant import smoother_for
+
+        r = resolve(recipe or DEFAULT_RECIPE, protect, no_protect)
+        opts = take_options(self, r, options, max_shard_size="5GB", device="cpu", smoothquant=None, alpha=0.5)
+        device = check_device(opts["device"])
+        shard_bytes = parse_size(opts["max_shard_size"])
+
+        def outputs(src) -> list[Output]:
+            plans = {name: self.plan(c, r) for name, c in src.components.items()}
+            smooth = smoother_for(opts["smoothquant"], opts["alpha"], plans)
+            return [Output(r, plans, Options(shard_bytes, device, smooth), "",
+                           {"smoothquant": smooth.record()} if smooth else None)]
+
+        return Conversion([r], outputs, threads=1 if device != "cpu" else None)
+
+    def scheme(self, r) -> str:
+        return "int8 W8A8 (torchao Int8DynamicActivationInt8WeightConfig, per-token dynamic activations)"
 
     # ------------------------------------------------------------ plan
 
     def plan(self, component, recipe, layout: str = "diffusers") -> ComponentPlan:
-        if recipe.format != "int8":
-            raise IdeoquantError(f"recipe '{recipe.name}' is a {recipe.format} recipe; "
-                                 f"use it with `ideoquant {recipe.format}`")
         spec = component.spec
         protected = protected_modules(component, recipe)
         tensors = []
@@ -191,6 +229,12 @@ class Int8Format:
     def load_target(self, folder: Path, name: str, comp: dict) -> Path:
         return folder / name
 
+    def recognise(self, path: Path) -> list[Recognised]:
+        return torchao_common.recognise(path, type(int8.config()).__name__)
+
+    def load(self, path: Path, compute_dtype: torch.dtype) -> torch.nn.Module:
+        return torchao_common.load(path, compute_dtype)
+
     def check_loaded(self, folder: Path, comp: dict, m) -> list[str]:
         """What diffusers loaded against the stored tensors (it only warns when it leaves a weight random)."""
         from safetensors import safe_open
@@ -219,7 +263,17 @@ class Int8Format:
                 out.append(f"{t['name']} differs from the stored BF16 tensor")
         return out
 
-    # ------------------------------------------------------------ model card
+    # ------------------------------------------------------------ evaluation, inspect, model card
+
+    def fake_quantize(self, m: torch.nn.Module, types, threads: int | None = None) -> dict:
+        return torchao_common.fake_quantize(m, int8.config(), types)
+
+    def torchao_config(self):
+        """The torchao config diffusers applies at load time (`load.pipeline_quantization_config`)."""
+        return int8.config()
+
+    def fit_rows(self) -> list[FitRow]:
+        return [FitRow(DEFAULT_RECIPE, resolve(DEFAULT_RECIPE))]
 
     def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
              call: dict | None = None) -> CardText:
