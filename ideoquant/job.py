@@ -265,7 +265,7 @@ def convert_gguf(
     """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest
     (`convert` with a GGUF recipe).
 
-    qtype: a GGML type or a mixture (`formats.catalog.GGUF_TYPES`); None: the recipe's own type. Several types
+    qtype: a GGML type or a mixture (`formats.catalog.GGUF_CHOICES`); None: the recipe's own type. Several types
     (a list, or "q4_k_m,q5_k_m,q8_0") are written in one pass, each block of the source read and widened once:
     OUT then holds one complete output per type (`OUT/Q4_K_M/`, ...) and a list of their manifests is returned.
     imatrix: "ones" (stable-diffusion.cpp's converter: every weight 1.0) or an importance-matrix file (llama.cpp

@@ -424,14 +424,6 @@ def test_recipe_type_is_validated_on_load(bf16_source, tmp_path, body, needle):
     assert not (tmp_path / "out").exists()
 
 
-def test_recipe_types_agree_with_the_format_catalog():
-    from ideoquant.formats import catalog
-    from ideoquant.recipe import GGUF_TYPES
-
-    assert set(GGUF_TYPES) - set(catalog.GGUF_PLAIN) == set(catalog.GGUF_FALLBACK)  # every quantized type falls back
-    assert {t.upper() for t in catalog.GGUF_TYPES if t not in catalog.GGUF_MIXTURES} == set(GGUF_TYPES)
-
-
 # ---------------------------------------------------------------- 8. refuse early
 
 

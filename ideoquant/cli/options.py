@@ -17,7 +17,7 @@ from ..formats import catalog
 
 SOURCE_HELP = "Hub repo id (ORG/NAME), local pipeline folder, component folder or .safetensors file."
 
-GGUFType = Enum("GGUFType", {t: t for t in catalog.GGUF_TYPES}, type=str)
+GGUFType = Enum("GGUFType", {t: t for t in catalog.GGUF_CHOICES}, type=str)
 Layout = Enum("Layout", {x: x for x in catalog.GGUF_LAYOUTS}, type=str)
 Device = Enum("Device", {x: x for x in DEVICES}, type=str)
 Convention = Enum("Convention", {x: x for x in ("llama", "sdcpp")}, type=str)
