@@ -17,6 +17,7 @@ import torch
 from . import formats, model
 from .errors import IdeoquantError
 from .recipe import Recipe
+from .source.hub import check_base
 
 # The default base: the repo diffusers' own docs and examples load. Its text encoder is bitsandbytes NF4.
 DEFAULT_BASE_PIPELINE = "ideogram-ai/ideogram-4-nf4-diffusers"
@@ -56,6 +57,7 @@ def load_pipeline(quantized: str | Path, base: str | Path = DEFAULT_BASE_PIPELIN
     repo id or folder; see `BASE_PIPELINES` for what each needs). `kwargs` go to `from_pretrained` (revision, ...)."""
     from diffusers import Ideogram4Pipeline
 
+    check_base(base, "base")
     quantized = Path(quantized)
     backbones = {c: load_transformer(backbone_path(quantized, c), compute_dtype) for c in model.COMPONENTS}
     try:

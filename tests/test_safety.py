@@ -4,6 +4,7 @@ Every refused case asserts: exit code 2 (or 128 + signal), exactly one line `err
 option, no traceback, no staging or partial output left, the source unchanged, an existing --out intact.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -257,8 +258,9 @@ def test_out_parent_is_a_file(src, tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
 
 
-def test_out_parent_read_only(src, tmp_path, monkeypatch):
-    ro = tmp_path / "ro"
+@contextlib.contextmanager
+def _read_only_folder(ro: Path, monkeypatch):
+    """A new folder `ro` that this user cannot write to, for the duration."""
     ro.mkdir()
     if os.geteuid() == 0:  # root writes anywhere: make the check see what a user would
         real = os.access
@@ -266,10 +268,15 @@ def test_out_parent_read_only(src, tmp_path, monkeypatch):
     else:
         ro.chmod(0o555)
     try:
-        _cli(["convert", src, "--out", ro / "new" / "out"], 2, str(ro), "not writable")
-        assert list(ro.iterdir()) == []
+        yield ro
     finally:
         ro.chmod(0o755)
+
+
+def test_out_parent_read_only(src, tmp_path, monkeypatch):
+    with _read_only_folder(tmp_path / "ro", monkeypatch) as ro:
+        _cli(["convert", src, "--out", ro / "new" / "out"], 2, str(ro), "not writable")
+        assert list(ro.iterdir()) == []
 
 
 @pytest.mark.parametrize("edit,needle", [

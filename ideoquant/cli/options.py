@@ -36,7 +36,8 @@ Components = Annotated[List[str], typer.Option(metavar="NAME", help="Only this b
 Revision = Annotated[Optional[str], typer.Option(metavar="REV", help="Hub branch, tag or commit of SOURCE.", show_default=False)]
 Token = Annotated[Optional[str], typer.Option(metavar="TOKEN",
     help="Hugging Face token [default: HF_TOKEN or the `hf auth login` token].", show_default=False)]
-Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new output is complete).")]
+Overwrite = Annotated[bool, typer.Option(
+    help="Replace an existing output (only once the new one is complete; never a source).")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where the math runs.")]
 Threads = Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Worker threads [default: the CPUs this process may use].",
                                                 show_default=False)]

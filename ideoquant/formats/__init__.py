@@ -77,6 +77,7 @@ class Conversion:
     outputs: "Callable[[Source], list[Output]]"  # the opened source -> the outputs to write in one pass
     threads: int | None = None  # the pool size the job must use (None: the caller's choice)
     several: bool = False  # the job returns a list of manifests (one per output), not one manifest
+    inputs: tuple = ()  # files the conversion reads besides the source (statistics, an imatrix): OUT must spare them
 
 
 @dataclass

@@ -168,9 +168,9 @@ class GGUFFormat:
             raise IdeoquantError(f"--type lists each type once: {','.join(types)}")
         chosen = [gguf_recipe(t, recipe, opts["type_rules"], protect, no_protect) for t in types]
         check_arch(arch)
-        importance = load_importance(opts["imatrix"], opts["imatrix_convention"])
 
         def outputs(src) -> list[Output]:
+            importance = load_importance(opts["imatrix"], opts["imatrix_convention"])
             out = []
             for r, label in chosen:
                 extra = {"gguf": {"arch": arch, "layout": layout, "label": label},
@@ -182,7 +182,7 @@ class GGUFFormat:
                                   extra))
             return out
 
-        return Conversion([r for r, _ in chosen], outputs, several=len(chosen) > 1)
+        return Conversion([r for r, _ in chosen], outputs, several=len(chosen) > 1, inputs=(opts["imatrix"],))
 
     def scheme(self, r: Recipe) -> str:
         rules = "".join(f", {t} for /{x}/" for x, t in r.rules)

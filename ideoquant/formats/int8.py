@@ -68,7 +68,7 @@ class Int8Format:
             return [Output(r, plans, Options(shard_bytes, device, smooth), "",
                            {"smoothquant": smooth.record()} if smooth else None)]
 
-        return Conversion([r], outputs, threads=1 if device != "cpu" else None)
+        return Conversion([r], outputs, threads=1 if device != "cpu" else None, inputs=(opts["smoothquant"],))
 
     def scheme(self, r) -> str:
         return "int8 W8A8 (torchao Int8DynamicActivationInt8WeightConfig, per-token dynamic activations)"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import manifest
 from ..errors import IdeoquantError
-from ..source.hub import hub_error, hub_exceptions
+from ..source.hub import check_base, check_repo_id, hub_error, hub_exceptions
 from . import card
 from .verify import LOADABLE_SUFFIXES, verify
 
@@ -44,6 +44,8 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
     """
     folder = Path(folder)
     check_repo_id(repo_id)
+    if base is not None:
+        check_base(base)
     result = verify(folder)
     if not result.ok:
         shown = "; ".join(result.problems[:3]) + (f"; and {len(result.problems) - 3} more"
@@ -84,19 +86,6 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
         raise hub_error(e, repo_id, revision, "upload to") from None
     plan.update(commit_url=info.commit_url, pr_url=info.pr_url, commit=info.oid, deleted=stale)
     return plan
-
-
-def check_repo_id(repo_id) -> None:
-    """ORG/NAME as the Hub accepts it (huggingface_hub's own validator), before anything is read or sent."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise IdeoquantError(f"--repo-id '{repo_id}': expected ORG/NAME (a Hub namespace and a repo name)")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise IdeoquantError(f"--repo-id '{repo_id}': {' '.join(str(e).split())}") from None
 
 
 def _base_name(m: dict) -> str:
