@@ -70,6 +70,56 @@ def layout_warnings(layout: str) -> list[str]:
     return [LAYOUT_WARNINGS[layout]] if layout in LAYOUT_WARNINGS else []
 
 
+def reader_warnings(plans: dict[str, ComponentPlan]) -> list[str]:
+    """A warning when the files hold a type that only stable-diffusion.cpp reads (MXFP4, NVFP4, the IQ3/IQ2/IQ1
+    family): diffusers refuses them, ComfyUI-GGUF decodes them only through gguf-py's numpy fallback."""
+    only = sorted({t.dtype for p in plans.values() for t in p.tensors if t.dtype in catalog.GGUF_SDCPP_ONLY})
+    if not only:
+        return []
+    return [f"{', '.join(only)}: only stable-diffusion.cpp reads {'this type' if len(only) == 1 else 'these types'}. "
+            "diffusers (and so ideoquant.load_transformer) refuses these files, and ComfyUI-GGUF decodes them only "
+            "through gguf-py's numpy fallback (very slow); IQ4_XS or IQ4_NL are read by all three."]
+
+
+IMATRIX_HOWTO = ("make one with `ideoquant calibrate SOURCE --imatrix FILE` (or llama-imatrix / sd-cli) and pass "
+                 "`--imatrix FILE`")
+
+
+def needed_importance(recipes: list[Recipe]) -> list[str]:
+    """The types these recipes name that are written only with an importance matrix."""
+    named = {q for r in recipes for q in [r.type, *(t for _, t in r.rules)] if q}
+    return sorted(q for q in named if q in ggml.registry.TYPES and ggml.registry.TYPES[q].needs_imatrix)
+
+
+def check_importance(recipes: list[Recipe], imatrix: str | Path | None) -> None:
+    """Refuse, before the source is read, a type that needs an importance matrix without a real one (`imatrix`: the
+    `--imatrix` value). `ones` does not count: it satisfies ggml's assertion but carries no activation statistics,
+    which is what these grids need (the README's importance-matrix section says why)."""
+    needed = needed_importance(recipes)
+    ones = imatrix is not None and str(imatrix).strip().lower() == "ones"
+    if needed and (imatrix is None or ones):
+        given = "--imatrix ones is not an importance matrix" if ones else "no --imatrix given"
+        raise IdeoquantError(f"{', '.join(needed)} needs an importance matrix ({given}): {IMATRIX_HOWTO}")
+
+
+def check_importance_coverage(plans: dict[str, ComponentPlan], importance: "Importance | None") -> None:
+    """Every tensor planned in a type that needs importance weights must have them in the imatrix."""
+    if importance is None or importance.matrix is None:
+        return
+    for name, plan in plans.items():
+        for t in plan.tensors:
+            if t.quantize and ggml.registry.TYPES[t.dtype].needs_imatrix and (
+                    importance.vector(_imatrix_name(t), t.shape[-1], name == "unconditional_transformer") is None):
+                raise IdeoquantError(f"the imatrix has no entry for {_imatrix_name(t)} ({name}), which {t.dtype} "
+                                     f"needs: {IMATRIX_HOWTO} from this source, or give that tensor another type "
+                                     f"with --type-rule")
+
+
+def _imatrix_name(t: TensorPlan) -> str:
+    """The original-layout name imatrix tools key a tensor by."""
+    return model.diffusers_to_original(t.sources[0].name)[0]
+
+
 @dataclass(frozen=True)
 class Importance:
     """What `--imatrix` gave: all-ones weights (stable-diffusion.cpp's converter without a file), or a file's
@@ -168,16 +218,18 @@ class GGUFFormat:
             raise IdeoquantError(f"--type lists each type once: {','.join(types)}")
         chosen = [gguf_recipe(t, recipe, opts["type_rules"], protect, no_protect) for t in types]
         check_arch(arch)
+        check_importance([r for r, _ in chosen], opts["imatrix"])
 
         def outputs(src) -> list[Output]:
             importance = load_importance(opts["imatrix"], opts["imatrix_convention"])
             out = []
             for r, label in chosen:
+                plans = {name: self.plan(c, r, layout) for name, c in src.components.items()}
+                check_importance_coverage(plans, importance)
                 extra = {"gguf": {"arch": arch, "layout": layout, "label": label},
-                         "warnings": layout_warnings(layout)}
+                         "warnings": layout_warnings(layout) + reader_warnings(plans)}
                 if importance is not None:
                     extra["imatrix"] = importance.record
-                plans = {name: self.plan(c, r, layout) for name, c in src.components.items()}
                 out.append(Output(r, plans, Options(label, importance, arch), label if len(chosen) > 1 else "",
                                   extra))
             return out
@@ -444,7 +496,12 @@ def gguf_metadata(plan: ComponentPlan, src, recipe: Recipe, label: str) -> dict:
     return kv
 
 
-SAMPLE_ROWS = 2  # rows per block whose error feeds the manifest's SQNR: a bounded sample, not a second pass
+# The manifest's per-tensor SQNR: exact (every row decoded) for a tensor of at most EXACT_SQNR_ELEMENTS elements,
+# where decoding costs about what encoding does (Q4_K: ~85 M elements per CPU-second, so ~12 ms for the largest;
+# this covers every tensor of the tiny models and the real model's norms and small projections); above it, an
+# estimate from SAMPLE_ROWS evenly spaced rows of every block, whose count the manifest records (sqnr_sample_rows).
+EXACT_SQNR_ELEMENTS = 1 << 20
+SAMPLE_ROWS = 2
 
 
 class _Output:
@@ -455,10 +512,11 @@ class _Output:
         importance: Importance | None = sink.options.importance
         self.importance = importance
         # ggml's importance vector per tensor, keyed by the original-layout name the imatrix tools use.
-        self.vectors = [importance.vector(model.diffusers_to_original(t.sources[0].name)[0], t.shape[-1], uncond)
+        self.vectors = [importance.vector(_imatrix_name(t), t.shape[-1], uncond)
                         if importance is not None and t.quantize and ggml.has_imatrix_path(t.dtype) else None
                         for t in plan.tensors]
         self.stats = [ErrorStats() for _ in plan.tensors]
+        self.measured_rows = [0 for _ in plan.tensors]
         self.records: list[dict] = []
 
     def row_bytes(self, i: int) -> int:
@@ -484,6 +542,7 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
             offsets[i, k] = row
             row += s.shape[0] if s.shape else 0
     maps = FileMaps()
+    exact_sqnr = [numel(t.shape) <= EXACT_SQNR_ELEMENTS for t in first.tensors]
 
     def blocks():
         for i, t in enumerate(first.tensors):
@@ -514,10 +573,10 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
             if key not in done_types:  # outputs wanting the same bytes share one encode
                 dest = ws.take(f"gguf {t.dtype} {len(done_types)}", (x.shape[0], rb), torch.uint8).numpy()
                 _encode_rows(data, x, t.dtype, vec, dest)
-                done_types[key] = (dest, *_sampled_error(x, dest, t.dtype))
-            dest, signal, noise = done_types[key]
+                done_types[key] = (dest, *_error_energies(x, dest, t.dtype, exact_sqnr[i]))
+            dest, signal, noise, measured = done_types[key]
             o.file.write(t.name, dest, start * rb)
-            energies.append((signal, noise))
+            energies.append((signal, noise, measured))
         maps.release(src, rows)
         return energies, x.size
 
@@ -526,11 +585,13 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         energies, n = result
         reporter.advance(component, src.nbytes * n // max(1, numel(src.shape)))
         remaining[i] -= 1
-        for o, (signal, noise) in zip(outputs, energies):
+        for o, (signal, noise, measured) in zip(outputs, energies):
             o.stats[i].add_energies(signal, noise)
+            o.measured_rows[i] += measured
             if remaining[i] == 0:
                 t = o.tensors[i]
-                record = manifest.tensor_record(t, o.stats[i].sqnr_db)
+                sampled = not exact_sqnr[i] and t.dtype != "F32"  # F32 is exact by construction
+                record = manifest.tensor_record(t, o.stats[i].sqnr_db, o.measured_rows[i] if sampled else None)
                 if o.importance is not None and t.quantize:
                     record["imatrix"] = o.vectors[i] is not None  # False: not in the file, ggml's unweighted path
                 o.records.append(record)
@@ -568,14 +629,17 @@ def _encode_rows(data: torch.Tensor, x: np.ndarray, dtype: str, vec, dest: np.nd
         ggml.encode(x, dtype, vec, out=dest)
 
 
-def _sampled_error(x: np.ndarray, q: np.ndarray, dtype: str) -> tuple[float, float]:
-    """Signal and noise energies of at most SAMPLE_ROWS evenly spaced rows of the block (exact types: no noise)."""
+def _error_energies(x: np.ndarray, q: np.ndarray, dtype: str, exact: bool) -> tuple[float, float, int]:
+    """Signal and noise energies of the block's rows, and how many rows they cover: every row when `exact`, else at
+    most SAMPLE_ROWS evenly spaced ones. F32 is exact by construction: no noise, nothing measured."""
     if dtype == "F32":
-        return 0.0, 0.0
-    step = max(1, x.shape[0] // SAMPLE_ROWS)
-    ref = np.ascontiguousarray(x[::step]).reshape(-1)
-    diff = ggml.decode(np.ascontiguousarray(q[::step]), dtype).reshape(-1) - ref
-    return float(np.dot(ref, ref)), float(np.dot(diff, diff))
+        return 0.0, 0.0, 0
+    step = 1 if exact else max(1, x.shape[0] // SAMPLE_ROWS)
+    ref = np.ascontiguousarray(x[::step])
+    diff = (ggml.decode(np.ascontiguousarray(q[::step]), dtype).reshape(ref.shape) - ref).reshape(-1)
+    rows = ref.shape[0]
+    ref = ref.reshape(-1)
+    return float(np.dot(ref, ref)), float(np.dot(diff, diff)), rows
 
 
 def load_gguf_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
