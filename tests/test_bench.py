@@ -274,7 +274,9 @@ def test_sigkill_then_rerun_gives_the_same_results(setup, small, tmp_path):
 
 def test_accelerate_launch_two_processes_gives_the_same_results(setup, small, tmp_path):
     out = tmp_path / "accelerate"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate 1.16's `--cpu` launcher starts one process (several only through MPI); its torchrun launcher
+    # starts two, which form a gloo group on the CPU (`--device cpu`).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
               "-m", "ideoquant"]
     args = _args(setup, out, setup["int8"], setup["q8_0"], extra=[*SMALL, *setup["models"][:2], "--json"])

@@ -34,14 +34,12 @@ def bench(source: str, variants: list[str], out: str | Path, *, base: str | None
 
     Under `accelerate launch`, call it in every process: each generates its share of the (prompt, seed) list; the
     main process gathers and scores, and returns results.json's dict (the others return None)."""
-    from accelerate import PartialState
-
     from ..device import check_device
     from ..load import DEFAULT_BASE_PIPELINE
     from ..source import open_source
 
     reporter = reporter or Reporter()
-    state = PartialState()
+    state = process_state(device)
     distributed = state.num_processes > 1
     device = str(state.device) if distributed else check_device(device or _default_device())
     metric_names = parse_metrics(metrics if not isinstance(metrics, list) else ",".join(metrics))
@@ -129,6 +127,15 @@ def score_images(images: str | Path, prompts: str | Path, out: str | Path, *, me
         all_jobs = sorted({j for js in found.values() for j in js}, key=lambda j: (j.prompt_id, j.seed))
         return _score_and_write(out, settings, prompt_list, all_jobs, [(n, "images", str(images / n)) for n in names],
                                 [], metric_names, models, device, None, reporter, present=found)
+
+
+def process_state(device: str | None = None):
+    """accelerate's view of this process (one process unless started by `accelerate launch`). CPU processes are
+    asked for explicitly: accelerate forms a gloo group of CPU processes only when told to."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=(device or "").startswith("cpu") or not torch.cuda.is_available())
 
 
 def _default_device() -> str:
