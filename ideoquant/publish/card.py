@@ -16,7 +16,7 @@ import yaml
 from .. import formats, model
 from ..formats import usage
 from ..load import BASE_PIPELINES, DEFAULT_BASE_PIPELINE
-from ..write.staging import human_bytes
+from ..formatting import db, human_bytes
 
 HUB = "https://huggingface.co"
 LICENSE_NAME = "ideogram-4-non-commercial"
@@ -33,10 +33,6 @@ class BenchSection:
 
 def _human(n: int | None) -> str:
     return "?" if n is None else human_bytes(n)
-
-
-def _db(x) -> str:
-    return "exact" if x is None else f"{x:.1f} dB"
 
 
 def _license(source: dict, base: str | None) -> dict:
@@ -142,7 +138,7 @@ def model_card(manifest: dict, repo_id: str, base_pipeline: str | None = None,
         after = sum(files[f]["size"] for f in c["files"] if f in files) or c["bytes_out"]
         ratio = f"{after / c['bytes_in']:.2f}×" if c["bytes_in"] else "?"
         out.append(f"| `{name}` | {c['tensors_quantized']} / {c['tensors_kept']} | {_human(c['bytes_in'])} | "
-                   f"{_human(after)} | {ratio} | {_db(c['weight_sqnr_db_min'])} | {_db(c['weight_sqnr_db_mean'])} |")
+                   f"{_human(after)} | {ratio} | {db(c['weight_sqnr_db_min'])} | {db(c['weight_sqnr_db_mean'])} |")
     out += ["", "SQNR compares each quantized weight with the source weight (higher is closer); it says nothing "
                 "directly about image quality.", ""]
     if bench is not None:
