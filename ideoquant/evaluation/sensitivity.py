@@ -30,6 +30,7 @@ from .. import model as model_mod
 from ..device import check_device
 from ..encode import ggml, int8
 from ..errors import IdeoquantError
+from ..formats.gguf import needed_importance
 from ..formatting import db
 from ..progress import Reporter
 from ..recipe import load_recipe, resolve
@@ -125,6 +126,9 @@ def sensitivity(
     r = resolve(recipe, qtype=qtype)
     if qtype and r.format != "gguf":
         raise IdeoquantError(f"--type applies to gguf recipes; '{r.name}' is an {r.format} recipe")
+    if r.format == "gguf" and needed_importance([r]):  # its fake-quantizer runs ggml without importance weights
+        raise IdeoquantError(f"sensitivity quantizes without an importance matrix, which "
+                             f"{', '.join(needed_importance([r]))} needs: rank with another type (e.g. iq4_xs)")
     src, ins = open_with_inputs(source, inputs, components=components or list(model_mod.COMPONENTS),
                                 revision=revision, token=token, **sample)
 
