@@ -341,6 +341,7 @@ class GGUFFormat:
                  "class yet), so `ideoquant.load_transformer` builds each backbone with diffusers' own GGUF layers "
                  "(`pip install ideoquant`); the weights stay quantized and are dequantized per layer at run time.",
                  ""]
+        lines += [f"**{w}**\n" for w in m.get("warnings") or [] if w.startswith(tuple(catalog.GGUF_SDCPP_ONLY))]
         layouts = {c["output_layout"] for c in m["components"].values()}
         arch = m.get("gguf", {}).get("arch", ARCH)
         if layouts == {"original"}:
