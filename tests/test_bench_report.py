@@ -29,28 +29,39 @@ PROMPTS = [
     {"id": "3", "prompt": "a red fox | in snow"},
 ]
 SEEDS = (0, 1)
-OCR_READ = {"reference": "BAKERY", "int8": "BAKERY", "q4_k": "BAKEPY<b>"}
+OCR_READ = {"reference": "BAKERY", "int8": "BAKERY", "q4_k": "BAKEPY<b>", "nf4": "8AKERY"}
 
 
-def _stat(mean, n, delta=None, low=None, high=None, verdict=None):
-    return {"mean": mean, "n": n, "delta_vs_reference": delta, "ci_low": low, "ci_high": high, "verdict": verdict}
+def _stat(mean, n, delta=None, low=None, high=None, verdict=None, vs=None):
+    stat = {"mean": mean, "n": n, "delta_vs_reference": delta, "ci_low": low, "ci_high": high, "verdict": verdict}
+    return stat if vs is None else {**stat, "vs": vs}
+
+
+def _perf(values: dict) -> dict:
+    """Per-variant numbers as the engine writes them: a mean and n, the rest null (n = 1 for a load)."""
+    return {k: None if v is None else _stat(v, 6 if k.startswith("seconds") else 1) for k, v in values.items()}
 
 
 SAME, WORSE = "indistinguishable from the reference", "worse"
 SUMMARY = {
     "reference": {"pick": _stat(21.0, 6), "clip": _stat(30.0, 6),
-                  "weight_bytes": 20_400_000_000, "peak_memory_bytes": 23_000_000_000,
-                  "seconds_per_image": 150.0, "seconds_per_step": 3.125, "load_seconds": 12.0},
-    "int8": {"pick": _stat(20.95, 6, -0.05, -0.12, 0.02, SAME), "clip": _stat(29.9, 6, -0.1, -0.3, 0.1, SAME),
-             "lpips": _stat(0.243, 6, 0.243, 0.2, 0.29, WORSE), "psnr": _stat(31.5, 6, None, None, None, None),
+                  **_perf({"weight_bytes": 20_400_000_000, "peak_memory_bytes": 23_000_000_000,
+                           "seconds_per_image": 150.0, "seconds_per_step": 3.125, "load_seconds": 12.0})},
+    "int8": {"pick": _stat(20.95, 6, -0.05, -0.12, 0.02, SAME,
+                           vs={"nf4": {"delta": 1.2, "ci_low": 0.8, "ci_high": 1.6, "n": 6, "verdict": "better"}}),
+             "clip": _stat(29.9, 6, -0.1, -0.3, 0.1, SAME),
+             "lpips": _stat(0.243, 6, None, 0.2, 0.29), "psnr": _stat(31.5, 6, None, 30.0, 33.0),
              "ocr_ned": _stat(0.0, 2, 0.0, 0.0, 0.0, SAME),
-             "weight_bytes": 10_200_000_000, "peak_memory_bytes": 14_000_000_000,
-             "seconds_per_image": 184.0, "seconds_per_step": 3.833, "load_seconds": 9.5},
+             **_perf({"weight_bytes": 10_200_000_000, "peak_memory_bytes": 14_000_000_000,
+                      "seconds_per_image": 184.0, "seconds_per_step": 3.833, "load_seconds": 9.5})},
     "q4_k": {"pick": _stat(20.1, 6, -0.9, -1.3, -0.5, WORSE), "clip": _stat(28.0, 6, -2.0, -2.6, -1.4, WORSE),
-             "lpips": _stat(0.306, 6, 0.306, 0.25, 0.36, WORSE), "psnr": _stat(27.25, 6, None, None, None, None),
+             "lpips": _stat(0.306, 6, None, 0.25, 0.36), "psnr": _stat(27.25, 6, None, 26.0, 28.5),
              "ocr_ned": _stat(0.286, 2, 0.286, 0.2, 0.37, WORSE),
-             "weight_bytes": 5_200_000_000, "peak_memory_bytes": None,
-             "seconds_per_image": 120.5, "seconds_per_step": 2.51, "load_seconds": 6.25},
+             **_perf({"weight_bytes": 5_200_000_000, "peak_memory_bytes": None,
+                      "seconds_per_image": 120.5, "seconds_per_step": 2.51, "load_seconds": 6.25})},
+    "nf4": {"pick": _stat(19.75, 6, -1.25, -1.6, -0.9, WORSE), "clip": _stat(27.5, 6, -2.5, -3.1, -1.9, WORSE),
+            **_perf({"weight_bytes": 5_100_000_000, "peak_memory_bytes": 9_000_000_000,
+                     "seconds_per_image": 165.0, "seconds_per_step": 3.4375, "load_seconds": 30.0})},
 }
 
 
@@ -79,9 +90,14 @@ def make_report(folder: Path) -> dict:
                     row["ocr_text"] = OCR_READ[variant]
                     metrics.update(ocr_ned=0.0 if v < 2 else 0.286, ocr_exact=1.0 if v < 2 else 0.0)
                 images.append(row)
-    results = {"settings": {"source": "ideogram-ai/ideogram-4-fp8", "steps": 48, "guidance": 4.0, "size": [64, 48],
-                            "seeds": list(SEEDS), "prompts": PROMPTS},
-               "images": images, "summary": copy.deepcopy(SUMMARY)}
+    settings = {"schema": 1, "mode": "generate", "source": "ideogram-ai/ideogram-4-fp8", "steps": 48,
+                "guidance": 4.0, "size": [64, 48], "seeds": len(SEEDS), "prompts": len(PROMPTS)}
+    results = {"schema": 1, "settings": settings, "images": images, "summary": copy.deepcopy(SUMMARY),
+               "metrics": {m: {"higher_is_better": m not in ("lpips", "ocr_ned"), "against_reference": m in
+                               ("psnr", "ssim", "lpips"), "model": None} for m in ("pick", "clip", "lpips", "psnr",
+                                                                                     "ocr_ned", "ocr_exact")},
+               "prompts": [{"text": None, "group": None, **p} for p in PROMPTS],
+               "variants": [{"name": v, "kind": "output", "what": f"./ideogram4-{v}"} for v in SUMMARY]}
     (folder / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
 
@@ -122,7 +138,7 @@ def _click_header(driver, label: str) -> None:
 def _order(key: str, reverse: bool = False) -> list[str]:
     """The variants sorted by a summary number, computed here from the results; missing numbers last."""
     def value(variant):
-        entry = SUMMARY[variant][key]
+        entry = SUMMARY[variant].get(key)
         return entry["mean"] if isinstance(entry, dict) else entry
 
     present = sorted((v for v in SUMMARY if value(v) is not None), key=value, reverse=reverse)
@@ -150,17 +166,20 @@ def test_index_html_in_chromium(report):
         assert HOSTILE in body and "a red fox | in snow" in body and "OCR read: BAKEPY<b>" in body
 
         # Sorting: ascending on the first click, descending on the second, empty cells last both ways.
-        assert _first_column(driver) == ["reference", "int8", "q4_k"]
+        assert _first_column(driver) == ["reference", "int8", "q4_k", "nf4"]
         _click_header(driver, "s / image")
-        assert _first_column(driver) == _order("seconds_per_image") == ["q4_k", "reference", "int8"]
+        assert _first_column(driver) == _order("seconds_per_image") == ["q4_k", "reference", "nf4", "int8"]
         _click_header(driver, "s / image")
         assert _first_column(driver) == _order("seconds_per_image", reverse=True)
         _click_header(driver, "peak GPU memory")
-        assert _first_column(driver) == _order("peak_memory_bytes") == ["int8", "reference", "q4_k"]
+        assert _first_column(driver) == _order("peak_memory_bytes") == ["nf4", "int8", "reference", "q4_k"]
         _click_header(driver, "peak GPU memory")
-        assert _first_column(driver) == _order("peak_memory_bytes", reverse=True) == ["reference", "int8", "q4_k"]
+        assert _first_column(driver) == _order("peak_memory_bytes", reverse=True) == ["reference", "int8", "nf4",
+                                                                                      "q4_k"]
+        _click_header(driver, "LPIPS")  # the reference and nf4 have no LPIPS: last
+        assert _first_column(driver) == _order("lpips") == ["int8", "q4_k", "reference", "nf4"]
         _click_header(driver, "PickScore")
-        assert _first_column(driver) == _order("pick") == ["q4_k", "int8", "reference"]
+        assert _first_column(driver) == _order("pick") == ["nf4", "q4_k", "int8", "reference"]
         driver.execute_script("window.scrollTo(0, 0)")
         assert screenshot(driver, "bench-report", "index").stat().st_size > 0
 
@@ -187,24 +206,29 @@ def test_summary_md_holds_every_number(report):
         "| reference | PickScore ↑ | 21.000 | 6 | – | – | – |",
         "| int8 | PickScore ↑ | 20.950 | 6 | -0.050 | [-0.120, +0.020] | indistinguishable from the reference |",
         "| int8 | CLIPScore ↑ | 29.90 | 6 | -0.10 | [-0.30, +0.10] | indistinguishable from the reference |",
-        "| int8 | LPIPS ↓ | 0.2430 | 6 | +0.2430 | [+0.2000, +0.2900] | worse |",
-        "| int8 | PSNR (dB) ↑ | 31.50 | 6 | – | – | – |",
+        "| int8 | LPIPS ↓ | 0.2430 | 6 | – | [0.2000, 0.2900] | – |",
+        "| int8 | PSNR (dB) ↑ | 31.50 | 6 | – | [30.00, 33.00] | – |",
         "| q4_k | OCR NED ↓ | 0.286 | 2 | +0.286 | [+0.200, +0.370] | worse |",
+        "| int8 | nf4 | PickScore ↑ | +1.200 | [+0.800, +1.600] | better |",
         "| reference | 19.00 GiB | 21.42 GiB | 150.00 | 3.12 | 12.00 |",
         "| q4_k | 4.84 GiB | – | 120.50 | 2.51 | 6.25 |",
     ]:
         assert line in lines, line
     # One row per variant and metric that has statistics, none for a metric a variant lacks.
-    rows = [line for line in lines if line.startswith("| ") and " ↑ |" in line or " ↓ |" in line]
-    expected = sum(isinstance(v, dict) for entry in SUMMARY.values() for v in entry.values())
-    assert len(rows) == expected
+    quality = lines[lines.index("## Quality against the reference"):lines.index("## Against the baselines")]
+    rows = [line for line in quality if line.startswith("| ") and line.split(" | ")[1] not in ("metric", "---")]
+    expected = sum(isinstance(v, dict) and k not in ("weight_bytes", "peak_memory_bytes", "seconds_per_image",
+                                                     "seconds_per_step", "load_seconds")
+                   for entry in SUMMARY.values() for k, v in entry.items())
+    assert len(rows) == expected == 14
 
 
 def test_report_without_sizes_has_no_plot(tmp_path):
     results = make_report(tmp_path)
     (tmp_path / "quality.png").write_bytes(b"stale")
     for entry in results["summary"].values():
-        entry.update(weight_bytes=None, peak_memory_bytes=None)
+        entry.pop("weight_bytes")
+        entry.update(peak_memory_bytes=None)
     write_report(tmp_path, results)
     assert not (tmp_path / "quality.png").exists()
     assert "images scored with --images" in (tmp_path / "index.html").read_text(encoding="utf-8")
@@ -229,7 +253,11 @@ def _broken(mutate):
     (lambda r: r["summary"]["int8"]["pick"].update(mean="high"), "summary.int8.pick.mean must be a number"),
     (lambda r: r["summary"]["int8"]["pick"].update(n=True), "summary.int8.pick.n must be a non-negative integer"),
     (lambda r: r["summary"]["int8"].update(weight_bytes="10 GB"), "summary.int8.weight_bytes must be a number"),
-    (lambda r: r["images"][0].update(variant="nf4"), "images[0].variant 'nf4' is not a variant of the summary"),
+    (lambda r: r["summary"]["int8"]["pick"]["vs"]["nf4"].update(delta="+1"), "summary.int8.pick.vs.nf4 must be"),
+    (lambda r: r.update(prompts=[{"id": 1}]), "prompts[0] must be an object with a string 'id'"),
+    (lambda r: r.update(prompts=[{"id": "1", "text": 5}]), "prompts[0].text must be a string or null"),
+    (lambda r: r.update(variants={}), "'variants' must be a list"),
+    (lambda r: r["images"][0].update(variant="fp4"), "images[0].variant 'fp4' is not a variant of the summary"),
     (lambda r: r["images"][0].update(seed=-1), "images[0].seed must be a non-negative integer"),
     (lambda r: r["images"][0].update(path="../../etc/passwd"), "images[0].path '../../etc/passwd' must be"),
     (lambda r: r["images"][0].update(path="/etc/passwd"), "images[0].path '/etc/passwd' must be"),
@@ -289,6 +317,7 @@ def test_upload_bench_puts_table_and_grid_into_the_card(hub_env, int8_out, repor
 
     grid = Image.open(io.BytesIO(hub_env.hub.read(target, "ideoquant-bench.png")))
     tile, header, variants = 256, 28, list(SUMMARY)
+    assert variants[0] == "reference"
     # Four rows, taken from the groups in turn: text, scenes, no group, then text again.
     rows = [("sign-1", 0), ("odd", 0), ("3", 0), ("sign-1", 1)]
     assert grid.size == (tile * len(variants), header + tile * len(rows))

@@ -244,7 +244,7 @@ def test_resolve_refuses_what_is_not_quantized(bf16_source, tmp_path):
         resolve_variants([bf16_source / "transformer"])
     with pytest.raises(IdeoquantError, match="not quantized"):
         resolve_variants([bf16_source])  # a pipeline folder, but the source itself
-    with pytest.raises(IdeoquantError, match="holds no INT8 backbone"):
+    with pytest.raises(IdeoquantError, match="holds no quantized backbone"):
         resolve_variants([tmp_path])
     with pytest.raises(IdeoquantError, match="unknown baseline"):
         evaluate(str(bf16_source), [], baselines=("int4",))

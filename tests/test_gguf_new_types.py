@@ -174,8 +174,12 @@ def test_multi_type_pass_and_recipe_file_with_new_types(bf16_source, tmp_path):
     assert any("only stable-diffusion.cpp reads" in w for w in m["warnings"])
 
 
-def test_sensitivity_refuses_a_type_that_needs_an_imatrix():
-    from ideoquant.evaluation.sensitivity import sensitivity
+def test_fake_quantizer_refuses_a_type_that_needs_an_imatrix():
+    """sensitivity and eval's in-memory quantizer has no importance matrix: one clear error, weights untouched."""
+    from ideoquant import formats
 
+    m = testing.build_model(testing.TINY_CONFIG)
+    before = m.input_proj.weight
     with pytest.raises(ideoquant.IdeoquantError, match="importance matrix"):
-        sensitivity(None, "gguf", qtype=NEEDS[0].lower())
+        formats.get("gguf").fake_quantize(m, {"input_proj": "Q8_0", "layers.0.attention.to_out.0": NEEDS[0]})
+    assert m.input_proj.weight is before

@@ -375,7 +375,7 @@ def test_file_size_limit_mid_write_cleans_up(src, old_out, command):
 
 @pytest.mark.parametrize("regex", [r"(a+)+$", r"(a|aa)+$", r"(a*)*b", r"(\w+\s?)+$", r"^(([a-z])+.)+[A-Z]([a-z])+$"])
 def test_type_rule_matching_cannot_hang(regex):
-    from ideoquant.recipe import resolve
+    from ideoquant.formats import resolve
 
     r = resolve("gguf", type_rules=[f"{regex}=Q8_0"])
     names = ["a" * 5000 + "!", "layers.0.feed_forward.w1.weight" * 50 + "!"]
@@ -421,7 +421,7 @@ def test_recipe_type_is_used(bf16_source, tmp_path):
                                          ('type = "Q8_0"\n[rules]\n"w1" = "Q7_K"\n', "Q7_K"),
                                          ('type = "Q8_0"\n[rules]\n"(?<=x)w1" = "Q8_0"\n', "bad type rule regex")])
 def test_recipe_type_is_validated_on_load(bf16_source, tmp_path, body, needle):
-    from ideoquant.recipe import load_recipe
+    from ideoquant.formats import load_recipe
 
     r = _recipe(tmp_path, body)
     with pytest.raises(IdeoquantError, match="r.toml"):

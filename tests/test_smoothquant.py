@@ -16,7 +16,7 @@ from ideoquant.errors import IdeoquantError
 from ideoquant.evaluation.evaluate import evaluate
 from ideoquant.evaluation.inputs import sample_calls
 from ideoquant.evaluation.runner import velocities
-from ideoquant.recipe import load_recipe
+from ideoquant.formats import load_recipe
 from ideoquant.encode.smoothing import smoothing_factor
 from ideoquant.evaluation.calibrate import calibrate, quantized_modules
 from ideoquant.formats.smoothquant import KEY_STATS, Statistics

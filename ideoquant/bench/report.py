@@ -124,6 +124,20 @@ def check_results(results, where: str = RESULTS) -> None:
                 fail(f"{place}.metrics.{name}", "must be a number or null")
         if row.get("ocr_text") is not None and not isinstance(row["ocr_text"], str):
             fail(f"{place}.ocr_text", "must be a string or null")
+    for key in ("prompts", "variants"):
+        if key in results and not isinstance(results[key], list):
+            fail(f"'{key}'", "must be a list")
+    for i, prompt in enumerate(results.get("prompts", [])):
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("id"), str):
+            fail(f"prompts[{i}]", "must be an object with a string 'id'")
+        for key in ("prompt", "text", "group"):
+            if prompt.get(key) is not None and not isinstance(prompt[key], str):
+                fail(f"prompts[{i}].{key}", "must be a string or null")
+    for i, variant in enumerate(results.get("variants", [])):
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
+            fail(f"variants[{i}]", "must be an object with a string 'name'")
+    if "metrics" in results and not isinstance(results["metrics"], dict):
+        fail("'metrics'", "must be an object")
 
 
 def _check_stat(stat: dict, place: str, fail) -> None:
@@ -138,6 +152,13 @@ def _check_stat(stat: dict, place: str, fail) -> None:
         fail(f"{place}.n", "must be a non-negative integer")
     if stat["verdict"] is not None and not isinstance(stat["verdict"], str):
         fail(f"{place}.verdict", "must be a string or null")
+    vs = stat.get("vs", {})
+    if not isinstance(vs, dict):
+        fail(f"{place}.vs", "must be an object (baseline -> paired comparison)")
+    for baseline, comparison in vs.items():
+        if not isinstance(comparison, dict) or not all(
+                _is_number(comparison.get(k), none_ok=True) for k in ("delta", "ci_low", "ci_high")):
+            fail(f"{place}.vs.{baseline}", "must be an object with numbers delta, ci_low, ci_high")
 
 
 def _is_number(value, none_ok: bool = False) -> bool:
@@ -154,23 +175,25 @@ def variants(results: dict) -> list[str]:
 
 def metric_names(results: dict) -> list[str]:
     """The metrics any variant has statistics for: the known ones in table order, then any others by name."""
-    present = {k for entry in results["summary"].values() for k, v in entry.items() if isinstance(v, dict)}
+    present = {k for entry in results["summary"].values() for k, v in entry.items()
+               if isinstance(v, dict) and k not in VARIANT_NUMBERS}
     return [m for m in METRICS if m in present] + sorted(present - set(METRICS))
 
 
+def variant_number(results: dict, variant: str, key: str):
+    """A per-variant number of the summary (seconds_per_image, weight_bytes, ...): its mean, or None."""
+    value = results["summary"][variant].get(key)
+    return value.get("mean") if isinstance(value, dict) else value
+
+
 def prompt_info(results: dict) -> dict[str, dict]:
-    """Prompt id -> {prompt, text, group}, from `settings.prompts` (a list of prompt objects) or the image rows'
-    own `prompt`/`text`/`group` fields; ids with neither map to an empty dict."""
+    """Prompt id -> {prompt, text, group} (those that are set), in the order of `prompts`; ids only the image rows
+    name map to an empty dict."""
     info: dict[str, dict] = {}
-    listed = results["settings"].get("prompts")
-    for p in listed if isinstance(listed, list) else []:
-        if isinstance(p, dict) and "id" in p:
-            info[str(p["id"])] = {k: p[k] for k in ("prompt", "text", "group") if isinstance(p.get(k), str)}
+    for p in results.get("prompts", []):
+        info[p["id"]] = {k: p[k] for k in ("prompt", "text", "group") if isinstance(p.get(k), str)}
     for row in results["images"]:
-        known = info.setdefault(row["prompt_id"], {})
-        for k in ("prompt", "text", "group"):
-            if k not in known and isinstance(row.get(k), str):
-                known[k] = row[k]
+        info.setdefault(row["prompt_id"], {})
     return info
 
 
@@ -178,8 +201,19 @@ def _label(metric: str) -> str:
     return METRICS[metric].label if metric in METRICS else metric
 
 
-def _arrow(metric: str) -> str:
-    return "" if metric not in METRICS else (" ↑" if METRICS[metric].higher_is_better else " ↓")
+def _arrow(metric: str, results: dict | None = None) -> str:
+    if metric in METRICS:
+        higher = METRICS[metric].higher_is_better
+    else:
+        higher = ((results or {}).get("metrics", {}).get(metric) or {}).get("higher_is_better")
+    return "" if higher is None else " ↑" if higher else " ↓"
+
+
+def _ci(metric: str, stat: dict) -> str:
+    if stat.get("ci_low") is None or stat.get("ci_high") is None:
+        return "–"
+    signed = stat.get("delta_vs_reference", stat.get("delta")) is not None
+    return f"[{_num(metric, stat['ci_low'], signed)}, {_num(metric, stat['ci_high'], signed)}]"
 
 
 def _num(metric: str, value, signed: bool = False) -> str:
@@ -210,28 +244,38 @@ def summary_markdown(results: dict, heading_level: int = 2) -> str:
     h = "#" * heading_level
     summary = results["summary"]
     out = [f"{h} Quality against the reference", "",
-           "Paired same-seed differences against the reference; 95 % bootstrap confidence interval. "
-           "↑: higher is better, ↓: lower is better. \"indistinguishable\": the interval holds 0.", "",
+           "Δ: the mean paired same-seed difference against the reference, with its bootstrap 95 % confidence "
+           "interval; \"indistinguishable\": the interval holds 0. Metrics that compare each image with the "
+           "reference's image (PSNR, SSIM, LPIPS) have no difference to take: their interval is that of the mean. "
+           "↑: higher is better, ↓: lower is better.", "",
            "| variant | metric | mean | n | Δ vs reference | 95 % CI | verdict |",
            "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    comparisons = []
     for variant in variants(results):
         for metric in metric_names(results):
             stat = summary[variant].get(metric)
             if not isinstance(stat, dict):
                 continue
-            ci = ("–" if stat["ci_low"] is None or stat["ci_high"] is None
-                  else f"[{_num(metric, stat['ci_low'], True)}, {_num(metric, stat['ci_high'], True)}]")
-            out.append(f"| {_md_cell(variant)} | {_label(metric)}{_arrow(metric)} | {_num(metric, stat['mean'])} | "
-                       f"{stat['n']} | {_num(metric, stat['delta_vs_reference'], True)} | {ci} | "
+            out.append(f"| {_md_cell(variant)} | {_label(metric)}{_arrow(metric, results)} | "
+                       f"{_num(metric, stat['mean'])} | {stat['n']} | "
+                       f"{_num(metric, stat['delta_vs_reference'], True)} | {_ci(metric, stat)} | "
                        f"{_md_cell(stat['verdict'] or '–')} |")
+            for baseline, c in (stat.get("vs") or {}).items():
+                comparisons.append(f"| {_md_cell(variant)} | {_md_cell(baseline)} | {_label(metric)}"
+                                   f"{_arrow(metric, results)} | {_num(metric, c['delta'], True)} | {_ci(metric, c)} | "
+                                   f"{_md_cell(c.get('verdict') or '–')} |")
+    if comparisons:
+        out += ["", f"{h} Against the baselines", "",
+                "| variant | baseline | metric | Δ vs baseline | 95 % CI | verdict |",
+                "| --- | --- | --- | ---: | --- | --- |", *comparisons]
     out += ["", f"{h} Size, memory and time", "",
             "| variant | weights | peak GPU memory | s / image | s / step | load s |",
             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for variant in variants(results):
-        e = summary[variant]
-        out.append(f"| {_md_cell(variant)} | {_bytes(e.get('weight_bytes'))} | {_bytes(e.get('peak_memory_bytes'))} | "
-                   f"{_seconds(e.get('seconds_per_image'))} | {_seconds(e.get('seconds_per_step'))} | "
-                   f"{_seconds(e.get('load_seconds'))} |")
+        n = {k: variant_number(results, variant, k) for k in VARIANT_NUMBERS}
+        out.append(f"| {_md_cell(variant)} | {_bytes(n['weight_bytes'])} | {_bytes(n['peak_memory_bytes'])} | "
+                   f"{_seconds(n['seconds_per_image'])} | {_seconds(n['seconds_per_step'])} | "
+                   f"{_seconds(n['load_seconds'])} |")
     return "\n".join(out) + "\n"
 
 
@@ -241,7 +285,7 @@ def _settings_line(results: dict) -> str:
     seeds = sorted({row["seed"] for row in results["images"]})
     parts = [f"{len(prompts)} prompts", f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"]
     for key in ("source", "base", "steps", "guidance", "size"):
-        if s.get(key) is not None:
+        if isinstance(s.get(key), (str, int, float, list)) and not isinstance(s[key], bool):
             parts.append(f"{key} {s[key] if not isinstance(s[key], list) else 'x'.join(map(str, s[key]))}")
     return ", ".join(parts)
 
@@ -284,9 +328,10 @@ def _quality_plot_png(results: dict) -> bytes | None:
     summary = results["summary"]
     axes_x = [(key, label) for key, label in (("weight_bytes", "weights (GiB)"),
                                               ("peak_memory_bytes", "peak GPU memory (GiB)"))
-              if any(summary[v].get(key) is not None for v in summary)]
+              if any(variant_number(results, v, key) is not None for v in summary)]
     plotted = [m for m in PLOT_PRIORITY
-               if any(isinstance(summary[v].get(m), dict) and summary[v][m]["mean"] is not None for v in summary)]
+               if any(isinstance(summary[v].get(m), dict) and summary[v][m]["mean"] is not None for v in summary)
+               and m in metric_names(results)]
     plotted = plotted[:PLOT_METRICS]
     if not axes_x or not plotted:
         return None
@@ -297,21 +342,23 @@ def _quality_plot_png(results: dict) -> bytes | None:
         for col, (x_key, x_label) in enumerate(axes_x):
             ax = grid[row][col]
             for i, variant in enumerate(variants(results)):
-                stat, x = summary[variant].get(metric), summary[variant].get(x_key)
+                stat, x = summary[variant].get(metric), variant_number(results, variant, x_key)
                 if not isinstance(stat, dict) or stat["mean"] is None or x is None or not math.isfinite(stat["mean"]):
                     continue
                 y = stat["mean"]
                 err = None
-                if None not in (stat["ci_low"], stat["ci_high"], stat["delta_vs_reference"]):
-                    d = stat["delta_vs_reference"]
+                if None not in (stat["ci_low"], stat["ci_high"]):
+                    # The CI of the difference drawn around the mean; of the mean itself where there is no difference.
+                    d = y if stat["delta_vs_reference"] is None else stat["delta_vs_reference"]
                     err = [[max(d - stat["ci_low"], 0.0)], [max(stat["ci_high"] - d, 0.0)]]
                 ax.errorbar([x / 2**30], [y], yerr=err, fmt="o" if variant != REFERENCE else "*", markersize=7,
                             capsize=3, color=f"C{i % 10}")
                 ax.annotate(variant, (x / 2**30, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
             ax.set_xlabel(x_label)
-            ax.set_ylabel(_label(metric) + _arrow(metric))
+            ax.set_ylabel(_label(metric) + _arrow(metric, results))
             ax.grid(True, alpha=0.3)
-    fig.suptitle("quality against size and memory (bars: 95 % CI of the paired difference to the reference)",
+    fig.suptitle("quality against size and memory (bars: 95 % CI of the paired difference to the reference, or of "
+                 "the mean for metrics against the reference image)",
                  fontsize=9)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
@@ -376,26 +423,30 @@ def _summary_table_html(results: dict) -> str:
     metrics = metric_names(results)
     head = ['<th class="name">variant</th>', "<th>weights</th>", "<th>peak GPU memory</th>", "<th>s / image</th>",
             "<th>s / step</th>", "<th>load s</th>"]
-    head += [f"<th>{_e(_label(m) + _arrow(m))}</th>" for m in metrics]
+    head += [f"<th>{_e(_label(m) + _arrow(m, results))}</th>" for m in metrics]
     rows = []
     for variant in variants(results):
         e = summary[variant]
+        n = {k: variant_number(results, variant, k) for k in VARIANT_NUMBERS}
         cells = [f'<td class="name" data-value="{_e(variant)}">{_e(variant)}</td>']
-        cells += [f'<td data-value="{_sort_value(e.get(k))}">{_bytes(e.get(k))}</td>'
+        cells += [f'<td data-value="{_sort_value(n[k])}">{_bytes(n[k])}</td>'
                   for k in ("weight_bytes", "peak_memory_bytes")]
-        cells += [f'<td data-value="{_sort_value(e.get(k))}">{_seconds(e.get(k))}</td>'
+        cells += [f'<td data-value="{_sort_value(n[k])}">{_seconds(n[k])}</td>'
                   for k in ("seconds_per_image", "seconds_per_step", "load_seconds")]
         for m in metrics:
             stat = e.get(m)
             if not isinstance(stat, dict):
                 cells.append('<td data-value=""><span class="muted">–</span></td>')
                 continue
-            delta = ""
-            if stat["delta_vs_reference"] is not None and variant != REFERENCE:
-                ci = ("" if stat["ci_low"] is None or stat["ci_high"] is None
-                      else f" [{_num(m, stat['ci_low'], True)}, {_num(m, stat['ci_high'], True)}]")
-                delta = (f'<span class="delta">Δ {_num(m, stat["delta_vs_reference"], True)}{ci}'
-                         f'{" · " + _e(stat["verdict"]) if stat["verdict"] else ""} · n {stat["n"]}</span>')
+            lines = []
+            if stat["delta_vs_reference"] is not None:
+                lines.append(f"Δ {_num(m, stat['delta_vs_reference'], True)} {_ci(m, stat)}"
+                             + (f" · {_e(stat['verdict'])}" if stat["verdict"] else ""))
+            elif stat["ci_low"] is not None and stat["ci_high"] is not None:
+                lines.append(f"CI {_ci(m, stat)}")
+            lines += [f"vs {_e(b)}: {_num(m, c['delta'], True)} {_ci(m, c)}"
+                      + (f" · {_e(c['verdict'])}" if c.get("verdict") else "") for b, c in (stat.get("vs") or {}).items()]
+            delta = "".join(f'<span class="delta">{line}</span>' for line in lines + [f"n {stat['n']}"])
             cls = _verdict_class(stat["verdict"]) if variant != REFERENCE else ""
             cells.append(f'<td class="metric {cls}" data-value="{_sort_value(stat["mean"])}">{_num(m, stat["mean"])}'
                          f"{delta}</td>")
@@ -435,6 +486,14 @@ def _prompts_html(results: dict) -> str:
     return "".join(out)
 
 
+def _variants_html(results: dict) -> str:
+    listed = [v for v in results.get("variants", []) if v.get("what") or v.get("kind")]
+    if not listed:
+        return ""
+    items = "".join(f"<li><b>{_e(v['name'])}</b>: {_e(v.get('what') or v.get('kind'))}</li>" for v in listed)
+    return f"<ul>{items}</ul>"
+
+
 def _index_html(results: dict, has_plot: bool) -> str:
     plot = ('<img id="quality-plot" src="quality.png" alt="quality against weight size and peak memory">'
             if has_plot else '<p class="muted">No size or memory numbers (images scored with --images).</p>')
@@ -444,10 +503,12 @@ def _index_html(results: dict, has_plot: bool) -> str:
 <body>
 <h1>ideoquant bench</h1>
 <p>{_e(_settings_line(results))}</p>
+{_variants_html(results)}
 <h2>Summary</h2>
-<p>Each cell: the variant's mean; below it the paired same-seed difference against the reference with its bootstrap
-95 % confidence interval and the verdict ("indistinguishable" when the interval holds 0). ↑: higher is better,
-↓: lower is better. Click a header to sort.</p>
+<p>Each cell: the variant's mean; below it the paired same-seed difference (Δ) against the reference with its
+bootstrap 95 % confidence interval and the verdict ("indistinguishable" when the interval holds 0), the same against
+each baseline, and n. PSNR, SSIM and LPIPS compare each image with the reference's image: their interval is that of
+the mean. ↑: higher is better, ↓: lower is better. Click a header to sort.</p>
 {_summary_table_html(results)}
 <h2>Quality against size and memory</h2>
 {plot}
