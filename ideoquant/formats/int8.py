@@ -222,10 +222,10 @@ class Int8Format:
     # ------------------------------------------------------------ model card
 
     def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
-             call: dict | None = None) -> CardText:
+             call: dict | None = None, folder: str = "") -> CardText:
         comps = list(m["components"])
-        backbones = [f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    {usage.py(repo_id)}, subfolder="{c}", '
-                     "torch_dtype=torch.bfloat16\n)" for c in comps]
+        backbones = [f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    {usage.py(repo_id)}, '
+                     f'subfolder={usage.py(usage.in_folder(folder, c))}, torch_dtype=torch.bfloat16\n)' for c in comps]
         code = usage.pipeline_snippet(["from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel"],
                                       backbones, comps, base, device, call)
         lines = ["```python", code, "```", "",
