@@ -85,7 +85,7 @@ def _fit_table(src, vram_gb: float) -> dict:
         raise IdeoquantError(f"--vram must be a card size in GB (e.g. 24), not {vram_gb:g}")
     budget = vram_gb * 1e9 / GIB
     rows = []
-    choices = [("int8-w8a8", None)] + [(None, t) for t in catalog.GGUF_TYPES]
+    choices = [("int8-w8a8", None)] + [(None, t) for t in catalog.GGUF_CHOICES]
     for recipe_name, qtype in choices:
         r = resolve(recipe_name) if recipe_name else gguf_recipe(qtype)[0]
         fmt = formats.get(r.format)

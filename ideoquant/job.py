@@ -26,7 +26,8 @@ from .source import ReadAhead, Source, hf_cache_sha256, open_source
 from .workers import Pool, thread_count
 from .write.hashing import Hasher
 from .write.safetensors import parse_size
-from .write.staging import DISK_FULL, check_not_source, check_output, disk_full_error, output_lock, staged_output
+from .write.staging import DISK_FULL, disk_full_error, output_lock, staged_output
+from .write.target import check_target, source_paths
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -78,24 +79,6 @@ def _model_index(src: Source) -> str:
     return json.dumps(index, indent=2) + "\n"
 
 
-def _early_source_paths(source) -> list[Path]:
-    """What SOURCE names before it is opened: local paths, or a Hub repo's folder in the Hugging Face cache."""
-    if isinstance(source, (list, tuple)):
-        if len(source) != 1:
-            return [p for one in source for p in _early_source_paths(one)]
-        source = source[0]
-    spec = str(source or model.DEFAULT_SOURCE)
-    path = Path(spec).expanduser()
-    if os.path.lexists(path):
-        return [path]
-    parts = spec.split("/")
-    if len(parts) == 2 and all(parts):
-        from huggingface_hub import constants
-
-        return [Path(constants.HF_HUB_CACHE) / f"models--{parts[0]}--{parts[1]}"]
-    return []
-
-
 def _source_paths(src: Source) -> list[Path]:
     """Everything of the source OUT must not touch: its folder (or file), every file read and, for a Hub source,
     the repo's cache folder (snapshots link into its blobs/)."""
@@ -107,18 +90,11 @@ def _source_paths(src: Source) -> list[Path]:
     return paths
 
 
-def _check_out_vs_source(out: Path, paths: list[Path]) -> None:
-    folders = [p for p in paths if p.is_dir()]
-    check_not_source(out, paths, folders=folders, owned_marker=manifest.MANIFEST)
-
-
 @contextlib.contextmanager
-def _guarded_output(source, out: Path, overwrite: bool):
-    """Before the Hub download and the source hash: refuse an OUT that exists (without --overwrite), cannot be
-    written or is (part of) the source; then hold OUT's lock for the whole run."""
-    out = Path(out)
-    check_output(out, overwrite)
-    _check_out_vs_source(out, _early_source_paths(source))
+def _guarded_output(inputs: list[Path], out: Path, overwrite: bool):
+    """Before the Hub download, the source hash or any other input is read: the output policy
+    (`write.target.check_target`) for OUT against every input; then hold OUT's lock for the whole run."""
+    out = check_target(out, inputs, overwrite=overwrite, folder=True, owned_marker=manifest.MANIFEST)
     with output_lock(out):
         yield
 
@@ -150,10 +126,9 @@ def run_outputs(src: Source, outputs: list[Output], out, *, overwrite: bool = Fa
 
     Nothing under the source is modified: an OUT that is, contains or would replace the source is refused.
     locked: the caller holds OUT's lock already (`convert`, `convert_gguf`); otherwise it is taken here."""
-    out = Path(out)
-    _check_out_vs_source(out, _source_paths(src))
     needed = sum(p.bytes_out for o in outputs for p in o.plans.values())
-    check_output(out, overwrite, needed)
+    out = check_target(out, _source_paths(src), overwrite=overwrite, folder=True, owned_marker=manifest.MANIFEST,
+                       needed=needed)
     with contextlib.nullcontext() if locked else output_lock(out):
         try:
             return _run_outputs(src, outputs, out, overwrite, threads, reporter)
@@ -220,6 +195,11 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
     return manifests
 
 
+def _recipe_file(recipe) -> str | None:
+    """A recipe given as a file (it is an input too); a packaged recipe's name or a Recipe object is not one."""
+    return None if recipe is None or isinstance(recipe, Recipe) or not os.path.lexists(str(recipe)) else str(recipe)
+
+
 def convert(
     source: str | list[str] | None = None,
     out: str | Path = "ideogram4-int8",
@@ -251,7 +231,8 @@ def convert(
     device = check_device(device)
     shard_bytes = parse_size(max_shard_size)
     thread_count(threads)
-    with _guarded_output(source, out, overwrite):
+    with _guarded_output(source_paths(source or model.DEFAULT_SOURCE, smoothquant, _recipe_file(recipe)), out,
+                         overwrite):
         src, plans = prepare(source, r, components=components, revision=revision, token=token)
         smooth = smoother_for(smoothquant, alpha, plans)
         options = Options(shard_bytes, device, smooth)
@@ -282,7 +263,7 @@ def convert_gguf(
 ) -> dict | list[dict]:
     """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest.
 
-    qtype: a GGML type or a mixture (`formats.catalog.GGUF_TYPES`); None: the recipe's own type. Several types
+    qtype: a GGML type or a mixture (`formats.catalog.GGUF_CHOICES`); None: the recipe's own type. Several types
     (a list, or "q4_k_m,q5_k_m,q8_0") are written in one pass, each block of the source read and widened once:
     OUT then holds one complete output per type (`OUT/Q4_K_M/`, ...) and a list of their manifests is returned.
     imatrix: "ones" (stable-diffusion.cpp's converter: every weight 1.0) or an importance-matrix file (llama.cpp
@@ -297,9 +278,10 @@ def convert_gguf(
     chosen = [gguf_recipe(t, recipe, type_rules, protect, no_protect) for t in types]
     check_arch(arch)
     thread_count(threads)
-    importance = load_importance(imatrix, imatrix_convention)
     fmt = formats.get("gguf")
-    with _guarded_output(source, out, overwrite):
+    with _guarded_output(source_paths(source or model.DEFAULT_SOURCE, imatrix, _recipe_file(recipe)), out,
+                         overwrite):
+        importance = load_importance(imatrix, imatrix_convention)
         src = open_source(source, components=components, revision=revision, token=token)
         outputs = []
         for r, label in chosen:

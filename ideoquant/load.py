@@ -19,6 +19,7 @@ from .encode import int8
 from .errors import IdeoquantError
 from .formats.gguf import KEY_CONFIG, read_metadata
 from .recipe import Recipe, load_recipe
+from .source.hub import check_base
 
 # The default base: the repo diffusers' own docs and examples load. Its text encoder is bitsandbytes NF4.
 DEFAULT_BASE_PIPELINE = "ideogram-ai/ideogram-4-nf4-diffusers"
@@ -56,6 +57,7 @@ def load_pipeline(quantized: str | Path, base: str | Path = DEFAULT_BASE_PIPELIN
     repo id or folder; see `BASE_PIPELINES` for what each needs). `kwargs` go to `from_pretrained` (revision, ...)."""
     from diffusers import Ideogram4Pipeline
 
+    check_base(base, "base")
     quantized = Path(quantized)
     backbones = {c: load_transformer(backbone_path(quantized, c), compute_dtype) for c in model.COMPONENTS}
     try:

@@ -14,13 +14,11 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from .encode.ggml import registry
 from .errors import IdeoquantError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 FORMATS = ("int8", "gguf")
-# The GGML types a gguf recipe's `type` and `rules` may name: every type ideoquant encodes bit-exactly, and the
-# unquantized BF16 and F16. The one list: formats/catalog.py derives its tables from it.
-GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16", "F16")
 MAX_REGEX_LENGTH = 1000
 _KEYS = {"name", "format", "description", "source", "protect", "type", "rules"}
 _GGUF_ONLY = {"type", "rules"}
@@ -87,9 +85,10 @@ def _module_pattern(pattern: str) -> str:
 
 
 def _check_type(qtype, where: str) -> str:
-    if not isinstance(qtype, str) or qtype.strip().upper() not in GGUF_TYPES:
+    # The GGML types a gguf recipe's `type` and `rules` may name: every type ideoquant encodes (the registry's).
+    if not isinstance(qtype, str) or qtype.strip().upper() not in registry.encoded():
         raise IdeoquantError(f"{where}: unknown GGUF type '{qtype}': choose from "
-                             f"{', '.join(t.lower() for t in GGUF_TYPES)}")
+                             f"{', '.join(t.lower() for t in registry.encoded())}")
     return qtype.strip().upper()
 
 

@@ -380,7 +380,7 @@ def test_torch_bfloat16_input():
 
 
 
-@pytest.mark.parametrize("bad", ["Q8_1", "F32", "q4", "", "Q4_K_M", GGMLQuantizationType.IQ2_XXS, 9999, None, 3.5])
+@pytest.mark.parametrize("bad", ["Q8_1", "F32", "q4", "", "Q4_K_M", GGMLQuantizationType.TQ1_0, 9999, None, 3.5])
 def test_unknown_type_raises(bad):
     with pytest.raises(ValueError, match="unsupported ggml type"):
         ggml.quantize(np.zeros((1, 256), np.float32), bad)

@@ -1,6 +1,7 @@
 """ideoquant.encode.ggml against ggml's own bytes: every type, with and without an importance matrix.
 
-The vectors in tests/data/ggml (see its README.md) were written by ggml 0.15.3's ``ggml_quantize_chunk``.
+The vectors in tests/data/ggml (see its README.md) were written by ggml's ``ggml_quantize_chunk`` (0.15.3; the IQ
+types by 0.19.0, commit 8e800ce, which reproduces the older files too).
 """
 
 from __future__ import annotations
@@ -17,16 +18,25 @@ from ideoquant.encode import ggml
 DATA = Path(__file__).resolve().parent / "data" / "ggml"
 FILES = sorted(p.name for p in DATA.glob("*.npz"))
 QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-WEIGHTED = tuple(t for t in QUANTS if t != "Q8_0")
+IQ = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+REQUIRED = ("IQ2_XS", "IQ2_XXS")  # ggml_quantize_requires_imatrix: no file without one
+NEEDS_IMATRIX = REQUIRED + ("IQ2_S",)  # and the ones llama-quantize refuses to write without one
+WEIGHTED = tuple(t for t in QUANTS if t != "Q8_0") + IQ
 SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
          "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-         "F16": (1, 2), "BF16": (1, 2)}
+         "F16": (1, 2), "BF16": (1, 2), "IQ3_S": (256, 110), "IQ3_XXS": (256, 98), "IQ2_S": (256, 82),
+         "IQ2_XS": (256, 74), "IQ2_XXS": (256, 66)}
 # README: max |error| / row absmax on the normal rows (NULL, ones, act), plus a little slack
 ERR = {"Q2_K": (0.42, 0.40, 0.65), "Q3_K": (0.24, 0.23, 0.29), "Q4_0": (0.125, 0.12, 0.18),
        "Q4_1": (0.067, 0.081, 0.13), "Q5_0": (0.0625, 0.054, 0.079), "Q5_1": (0.033, 0.042, 0.065),
        "Q4_K": (0.085, 0.087, 0.14), "Q5_K": (0.049, 0.051, 0.068), "Q6_K": (0.023, 0.029, 0.079),
        "Q8_0": (0.004,), "BF16": (0.0035,), "F16": (0.0004,)}
 NORMAL_ROWS = [r for r in range(64) if not 30 <= r <= 43]  # no zero, constant, tiny or huge rows
+
+
+def file_qtype(name):
+    """"q4_k_imat_act.npz" -> "Q4_K"."""
+    return name.removesuffix(".npz").split("_imat")[0].upper()
 
 
 def load(name):
@@ -42,9 +52,17 @@ def same(got, want, what):
 
 
 def test_reference_set_is_complete():
-    assert len(FILES) == 32, FILES
+    """Every type has ggml's bytes without an imatrix (where ggml runs without one) and with both flavours (where it
+    has a weighted path); every file is a type of ours."""
+    want = {"f16_special.npz", "bf16_special.npz"}
+    for t in ggml.QTYPES:
+        if t not in REQUIRED:
+            want.add(t.lower() + ".npz")
+        if ggml.has_imatrix_path(t):
+            want |= {t.lower() + "_imat_ones.npz", t.lower() + "_imat_act.npz"}
+    assert set(FILES) == want
     assert (DATA / "README.md").is_file()
-    assert sum((DATA / f).stat().st_size for f in FILES) < 30 * 2**20
+    assert sum((DATA / f).stat().st_size for f in FILES) < 64 * 2**20  # about 0.85 MB a file (each holds its x)
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -82,7 +100,7 @@ def test_types_without_weighted_path_ignore_imatrix(qtype):
     same(ggml.encode(x, qtype, w), q, qtype + " with imatrix")
 
 
-@pytest.mark.parametrize("name", [f for f in FILES if "special" not in f])
+@pytest.mark.parametrize("name", [f for f in FILES if file_qtype(f) in ERR and "special" not in f])
 def test_round_trip_error_within_readme_bounds(name):
     x, q, qtype, _ = load(name)
     flavour = 2 if "imat_act" in name else 1 if "imat_ones" in name else 0
@@ -93,8 +111,20 @@ def test_round_trip_error_within_readme_bounds(name):
     assert rel.max() <= ERR[qtype][flavour] * 1.1, (name, rel.max())  # the table gives 2 significant digits
 
 
+def test_registry_agrees_with_gguf_py():
+    """Every entry's sizes and file type are gguf-py's; every fallback is registered and takes shorter rows."""
+    for name, t in ggml.registry.TYPES.items():
+        assert (t.block_size, t.type_size) == gguf.GGML_QUANT_SIZES[GGMLQuantizationType[name]], name
+        assert t.file_type in gguf.LlamaFileType.__members__, (name, t.file_type)
+        if t.fallback is not None:
+            f = ggml.registry.TYPES[t.fallback]
+            assert t.block_size % f.block_size == 0 and f.block_size < t.block_size, name
+        assert set(t.readers) <= set(ggml.registry.EVERY_READER) and t.readers, name
+    assert not ggml.registry.TYPES["F32"].encoder  # norms and biases: stored as they are, never a --type
+
+
 def test_type_helpers():
-    assert ggml.QTYPES == QUANTS + ("F16", "BF16")
+    assert ggml.QTYPES == QUANTS + IQ + ("F16", "BF16")
     for name in ggml.QTYPES:
         bs, ts = ggml.type_size(name)
         assert (bs, ts) == SIZES[name]
@@ -105,18 +135,20 @@ def test_type_helpers():
         assert not ggml.can_quantize(name, 0)
         assert ggml.can_quantize(name, bs + 1) == (bs == 1)
         assert ggml.has_imatrix_path(name) == (name in WEIGHTED)
-    for bad in ("Q8_1", "IQ2_XXS", "F32", "", "q4_k_m", GGMLQuantizationType.IQ4_NL, 9999, None):
+        assert ggml.needs_imatrix(name) == (name in NEEDS_IMATRIX)
+        assert (ggml.registry.get(name).imatrix == ggml.registry.REQUIRED) == (name in REQUIRED)
+    for bad in ("Q8_1", "TQ2_0", "F32", "", "q4_k_m", GGMLQuantizationType.TQ1_0, 9999, None):
         with pytest.raises(ValueError):
             ggml.normalize_qtype(bad)
         with pytest.raises(ValueError):
             ggml.type_size(bad)
 
 
-@pytest.mark.parametrize("qtype", QUANTS + ("F16", "BF16"))
+@pytest.mark.parametrize("qtype", QUANTS + ("F16", "BF16") + IQ)
 def test_gguf_py_decodes_every_type(qtype):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((3, 512)) * 0.02).astype(np.float32)
-    q = ggml.encode(x, qtype)
+    q = ggml.encode(x, qtype, np.ones(512, np.float32) if qtype in REQUIRED else None)
     bs, ts = SIZES[qtype]
     assert q.shape == (3, 512 // bs * ts)
     y = gguf.quants.dequantize(q, GGMLQuantizationType[qtype])
@@ -138,6 +170,9 @@ def test_encode_argument_checks():
     with pytest.raises(ValueError):
         ggml.encode(x, "Q4_K", imatrix=np.ones(255, np.float32))
     assert ggml.encode(np.zeros((0, 256), np.float32), "Q6_K").shape == (0, 210)
+    for qtype in REQUIRED:  # ggml asserts an imatrix for these
+        with pytest.raises(ValueError, match="importance matrix"):
+            ggml.encode(x, qtype)
 
 
 def test_quantize_wrappers_any_shape_and_torch():

@@ -79,8 +79,11 @@ def test_load_pipeline_runs_a_step_close_to_the_source(base, outputs, reference,
 
 
 def test_load_pipeline_needs_a_loadable_base(outputs, tmp_path):
-    with pytest.raises(ideoquant.IdeoquantError, match="cannot load the base pipeline"):
+    with pytest.raises(ideoquant.IdeoquantError, match="not a diffusers-layout Ideogram 4 pipeline"):
         ideoquant.load_pipeline(outputs["int8"], base=tmp_path)  # an empty folder: no model_index.json
+    (tmp_path / "model_index.json").write_text('{"_class_name": "Ideogram4Pipeline"}')
+    with pytest.raises(ideoquant.IdeoquantError, match="cannot load the base pipeline"):
+        ideoquant.load_pipeline(outputs["int8"], base=tmp_path)  # named, but nothing there to load
 
 
 @pytest.mark.parametrize("kind", ["int8", "q8_0"])

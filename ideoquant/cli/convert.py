@@ -75,7 +75,7 @@ def gguf(
     = Path("ideogram4-gguf"),
     qtype: Annotated[Optional[str], typer.Option(
         "--type", metavar="TYPE[,TYPE...]", show_default=False,
-        help="GGML type or mixture: " + ", ".join(catalog.GGUF_TYPES) + ". Several, comma-separated, are written in "
+        help="GGML type or mixture: " + ", ".join(catalog.GGUF_CHOICES) + ". Several, comma-separated, are written in "
         "one pass (OUT/<TYPE>/ each) [default: the recipe's type; recipe gguf: q4_k].")] = None,
     recipe: Annotated[Optional[str], typer.Option(metavar="RECIPE",
         help="Recipe name or path [default: gguf, or the mixture's recipe].", show_default=False)] = None,

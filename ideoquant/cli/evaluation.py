@@ -11,8 +11,8 @@ from rich.table import Table
 from ..errors import IdeoquantError
 from . import render
 from .app import app, quiet_diffusers
-from .options import (Batch, Components, DeviceOpt, GGUFType, Grid, Inputs, Json, NoProtect, Protect, RequiredSource,
-                      Revision, Steps, Threads, Token, Tokens)
+from .options import (Batch, Components, DeviceOpt, GGUFType, Grid, Inputs, Json, NoProtect, Overwrite, Protect,
+                      RequiredSource, Revision, Steps, Threads, Token, Tokens)
 
 SHORT = {"transformer": "cond", "unconditional_transformer": "uncond"}
 Plot = Annotated[Optional[Path], typer.Option("--plot", metavar="PNG", help="Write a PNG of the result.", show_default=False)]
@@ -39,6 +39,7 @@ def eval_(
     components: Components = [],
     device: DeviceOpt = "cpu",
     plot: Plot = None,
+    overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
     as_json: Json = False,
@@ -46,15 +47,18 @@ def eval_(
     """Compare quantized backbones (and FP8 / NF4 / unprotected W8A8 baselines) with the source on the same inputs."""
     quiet_diffusers()
     from ..evaluation.evaluate import evaluate
-    from ..evaluation.plots import evaluation_plot
+    from ..evaluation.plots import evaluation_plot, plot_format
+    from ..write.target import output_file, source_paths
 
     names = [] if baselines.strip().lower() in ("", "none") else [b for b in baselines.split(",") if b.strip()]
-    report = render.with_progress(lambda rep: evaluate(
-        source, quantized or [], baselines=names, components=components or None, inputs=inputs, steps=steps,
-        tokens=tokens, grid=grid, batch=batch, guidance=guidance, layer_rows=layer_rows, device=_value(device),
-        revision=revision, token=token, reporter=rep), as_json, steps=True)
-    if plot:
-        evaluation_plot(report, plot)
+    with output_file(plot, source_paths(source, quantized, inputs), overwrite=overwrite, option="--plot") as plot_tmp:
+        fmt = plot_format(plot) if plot else None
+        report = render.with_progress(lambda rep: evaluate(
+            source, quantized or [], baselines=names, components=components or None, inputs=inputs, steps=steps,
+            tokens=tokens, grid=grid, batch=batch, guidance=guidance, layer_rows=layer_rows, device=_value(device),
+            revision=revision, token=token, reporter=rep), as_json, steps=True)
+        if plot:
+            evaluation_plot(report, plot_tmp, format=fmt)
     if as_json:
         return render.print_json(report)
     t = Table(title=f"eval against {source} ({render.sample_note(report['inputs'])})", title_justify="left")
@@ -98,6 +102,7 @@ def capture(
     device: DeviceOpt = "cpu",
     offload: Annotated[bool, typer.Option(
         help="enable_model_cpu_offload() instead of moving the pipeline to --device.")] = False,
+    overwrite: Overwrite = False,
     revision: Revision = None,
     as_json: Json = False,
 ):
@@ -105,13 +110,13 @@ def capture(
     quiet_diffusers()
     from ..evaluation.inputs import capture_pipeline
 
-    if model and base and model != base:
+    if model is not None and base is not None and model != base:
         raise IdeoquantError(f"two pipelines given ({model} and --base {base}): give one")
-    chosen = model or base or render.DEFAULT_BASE
+    chosen = next((b for b in (model, base) if b is not None), render.DEFAULT_BASE)
     info = render.with_progress(lambda rep: capture_pipeline(
         chosen, out, prompts=prompt, height=height, width=width, steps=steps, max_sequence_length=max_sequence_length,
-        guidance_scale=guidance_scale, seed=seed, device=_value(device), offload=offload, revision=revision),
-        as_json, steps=True)
+        guidance_scale=guidance_scale, seed=seed, device=_value(device), offload=offload, revision=revision,
+        overwrite=overwrite), as_json, steps=True)
     if as_json:
         return render.print_json(info)
     render.out_console.print(f"captured {info['calls']} calls → {out} ({render.human_bytes(info['bytes'])})",
@@ -143,6 +148,7 @@ def sensitivity(
         show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(metavar="NAME", help="Name of the written recipe [default: the file's stem].",
                                                 show_default=False)] = None,
+    overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
     as_json: Json = False,
@@ -150,20 +156,31 @@ def sensitivity(
     """Rank linear layers (or groups) by the end-to-end SQNR lost when only that one is quantized."""
     quiet_diffusers()
     from ..evaluation import sensitivity as api
-    from ..evaluation.plots import sensitivity_plot
+    from ..evaluation.plots import plot_format, sensitivity_plot
+    from ..recipe import load_recipe
+    from ..write.target import output_file, source_paths
 
     if write_recipe and (protect_top is None) == (budget_gb is None):
         raise IdeoquantError("--write-recipe needs exactly one of --protect-top K and --budget-gb X")
-    report = render.with_progress(lambda rep: api.sensitivity(
-        source, recipe, qtype=_value(qtype), group=group, components=components or None, inputs=inputs, steps=steps,
-        tokens=tokens, grid=grid, batch=batch, device=_value(device), threads=threads, revision=revision,
-        token=token, reporter=rep), as_json, steps=True)
+    if plot and write_recipe and Path(plot).absolute() == Path(write_recipe).absolute():
+        raise IdeoquantError(f"--plot and --write-recipe name the same file {plot}: give two")
+    inputs_read = source_paths(source, inputs, recipe if Path(recipe).is_file() else None)
+    with output_file(write_recipe, inputs_read, overwrite=overwrite, option="--write-recipe") as recipe_tmp, \
+            output_file(plot, inputs_read, overwrite=overwrite, option="--plot") as plot_tmp:
+        fmt = plot_format(plot) if plot else None
+        report = render.with_progress(lambda rep: api.sensitivity(
+            source, recipe, qtype=_value(qtype), group=group, components=components or None, inputs=inputs,
+            steps=steps, tokens=tokens, grid=grid, batch=batch, device=_value(device), threads=threads,
+            revision=revision, token=token, reporter=rep), as_json, steps=True)
+        if write_recipe:
+            recipe_tmp.write_text(api.recipe_toml(report, protect_top=protect_top, budget_gb=budget_gb,
+                                                  name=name or write_recipe.stem))
+        if plot:
+            sensitivity_plot(report, plot_tmp, format=fmt)
     written = None
     if write_recipe:
-        written = api.write_recipe(report, write_recipe, protect_top=protect_top, budget_gb=budget_gb, name=name)
+        written = load_recipe(write_recipe)
         report["written_recipe"] = {"path": str(write_recipe), "name": written.name, "protect": list(written.protect)}
-    if plot:
-        sensitivity_plot(report, plot)
     if as_json:
         return render.print_json(report)
     t = Table(title=f"sensitivity under {report['recipe']['name']}: {report['scheme']}", title_justify="left")
@@ -203,6 +220,7 @@ def calibrate(
     components: Components = [], inputs: Inputs = None,
     steps: Steps = 4, tokens: Tokens = 64, grid: Grid = 16, batch: Batch = 2,
     device: DeviceOpt = "cpu",
+    overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
     as_json: Json = False,
@@ -218,7 +236,8 @@ def calibrate(
     if imatrix is not None:
         res = render.with_progress(lambda rep: calibrate_imatrix(
             source, imatrix, components=components or None, inputs=inputs, steps=steps, tokens=tokens, grid=grid,
-            batch=batch, device=_value(device), revision=revision, token=token, reporter=rep), as_json, steps=True)
+            batch=batch, device=_value(device), revision=revision, token=token, reporter=rep, overwrite=overwrite),
+            as_json, steps=True)
         if as_json:
             return render.print_json(res)
         render.out_console.print(f"importance matrix: {res['entries']} weights → {imatrix} "
@@ -229,7 +248,7 @@ def calibrate(
     res = render.with_progress(lambda rep: api(
         source, out, recipe=recipe, protect=protect, no_protect=no_protect, components=components or None,
         inputs=inputs, steps=steps, tokens=tokens, grid=grid, batch=batch, device=_value(device), revision=revision,
-        token=token, reporter=rep), as_json, steps=True)
+        token=token, reporter=rep, overwrite=overwrite), as_json, steps=True)
     if as_json:
         return render.print_json(res)
     t = Table(title=f"SmoothQuant statistics → {out} ({render.sample_note(res['provenance']['inputs'])})",

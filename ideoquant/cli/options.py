@@ -17,7 +17,7 @@ from ..formats import catalog
 
 SOURCE_HELP = "Hub repo id (ORG/NAME), local pipeline folder, component folder or .safetensors file."
 
-GGUFType = Enum("GGUFType", {t: t for t in catalog.GGUF_TYPES}, type=str)
+GGUFType = Enum("GGUFType", {t: t for t in catalog.GGUF_CHOICES}, type=str)
 Layout = Enum("Layout", {x: x for x in catalog.GGUF_LAYOUTS}, type=str)
 Device = Enum("Device", {x: x for x in DEVICES}, type=str)
 Convention = Enum("Convention", {x: x for x in ("llama", "sdcpp")}, type=str)
@@ -36,7 +36,8 @@ Components = Annotated[List[str], typer.Option(metavar="NAME", help="Only this b
 Revision = Annotated[Optional[str], typer.Option(metavar="REV", help="Hub branch, tag or commit of SOURCE.", show_default=False)]
 Token = Annotated[Optional[str], typer.Option(metavar="TOKEN",
     help="Hugging Face token [default: HF_TOKEN or the `hf auth login` token].", show_default=False)]
-Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new output is complete).")]
+Overwrite = Annotated[bool, typer.Option(
+    help="Replace an existing output (only once the new one is complete; never a source).")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where the math runs.")]
 Threads = Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Worker threads [default: the CPUs this process may use].",
                                                 show_default=False)]

@@ -23,6 +23,7 @@ from ..formats.smoothquant import KEY_STATS
 from ..manifest import tool_versions
 from ..progress import Reporter
 from ..recipe import resolve
+from ..write.target import output_file, source_paths
 from .inputs import open_with_inputs
 from .runner import free, source_model, to_device
 
@@ -95,13 +96,28 @@ def calibrate(
     no_protect=(),
     components: list[str] | None = None, inputs=None,
     device: str = "cpu", revision: str | None = None, token: str | None = None, reporter: Reporter | None = None,
-    **sample,
+    overwrite: bool = False, **sample,
 ) -> dict:
-    """Record per-input-channel activation absmax for every linear the recipe quantizes; write `out` (safetensors)."""
+    """Record per-input-channel activation absmax for every linear the recipe quantizes; write `out` (safetensors).
+    `out` follows the output policy (`write.target.output_file`): an existing file is replaced only with
+    `overwrite`, and only once the new one is complete."""
+    with output_file(out, _inputs_of(source, inputs, recipe), overwrite=overwrite) as tmp:
+        res = _calibrate(source, tmp, recipe=recipe, protect=protect, no_protect=no_protect, components=components,
+                         inputs=inputs, device=device, revision=revision, token=token, reporter=reporter, **sample)
+    return {"out": str(out), "bytes": Path(out).stat().st_size} | res
+
+
+def _inputs_of(source, inputs, recipe=None) -> list[Path]:
+    """What a calibration reads: the source, recorded inputs, a recipe file."""
+    return source_paths(source or model_mod.DEFAULT_SOURCE, inputs if isinstance(inputs, (str, Path)) else None,
+                        recipe if isinstance(recipe, (str, Path)) and Path(recipe).is_file() else None)
+
+
+def _calibrate(source, out: Path, *, recipe, protect, no_protect, components, inputs, device, revision, token,
+               reporter, **sample) -> dict:
     from safetensors.torch import save_file
 
     reporter = reporter or Reporter()
-    _check_out_file(out)
     device = check_device(device)
     r = resolve(recipe, protect, no_protect)
     if r.format != "int8":
@@ -135,10 +151,8 @@ def calibrate(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tool": {k: v for k, v in tool_versions().items() if k in ("ideoquant", "torch", "torchao", "diffusers")},
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out, metadata={"format": "pt", KEY_STATS: json.dumps(provenance)})
-    return {"out": str(out), "bytes": out.stat().st_size, "provenance": provenance, "components": summary}
+    return {"provenance": provenance, "components": summary}
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -182,15 +196,22 @@ def calibrate_imatrix(
     *,
     components: list[str] | None = None, inputs=None,
     device: str = "cpu", revision: str | None = None, token: str | None = None, reporter: Reporter | None = None,
-    **sample,
+    overwrite: bool = False, **sample,
 ) -> dict:
     """Record an importance matrix for every linear of both backbones (per-column sum of squared inputs and the
     row counts over the calibration inputs) and write it in llama.cpp's GGUF imatrix format, for
-    `ideoquant gguf --imatrix` (and llama.cpp / stable-diffusion.cpp tools that map the names)."""
+    `ideoquant gguf --imatrix` (and llama.cpp / stable-diffusion.cpp tools that map the names). `out` follows the
+    output policy (`write.target.output_file`)."""
+    with output_file(out, _inputs_of(source, inputs), overwrite=overwrite, option="--imatrix") as tmp:
+        res = _calibrate_imatrix(source, tmp, components=components, inputs=inputs, device=device, revision=revision,
+                                 token=token, reporter=reporter, **sample)
+    return {"out": str(out), "bytes": Path(out).stat().st_size} | res
+
+
+def _calibrate_imatrix(source, out: Path, *, components, inputs, device, revision, token, reporter, **sample) -> dict:
     from .. import imatrix
 
     reporter = reporter or Reporter()
-    _check_out_file(out)
     device = check_device(device)
     src, ins = open_with_inputs(source, inputs, components=components, revision=revision, token=token,
                                 **sample)
@@ -200,18 +221,6 @@ def calibrate_imatrix(
     counts = {c: len(calls) for c, calls, _ in observed_runs(src, ins, device, reporter, "imatrix",
                                                                 lambda m, c: SquareSumObserver(m, c, acc))}
     result = acc.result()
-    out = Path(out)
     imatrix.write_gguf(out, result)
-    return {"out": str(out), "bytes": out.stat().st_size, "entries": len(result.entries), "calls": counts,
-            "inputs": ins.info, "datasets": result.datasets}
+    return {"entries": len(result.entries), "calls": counts, "inputs": ins.info, "datasets": result.datasets}
 
-
-def _check_out_file(out) -> None:
-    """Refuse, before the models run, a file output that cannot be written: a folder, or under something that is
-    not a folder."""
-    out = Path(out)
-    if out.is_dir():
-        raise IdeoquantError(f"cannot write {out}: it is a folder; give a file name")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise IdeoquantError(f"cannot write {out}: {parent} is not a folder")

@@ -19,6 +19,8 @@ from .. import sidecar
 from ..device import check_device
 from ..errors import IdeoquantError
 from ..load import BF16_BASE_PIPELINE, DEFAULT_BASE_PIPELINE
+from ..source.hub import check_base
+from ..write.target import output_file, source_paths
 
 KEY_CAPTURE = "ideoquant.capture"
 GUIDANCE = 7.0  # g in g * v_cond + (1 - g) * v_uncond, the pipeline's default
@@ -163,17 +165,23 @@ def make_inputs(config: dict, inputs: str | Path | Inputs | None = None, **sampl
 # ---------------------------------------------------------------- capture
 
 
-def capture(pipe, out: str | Path, *args, components=model_mod.COMPONENTS, **kwargs) -> dict:
+def capture(pipe, out: str | Path, *args, components=model_mod.COMPONENTS, overwrite: bool = False, **kwargs) -> dict:
     """Run `pipe(*args, **kwargs)` (an `Ideogram4Pipeline`, or anything with the same two backbones) and save the
     forward kwargs of every call of `transformer` and `unconditional_transformer` to a safetensors file.
 
     Tensors equal to the same argument of the previous call (the text features, the positions: constant over the
-    denoising loop) are stored once. Returns the capture's description (also in the file's metadata)."""
+    denoising loop) are stored once. Returns the capture's description (also in the file's metadata). `out`
+    follows the output policy (`write.target.output_file`)."""
+    with output_file(out, overwrite=overwrite) as tmp:
+        info = _capture(pipe, tmp, *args, components=components, **kwargs)
+    return info | {"path": str(out), "bytes": Path(out).stat().st_size}
+
+
+def _capture(pipe, out: Path, *args, components, **kwargs) -> dict:
     import inspect as inspect_mod
 
     from safetensors.torch import save_file
 
-    out = Path(out)
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, list[dict[str, str]]] = {c: [] for c in components}
     last: dict[tuple[str, str], str] = {}
@@ -223,25 +231,36 @@ def capture(pipe, out: str | Path, *args, components=model_mod.COMPONENTS, **kwa
         "calls": counts,
         "index": index,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out, metadata={"format": "pt", KEY_CAPTURE: json.dumps(info)})
-    return {k: v for k, v in info.items() if k != "index"} | {"path": str(out), "bytes": out.stat().st_size}
+    return {k: v for k, v in info.items() if k != "index"}
 
 
 def capture_pipeline(base: str | Path = DEFAULT_BASE_PIPELINE, out: str | Path = "captured.safetensors", *,
                      prompts=("a red fox in fresh snow, photograph",), height: int = 512, width: int = 512,
                      steps: int = 4, max_sequence_length: int = 256, guidance_scale: float = GUIDANCE, seed: int = 0,
-                     device: str = "cpu", offload: bool = False, revision: str | None = None) -> dict:
+                     device: str = "cpu", offload: bool = False, revision: str | None = None,
+                     overwrite: bool = False) -> dict:
     """Load a whole `Ideogram4Pipeline` from `base` and `capture` one generation.
 
     `base` is a diffusers-layout Ideogram 4 pipeline (Hub repo id or folder) that stock diffusers loads, text encoder
     and VAE included: `ideogram-ai/ideogram-4-nf4-diffusers` (the default; bitsandbytes NF4 text encoder and
     backbones, so a CUDA GPU with bitsandbytes) or a bf16 diffusers repack (`load.BF16_BASE_PIPELINE`; no
     bitsandbytes). `ideogram-ai/ideogram-4-fp8` is not one (fused FP8 backbones, FP8 weight-only text encoder).
-    Small sizes keep the file small: the text features are stored once, the latents once per step."""
+    Small sizes keep the file small: the text features are stored once, the latents once per step. `out` follows
+    the output policy (`write.target.output_file`), checked before the pipeline loads."""
+    check_base(base)
+    device = check_device(device)
+    with output_file(out, source_paths(base), overwrite=overwrite) as tmp:
+        info = _capture_pipeline(base, tmp, prompts=prompts, height=height, width=width, steps=steps,
+                                 max_sequence_length=max_sequence_length, guidance_scale=guidance_scale, seed=seed,
+                                 device=device, offload=offload, revision=revision)
+    return info | {"path": str(out), "bytes": Path(out).stat().st_size, "base": str(base)}
+
+
+def _capture_pipeline(base, out: Path, *, prompts, height, width, steps, max_sequence_length, guidance_scale, seed,
+                      device, offload, revision) -> dict:
     from diffusers import Ideogram4Pipeline
 
-    device = check_device(device)
     try:
         pipe = Ideogram4Pipeline.from_pretrained(base, torch_dtype=torch.bfloat16, revision=revision)
     except (OSError, ValueError, TypeError, ImportError, AttributeError) as e:
@@ -255,10 +274,9 @@ def capture_pipeline(base: str | Path = DEFAULT_BASE_PIPELINE, out: str | Path =
         pipe.to(device)
     generator = torch.Generator("cpu").manual_seed(seed)
     # A constant guidance scale replaces the pipeline's default per-step schedule (diffusers refuses both).
-    info = capture(pipe, out, prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, guidance_schedule=None, max_sequence_length=max_sequence_length,
-                   generator=generator, output_type="latent")
-    return info | {"base": str(base)}
+    return _capture(pipe, out, components=model_mod.COMPONENTS, prompt=list(prompts), height=height, width=width,
+                    num_inference_steps=steps, guidance_scale=guidance_scale, guidance_schedule=None,
+                    max_sequence_length=max_sequence_length, generator=generator, output_type="latent")
 
 
 def load_captured(path: str | Path) -> Inputs:

@@ -9,9 +9,24 @@ from pathlib import Path
 # ---------------------------------------------------------------- plot
 
 
-def evaluation_plot(report: dict, path: str | Path, title: str | None = None) -> Path:
+def plot_format(path: str | Path) -> str:
+    """The image format a plot file's name asks for (matplotlib's names: png, svg, pdf, ...; png without a
+    suffix); an unknown one is refused before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from ..errors import IdeoquantError
+
+    fmt = Path(path).suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise IdeoquantError(f"--plot {path}: unknown image format '{fmt}' (one of {', '.join(sorted(supported))})")
+    return fmt
+
+
+def evaluation_plot(report: dict, path: str | Path, title: str | None = None, format: str | None = None) -> Path:
     """Per-layer output SQNR of each variant: per component, the layers' own error (isolated) and in situ
-    (matplotlib through the Agg canvas: no global pyplot state)."""
+    (matplotlib through the Agg canvas: no global pyplot state). `format`: see `plot_format` [default: from
+    `path`'s suffix]."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -47,7 +62,7 @@ def evaluation_plot(report: dict, path: str | Path, title: str | None = None) ->
     src = report["source"].get("repo_id") or report["source"].get("spec", "")
     fig.suptitle(title or f"ideoquant eval of {src}", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format=format)
     return path
 
 
@@ -69,8 +84,9 @@ def _db(x) -> str:
     return "exact" if x is None else f"{x:.1f} dB"
 
 
-def sensitivity_plot(report: dict, path: str | Path, top: int = 40) -> Path:
-    """Horizontal bars: end-to-end SQNR with only that unit quantized, most fragile at the top."""
+def sensitivity_plot(report: dict, path: str | Path, top: int = 40, format: str | None = None) -> Path:
+    """Horizontal bars: end-to-end SQNR with only that unit quantized, most fragile at the top. `format`: see
+    `plot_format`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -92,5 +108,5 @@ def sensitivity_plot(report: dict, path: str | Path, top: int = 40) -> Path:
     ax.set_title(f"sensitivity under {report['recipe']['name']} (grey: already protected by the recipe)",
                  fontsize=9, loc="left")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format=format)
     return path

@@ -32,6 +32,7 @@ from ..encode import ggml, int8
 from ..errors import IdeoquantError
 from ..progress import Reporter
 from ..recipe import load_recipe, resolve
+from ..write.target import output_file
 from .inputs import open_with_inputs
 from .runner import compare, free, source_model, velocities
 
@@ -84,7 +85,7 @@ class _Quantizer:
             return True
         for n in names:
             qtype = self.planned[n][0]
-            if qtype not in ggml.QTYPES or qtype in ("F16", "BF16"):
+            if ggml.registry.TYPES[qtype].plain:
                 continue
             mod = self.modules[n]
             w = mod.weight
@@ -208,13 +209,22 @@ def select(report: dict, protect_top: int | None = None, budget_gb: float | None
 
 
 def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = None, budget_gb: float | None = None,
-                 name: str | None = None):
+                 name: str | None = None, overwrite: bool = False):
     """Write a recipe TOML that keeps every protection of the measured recipe and adds the most fragile units of
-    `report` it does not protect yet; returns it loaded (`load_recipe`).
+    `report` it does not protect yet (`recipe_toml`); returns it loaded (`load_recipe`). `path` follows the output
+    policy (`write.target.output_file`); `name` defaults to the file's stem."""
+    path = Path(path)
+    text = recipe_toml(report, protect_top=protect_top, budget_gb=budget_gb, name=name or path.stem)
+    with output_file(path, overwrite=overwrite, option="--write-recipe") as tmp:
+        tmp.write_text(text)
+    return load_recipe(path)
+
+
+def recipe_toml(report: dict, *, name: str, protect_top: int | None = None, budget_gb: float | None = None) -> str:
+    """The text of `write_recipe`'s recipe.
 
     Recipe files have no `no_protect`: a base recipe that carries one (overrides given through the API) is written
     with its protected modules spelled out, which protects exactly the same modules."""
-    path = Path(path)
     chosen = select(report, protect_top, budget_gb)
     base = report["recipe"]
     added = [u["unit"] for u in chosen]
@@ -224,7 +234,6 @@ def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = No
         kept = [m for m in modules if any(fnmatchcase(m, p) for p in kept)
                 and not any(fnmatchcase(m, p) for p in base["no_protect"])]
     protect = kept + [a for a in added if a not in kept]
-    name = name or path.stem
     src = report["source"].get("repo_id") or report["source"].get("path") or report["source"].get("spec")
     how = f"top {protect_top}" if protect_top is not None else f"as many as fit {budget_gb:g} GB of extra bf16 weights"
     extra = sum(u["extra_bytes"] for u in chosen)
@@ -251,9 +260,7 @@ def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = No
         lines.append(f"type = {_toml_str(base['type'])}")
         if base.get("rules"):
             lines += ["", "[rules]"] + [f"{_toml_str(k)} = {_toml_str(v)}" for k, v in base["rules"].items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return load_recipe(path)
+    return "\n".join(lines) + "\n"
 
 
 def _toml_str(s: str) -> str:

@@ -21,7 +21,6 @@ from ..encode.finite import check_finite
 from ..errors import IdeoquantError
 from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
-from ..recipe import GGUF_TYPES as RECIPE_TYPES
 from ..recipe import Recipe, resolve
 from ..source import FileMaps
 from ..write.gguf import GGUFFile
@@ -34,7 +33,7 @@ KEY_LAYOUT = "ideogram4.layout"
 KEY_RECIPE = "ideoquant.recipe"
 KEY_VERSION = "ideoquant.version"
 LAYOUTS = catalog.GGUF_LAYOUTS
-TYPES = catalog.GGUF_TYPES
+TYPES = catalog.GGUF_CHOICES
 MIXTURES = catalog.GGUF_MIXTURES
 FILE_TYPES = catalog.GGUF_FILE_TYPES
 PLAIN = catalog.GGUF_PLAIN
@@ -168,9 +167,9 @@ class GGUFFormat:
         if layout not in LAYOUTS:
             raise IdeoquantError(f"unknown layout '{layout}': choose original or diffusers")
         for qtype in [recipe.type, *(t for _, t in recipe.rules)]:
-            if qtype not in RECIPE_TYPES:  # recipes are checked when loaded; this guards a Recipe built in code
+            if qtype not in ggml.QTYPES:  # recipes are checked when loaded; this guards a Recipe built in code
                 raise IdeoquantError(f"unknown GGUF type '{qtype}': choose from "
-                                     f"{', '.join(q.lower() for q in RECIPE_TYPES)}")
+                                     f"{', '.join(q.lower() for q in ggml.QTYPES)}")
         spec = component.spec
         protected = protected_modules(component, recipe)
         groups: dict[str, list] = {}

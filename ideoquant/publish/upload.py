@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import manifest
 from ..errors import IdeoquantError
-from ..source.hub import hub_error, hub_exceptions, hub_url
+from ..source.hub import check_base, check_repo_id, hub_error, hub_exceptions, hub_url
 from . import card
 from .verify import LOADABLE_SUFFIXES, verify
 
@@ -44,6 +44,8 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
     """
     folder = Path(folder)
     check_repo_id(repo_id)
+    if base is not None:
+        check_base(base)
     _refuse_unverified(folder, verify(folder))
     m = manifest.read(folder)
     own = folder / "README.md"
@@ -98,6 +100,8 @@ def upload_outputs(folder, repo_id: str, *, private: bool = False, token: str | 
     either holds every output or does not exist."""
     folder = Path(folder)
     check_repo_id(repo_id)
+    if base is not None:
+        check_base(base)
     names = output_folders(folder)
     if not names:
         raise IdeoquantError(f"no outputs to upload in {folder} (no subfolder with {manifest.MANIFEST})")
@@ -143,19 +147,6 @@ def _refuse_unverified(folder: Path, result) -> None:
         shown = "; ".join(result.problems[:3]) + (f"; and {len(result.problems) - 3} more"
                                                   if len(result.problems) > 3 else "")
         raise IdeoquantError(f"refusing to upload {folder}: verification failed: {shown}")
-
-
-def check_repo_id(repo_id) -> None:
-    """ORG/NAME as the Hub accepts it (huggingface_hub's own validator), before anything is read or sent."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise IdeoquantError(f"--repo-id '{repo_id}': expected ORG/NAME (a Hub namespace and a repo name)")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise IdeoquantError(f"--repo-id '{repo_id}': {' '.join(str(e).split())}") from None
 
 
 def _base_name(m: dict) -> str:

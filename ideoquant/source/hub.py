@@ -8,6 +8,7 @@ it never appears in a message, the manifest or the card.
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 
 from .. import model
@@ -19,6 +20,42 @@ COMPONENT_PATTERNS = ("{c}/config.json", "{c}/*.safetensors", "{c}/*.safetensors
 
 def allow_patterns(components: list[str] | None) -> list[str]:
     return ["model_index.json"] + [p.format(c=c) for c in (components or model.COMPONENTS) for p in COMPONENT_PATTERNS]
+
+
+def check_repo_id(repo_id, option: str = "--repo-id") -> None:
+    """ORG/NAME as the Hub accepts it (huggingface_hub's own validator), before anything is read or sent."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise IdeoquantError(f"{option} '{repo_id}': expected ORG/NAME (a Hub namespace and a repo name)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise IdeoquantError(f"{option} '{repo_id}': {' '.join(str(e).split())}") from None
+
+
+def check_base(base, option: str = "--base") -> None:
+    """A base pipeline is a Hub repo id (ORG/NAME) or a local folder holding a diffusers-layout Ideogram 4
+    pipeline (its model_index.json names the pipeline class); anything else is refused before anything loads."""
+    spec = str(base)
+    path = Path(spec).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        try:
+            cls = json.loads(index.read_text()).get("_class_name") if path.is_dir() else None
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            cls = None
+        if cls != model.PIPELINE_CLASS:
+            raise IdeoquantError(f"{option} {spec}: not a diffusers-layout Ideogram 4 pipeline folder (its "
+                                 f"model_index.json must name {model.PIPELINE_CLASS}); give such a folder or a Hub "
+                                 "repo id ORG/NAME")
+        return
+    try:
+        check_repo_id(spec, option)
+    except IdeoquantError:
+        raise IdeoquantError(f"{option} '{spec}': neither a Hub repo id (ORG/NAME) nor an existing local folder "
+                             "holding a diffusers-layout Ideogram 4 pipeline (model_index.json)") from None
 
 
 def hub_url(repo_id: str) -> str:

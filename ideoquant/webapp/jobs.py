@@ -28,12 +28,13 @@ from ..errors import IdeoquantError
 from ..formats import catalog
 from ..formats.gguf import gguf_recipe
 from ..progress import Reporter
-from ..publish.upload import check_repo_id, upload_outputs
+from ..publish.upload import upload_outputs
 from ..publish.verify import verify
 from ..recipe import resolve
 from ..source import open_source
-from ..source.hub import allow_patterns, hub_error, hub_exceptions
+from ..source.hub import allow_patterns, check_repo_id, hub_error, hub_exceptions
 from ..write.staging import _existing_ancestor, human_bytes
+from ..write.target import check_target, source_paths
 
 INT8 = "int8"
 OUTPUTS = (INT8, *catalog.GGUF_TYPES)  # what a job can write: "int8" and every `ideoquant gguf --type`
@@ -206,12 +207,13 @@ class Job:
         source, target = str(r.source or "").strip(), str(r.target or "").strip()
         if source.count("/") != 1 or not all(source.split("/")):
             raise IdeoquantError(f"source '{source}': give a Hub repo id, ORG/NAME")
-        check_repo_id(target)
+        check_repo_id(target, "target")
         self.phase = "checking"
         self._check_target(target)
         recipes = ([(INT8, resolve(INT8_RECIPE), None)] if int8 else []) + [
             (label, rec, GGUF_LAYOUT) for rec, label in (gguf_recipe(t) for t in types)]
         self._check_disk(source, recipes)
+        check_target(self.work, source_paths(source, r.imatrix), option="--work-dir", folder=True)
         outputs = self.work / "outputs"
         outputs.mkdir(parents=True)
         self.phase = "converting"

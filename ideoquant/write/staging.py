@@ -23,8 +23,8 @@ def staged_output(out: Path, overwrite: bool = False):
     if out.exists() and not overwrite:
         raise IdeoquantError(f"{out} already exists (use --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    staging = out.parent / f".{out.name}.ideoquant-{os.getpid()}.partial"
+    remove_stale(out)
+    staging = out.parent / staging_name(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -47,8 +47,13 @@ def staged_output(out: Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
-def _remove_stale(out: Path) -> None:
-    """Staging folders of runs that were killed (SIGKILL, power loss) and whose process is gone."""
+def staging_name(out: Path) -> str:
+    """The temporary name beside OUT that this process writes the new output under."""
+    return f".{Path(out).name}.ideoquant-{os.getpid()}.partial"
+
+
+def remove_stale(out: Path) -> None:
+    """Staging files and folders of runs that were killed (SIGKILL, power loss) and whose process is gone."""
     for p in [*out.parent.glob(f".{out.name}.ideoquant-*.partial"), *out.parent.glob(f".{out.name}.ideoquant-*.old")]:
         try:
             pid = int(p.name.rsplit("-", 1)[1].split(".")[0])
@@ -84,26 +89,36 @@ def human_bytes(n: float) -> str:
 
 
 def _real(p: Path) -> Path:
-    """`p` with symlinks and `..` resolved (as far as it exists), absolute."""
-    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(p))))
+    """`p` with symlinks and `..` resolved (as far as it exists), absolute. Resolved as the operating system does:
+    `link/..` is the parent of the link's target, not the folder holding the link."""
+    return Path(os.path.realpath(os.path.expanduser(p)))
+
+
+def entry_path(p: Path) -> Path:
+    """The directory entry `p` names, absolute: its folder resolved, a final link itself not followed (a rename
+    over `p` replaces the link)."""
+    head, tail = os.path.split(os.path.expanduser(os.fspath(p)).rstrip("/") or "/")
+    if tail in ("", ".", ".."):
+        return _real(p)
+    return Path(os.path.realpath(head or ".")) / tail
 
 
 def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_not_source(out: Path, protected, folders=(), owned_marker: str | None = None) -> None:
+def check_not_source(out: Path, protected, folders=(), owned_marker: str | None = None, option: str = "--out",
+                     new_inside: bool = True) -> None:
     """Refuse an OUT that is, contains or would replace anything in `protected` (the source's paths: its folder,
     every file it reads; their symlink targets are followed). Compared resolved (symlinks, `..`) and by inode, so
     no spelling of the same place gets past it.
 
-    Inside a source folder (`folders`), a new OUT is fine; an existing one would be replaced, which is refused
-    unless it is an earlier output (holds `owned_marker`)."""
+    Inside a source folder (`folders`), a new OUT is fine only with `new_inside` (an output folder: the source's
+    reader never looks into it; a file would be, e.g. a .safetensors in a component folder is read as a shard);
+    an existing one would be replaced, which is refused unless it is an earlier output (holds `owned_marker`)."""
     out = Path(out)
-    refuse = "refusing to replace or delete (part of) the source; choose another --out"
-    targets = {_real(out)}
-    if os.path.islink(out):  # the rename replaces the link itself
-        targets.add(Path(os.path.abspath(out)))
+    refuse = f"refusing to replace or delete (part of) the source; choose another {option}"
+    targets = {_real(out), entry_path(out)}  # the entry itself when it is a link: the rename replaces the link
     try:
         st = os.stat(out)
         out_id = (st.st_dev, st.st_ino)
@@ -111,24 +126,28 @@ def check_not_source(out: Path, protected, folders=(), owned_marker: str | None 
         out_id = None
     for p in protected:
         p = Path(p)
-        for s in (Path(os.path.abspath(os.path.expanduser(p))), _real(p)):
+        for s in (entry_path(p), _real(p)):
             for t in targets:
                 if _within(s, t):
                     what = "is" if s == t else "contains"
-                    raise IdeoquantError(f"--out {out} {what} the source {p}: {refuse}")
+                    raise IdeoquantError(f"{option} {out} {what} the source {p}: {refuse}")
         if out_id is not None:
             try:
                 st = os.stat(p)
             except OSError:
                 continue
             if (st.st_dev, st.st_ino) == out_id:
-                raise IdeoquantError(f"--out {out} is the source {p}: {refuse}")
-    if os.path.lexists(out):
+                raise IdeoquantError(f"{option} {out} is the source {p}: {refuse}")
+    exists = os.path.lexists(out)
+    if exists or not new_inside:
         ours = owned_marker is not None and os.path.isdir(out) and os.path.isfile(Path(out) / owned_marker)
         for folder in folders:
-            for s in {Path(os.path.abspath(folder)), _real(folder)}:
+            for s in {entry_path(folder), _real(folder)}:
                 if any(t != s and _within(t, s) for t in targets) and not ours:
-                    raise IdeoquantError(f"--out {out} already exists inside the source {folder} and is not an "
+                    if not exists:
+                        raise IdeoquantError(f"{option} {out} lies inside the source {folder}: a file there would "
+                                             f"become part of the source; choose another {option}")
+                    raise IdeoquantError(f"{option} {out} already exists inside the source {folder} and is not an "
                                          f"ideoquant output: {refuse}")
 
 
@@ -139,18 +158,18 @@ def _existing_ancestor(p: Path) -> Path:
     return p
 
 
-def check_output(out: Path, overwrite: bool = False, needed: int | None = None) -> None:
+def check_output(out: Path, overwrite: bool = False, needed: int | None = None, option: str = "--out") -> None:
     """What can be known about OUT before any work: it does not exist (or --overwrite), its folder can be created
     and written, and (with `needed`, the planned bytes) the disk has room."""
     out = Path(out)
     if os.path.lexists(out) and not overwrite:
-        raise IdeoquantError(f"{out} already exists (use --overwrite to replace it)")
+        raise IdeoquantError(f"{option} {out} already exists (use --overwrite to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
     probe = _existing_ancestor(parent)
     if not probe.is_dir():
-        raise IdeoquantError(f"cannot write {out}: {probe} is a file, not a folder")
+        raise IdeoquantError(f"cannot write {option} {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise IdeoquantError(f"cannot write {out}: {probe} is not writable (permission denied)")
+        raise IdeoquantError(f"cannot write {option} {out}: {probe} is not writable (permission denied)")
     if needed is not None:
         check_free_space(parent, needed)
 
