@@ -282,11 +282,13 @@ def test_two_sessions_queue_then_both_complete(browser, apps, sources, fake_hub)
     targets = [f"user/{_uid('first')}", f"user/{_uid('second')}"]
     first = browser.current_window_handle
     _open(browser, app.url)
-    _submit(browser, sources["slow"], {"Q8_0"}, targets[0])
-    _wait(browser, lambda: _progress(browser) or "checking" in _status(browser), what="the first job running")
     browser.switch_to.new_window("tab")  # a second page load is a second Gradio session
     second = browser.current_window_handle
     _open(browser, app.url)
+    browser.switch_to.window(first)  # both pages ready: the second submits while the first job runs
+    _submit(browser, sources["slow"], {"INT8 W8A8 (torchao)", "Q4_K_M"}, targets[0])
+    _wait(browser, lambda: _status(browser), what="the first job running")
+    browser.switch_to.window(second)
     _submit(browser, sources["tiny"], {"Q8_0"}, targets[1])
     queued = _wait(browser, lambda: re.search(r"queue: \d+/\d+", _text(browser, "body")), what="the queue position")
     _shot(browser, "4-queued")
@@ -295,7 +297,8 @@ def test_two_sessions_queue_then_both_complete(browser, apps, sources, fake_hub)
         browser.switch_to.window(handle)
         _wait(browser, lambda: "done" in _status(browser), timeout=180, what=f"{target} done")
         assert target in _status(browser)
-        assert "Q8_0/ideoquant.json" in fake_hub.hub.files(target)
+    assert {"int8/ideoquant.json", "Q4_K_M/ideoquant.json"} <= set(fake_hub.hub.files(targets[0]))
+    assert "Q8_0/ideoquant.json" in fake_hub.hub.files(targets[1])
     assert queued.group(0)
     browser.switch_to.window(second)
     browser.close()
@@ -371,3 +374,19 @@ def test_time_limit_stops_the_job_like_cancel(hub_env, sources, tmp_path):
     assert f"model/{target}" not in hub_env.hub.repos
     assert not any(p.is_file() for p in (tmp_path / "work").rglob("*"))
     assert not jobs.cache_folder(sources["slow"]).exists()
+
+
+def test_space_folder_runs_this_app():
+    """space/ is a Space as the Hub reads it: Gradio SDK at the version tested here, OAuth with the repo scopes a job
+    needs, and an app.py that serves this package's page."""
+    import ast
+
+    import gradio
+
+    meta = yaml.safe_load((REPO / "space" / "README.md").read_text().split("---")[1])
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
+    assert meta["hf_oauth"] is True and {"read-repos", "write-repos", "manage-repos"} <= set(meta["hf_oauth_scopes"])
+    app_py = REPO / "space" / meta["app_file"]
+    calls = [n for n in ast.walk(ast.parse(app_py.read_text())) if isinstance(n, ast.ImportFrom)]
+    assert [(n.module, [a.name for a in n.names]) for n in calls] == [("ideoquant.webapp.page", ["launch"])]
+    assert "ideoquant[app]" in (REPO / "space" / "requirements.txt").read_text().split()

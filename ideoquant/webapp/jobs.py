@@ -37,7 +37,7 @@ from ..write.staging import _existing_ancestor, human_bytes
 from ..write.target import check_target, source_paths
 
 INT8 = "int8"
-OUTPUTS = (INT8, *catalog.GGUF_TYPES)  # what a job can write: "int8" and every `ideoquant gguf --type`
+OUTPUTS = (INT8, *catalog.GGUF_CHOICES)  # what a job can write: "int8" and every `ideoquant gguf --type`
 INT8_RECIPE = "int8-w8a8"
 GGUF_LAYOUT = "original"  # what ComfyUI and stable-diffusion.cpp read
 

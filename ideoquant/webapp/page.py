@@ -26,7 +26,7 @@ INTRO = (f"Converts both Ideogram 4 backbones from a Hub repo (default `{model.D
          "licence first) to INT8 W8A8 (stock diffusers + torchao) and any GGUF types, in one pass, streaming a block "
          "of rows at a time; verifies every output, then uploads them all to a new repo of yours in one commit "
          "(one folder per output, each with its `ideoquant.json`, one model card listing them).")
-OUTPUT_CHOICES = [("INT8 W8A8 (torchao)", jobs.INT8)] + [(t.upper(), t) for t in catalog.GGUF_TYPES]
+OUTPUT_CHOICES = [("INT8 W8A8 (torchao)", jobs.INT8)] + [(t.upper(), t) for t in catalog.GGUF_CHOICES]
 PHASES = {"queued": "waiting", "checking": "checking the source, the target and the disk",
           "converting": "converting", "verifying": "verifying the outputs", "uploading": "uploading (one commit)",
           "done": "done", "failed": "failed", "stopped": "stopped"}
@@ -178,6 +178,7 @@ def build(*, work_dir: str | Path | None = None, disk_budget: int | None = None,
             source = gr.Textbox(label="Source repo", value=model.DEFAULT_SOURCE, elem_id="iq-source")
             target = gr.Textbox(label="Target repo (new; empty: <you>/<source>-ideoquant)", elem_id="iq-target")
         outputs = gr.CheckboxGroup(OUTPUT_CHOICES, value=[jobs.INT8, "q4_k_m"], label="Outputs (one pass)",
+                                   info=f"Only stable-diffusion.cpp reads {', '.join(catalog.GGUF_SDCPP_ONLY)}.",
                                    elem_id="iq-outputs")
         with gr.Row():
             private = gr.Checkbox(label="Private repo", value=False, elem_id="iq-private")
