@@ -4,7 +4,7 @@ The app runs as its own process (`python -m ideoquant app`), pointed at the test
 HF_ENDPOINT (read when huggingface_hub is imported, so a subprocess is the clean way), with HF_TOKEN as the local
 token; Gradio stubs the sign-in outside a Space, with the profile of that token (the fake Hub's whoami). The Hub's
 own state after each job (files, manifests that `verify` passes, the card) is the reference. Screenshots of the
-form, the running job and the result are written to tests/artifacts/app/ (ignored by git).
+form, the running job and the result are written to tests/artifacts/app/ (tests/browser.py; ignored by git).
 """
 
 from __future__ import annotations
@@ -25,11 +25,7 @@ from ideoquant import testing
 from ideoquant.publish.verify import verify
 from tests.conftest_hub import TEST_TOKEN
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "tests" / "artifacts" / "app"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,1700")
+from tests.browser import REPO, chromium, screenshot
 
 
 def _uid(prefix: str) -> str:
@@ -124,21 +120,9 @@ def apps(fake_hub, sources, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for flag in (*BROWSER_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
+def browser():
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 # ---- page helpers -------------------------------------------------------------------------------------------
@@ -158,11 +142,7 @@ def _text(driver, css: str) -> str:
 
 
 def _shot(driver, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    driver.save_screenshot(str(path))
-    print(f"screenshot: {path}")
-    return path
+    return screenshot(driver, "app", name)
 
 
 def _open(driver, url: str, sign_in: bool = True) -> None:

@@ -26,7 +26,6 @@ from .common import jit
 
 class Lattice(NamedTuple):
     levels: np.ndarray  # int32 [G, n]: the level (0, 1, ...) of each coordinate of each grid point
-    pos: np.ndarray  # float32 [G, n]: 2*level + 1, ggml's kgrid coordinates
     kmap: np.ndarray  # int32 [4**n or 8**n]
     neighbours: np.ndarray  # int32
 
@@ -133,5 +132,4 @@ def lattice(qtype: str) -> Lattice:
     kmap = np.full(1 << (bits * n), np.iinfo(np.int32).min, np.int32)  # codes no quantizer produces stay at MIN
     kmap[codes] = np.arange(G, dtype=np.int32)
     neighbours = _build_neighbours(levels, bits, nwant, reach, kmap)
-    pos = (2 * levels + 1).astype(np.float32)
-    return Lattice(levels, pos, kmap, neighbours)
+    return Lattice(levels, kmap, neighbours)

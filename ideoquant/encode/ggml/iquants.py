@@ -22,31 +22,31 @@ from .grids import lattice
 QK_K = 256
 HALF = F32(0.5)
 FLT_MAX = F32(3.4028234663852886e38)
+ODD = np.arange(1, 16, 2).astype(np.float32)  # ggml's lattice coordinate 2*level + 1
 
-# type -> (block, group n, level bits, kMaxQ, trials lo..hi, trial step, eps, start at make_qp_quants,
-#          last pass revisits every group, on-grid flags start true, sign parity, fudge on d, bytes per block)
 IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S = range(5)
 
 
 @jit
-def find_best_neighbour(neighbours, off, pos, xval, waux, base, n, scale, L):
-    """ggml's iq2/iq3_find_best_neighbour: the neighbour of the list at ``off`` with the smallest
-    sum waux*(scale*q - x)^2 (first on ties); its levels go to L[base:base+n]."""
+def find_best_neighbour(neighbours, off, levels, qvals, x, xbase, w, wbase, n, scale, L):
+    """ggml's iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2: of the neighbour list at ``off``, the grid
+    point with the smallest sum w*(scale*q - x)^2 over its n values, q = qvals[level] (the first on ties); its levels
+    go to L[wbase:wbase+n]."""
     best_d2 = FLT_MAX
     gi = -1
     for j in range(1, neighbours[off] + 1):
         g = neighbours[off + j]
         d2 = ZERO
         for i in range(n):
-            diff = scale * pos[g, i] - xval[base + i]
-            d2 += (waux[base + i] * diff) * diff
+            diff = scale * qvals[levels[g, i]] - x[xbase + i]
+            d2 += (w[wbase + i] * diff) * diff
         if d2 < best_d2:
             best_d2 = d2
             gi = g
     if gi < 0:  # only NaN distances get here (ggml asserts); keep the first neighbour
         gi = neighbours[off + 1]
     for i in range(n):
-        L[base + i] = np.int32((pos[gi, i] - ONE) * HALF)
+        L[wbase + i] = levels[gi, i]
     return gi
 
 
@@ -76,7 +76,7 @@ def level_sums(weight, xval, L, B):
 
 
 @jit
-def grid_search(xval, weight, waux, B, n, bits, kmaxq, lat_pos, kmap, neighbours, L, Laux, ongrid, ongrid_aux,
+def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux, ongrid, ongrid_aux,
                 is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
     """The trial scan and last pass shared by the five types; returns the block scale, L holds its levels."""
     ng = B // n
@@ -90,7 +90,7 @@ def grid_search(xval, weight, waux, B, n, bits, kmaxq, lat_pos, kmap, neighbours
             gi = kmap[u]
             ongrid_aux[k] = gi >= 0
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, lat_pos, xval, waux, n * k, n, this_scale, Laux)
+                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, this_scale, Laux)
         sumqx, sumq2 = level_sums(weight, xval, Laux, B)
         if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -110,7 +110,7 @@ def grid_search(xval, weight, waux, B, n, bits, kmaxq, lat_pos, kmap, neighbours
             u = round_group(xval, n * k, n, bits, kmaxq, idv, L)
             gi = kmap[u]
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, lat_pos, xval, waux, n * k, n, scale, L)
+                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, scale, L)
         sumqx, sumq2 = level_sums(weight, xval, L, B)
         if sumq2 > ZERO:
             scale = sumqx / sumq2
@@ -150,6 +150,16 @@ def split_signs(xb, base, weight, B, parity, xval, signs):
 
 
 @jit
+def superblock_sumx2(xr, base):
+    """sum x^2 over the super-block at base, sequentially."""
+    sumx2 = ZERO
+    for i in range(QK_K):
+        v = xr[base + i]
+        sumx2 += v * v
+    return sumx2
+
+
+@jit
 def block_max(xval, B):
     mx = xval[0]
     for i in range(1, B):
@@ -179,7 +189,7 @@ def _encoder(t):
     name = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")[t]
 
     @jit
-    def encode_rows(x, imat, weighted, out, lat_pos, kmap, neighbours):
+    def encode_rows(x, imat, weighted, out, levels, kmap, neighbours):
         rows, cols = x.shape
         weight = np.empty(B, np.float32)
         waux = np.empty(B, np.float32)
@@ -202,10 +212,7 @@ def _encoder(t):
                 pos = ibl * bpb
                 for j in range(bpb):
                     o[pos + j] = 0
-                sumx2 = ZERO
-                for i in range(QK_K):
-                    v = xr[ibl * QK_K + i]
-                    sumx2 += v * v
+                sumx2 = superblock_sumx2(xr, ibl * QK_K)
                 sigma2 = (F32(2) * sumx2 if two else sumx2) / F32(QK_K)
                 if t == IQ2_XXS:
                     for ib in range(nb):
@@ -253,7 +260,7 @@ def _encoder(t):
                     else:
                         denom = mx
                         scale = mx / F32(2 * kmaxq - 1)
-                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, lat_pos, kmap, neighbours, L, Laux,
+                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux,
                                         ongrid, ongrid_aux, is_lo, is_hi, step, denom, scale, ZERO, ongrid_start,
                                         final_all, final_needs_offgrid)
                     if scale < ZERO:
@@ -315,7 +322,7 @@ def _encoder(t):
 
     def encode(x, imat, weighted, out):
         lat = lattice(name)
-        encode_rows(x, imat, weighted, out, lat.pos, lat.kmap, lat.neighbours)
+        encode_rows(x, imat, weighted, out, lat.levels, lat.kmap, lat.neighbours)
 
     return encode
 
