@@ -200,7 +200,7 @@ def collection_card(outputs: dict[str, dict], repo_id: str, base_pipeline: str |
                  for c in m["components"].values()]
         worst = [c["weight_sqnr_db_min"] for c in m["components"].values() if c["weight_sqnr_db_min"] is not None]
         out.append(f"| [`{f}/`]({HUB}/{repo_id}/tree/main/{f}) | {texts[f].what} | `{m.get('recipe', {}).get('name')}`"
-                   f" | " + " | ".join(_human(n) for n in sizes) + f" | {_db(min(worst) if worst else None)} |")
+                   f" | " + " | ".join(_human(n) for n in sizes) + f" | {db(min(worst) if worst else None)} |")
     out += ["", "Each folder has its own `ideoquant.json`: every tensor's fate and error, and every file's size and "
                 "sha256 (`ideoquant verify FOLDER` checks a download against it). SQNR compares each quantized weight "
                 "with the source weight (higher is closer); it says nothing directly about image quality.", "",

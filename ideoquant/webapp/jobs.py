@@ -33,7 +33,8 @@ from ..publish.verify import verify
 from ..recipe import resolve
 from ..source import open_source
 from ..source.hub import allow_patterns, check_repo_id, hub_error, hub_exceptions
-from ..write.staging import _existing_ancestor, human_bytes
+from ..formatting import human_bytes
+from ..write.staging import _existing_ancestor
 from ..write.target import check_target, source_paths
 
 INT8 = "int8"

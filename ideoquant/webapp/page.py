@@ -18,7 +18,7 @@ import gradio as gr
 
 from .. import model
 from ..formats import catalog
-from ..write.staging import human_bytes
+from ..formatting import human_bytes
 from . import jobs
 
 TITLE = "ideoquant: Ideogram 4 to INT8 and GGUF, on the Hub"
