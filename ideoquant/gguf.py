@@ -18,7 +18,7 @@ import numpy as np
 
 from .encode import ggml
 from .encode.ggml import QTYPES, can_quantize, dequantize, has_imatrix_path, type_size  # noqa: F401  (public API)
-from .formats.gguf import read_metadata  # noqa: F401  (public API)
+from .write.gguf import read_metadata  # noqa: F401  (public API)
 from .workers import Pool, thread_count
 
 _TASK_ELEMENTS = 1 << 20  # rows handed to a worker at a time

@@ -347,7 +347,7 @@ def _quality_plot_png(results: dict) -> bytes | None:
                     continue
                 y = stat["mean"]
                 err = None
-                if None not in (stat["ci_low"], stat["ci_high"]):
+                if all(isinstance(stat[k], (int, float)) and math.isfinite(stat[k]) for k in ("ci_low", "ci_high")):
                     # The CI of the difference drawn around the mean; of the mean itself where there is no difference.
                     d = y if stat["delta_vs_reference"] is None else stat["delta_vs_reference"]
                     err = [[max(d - stat["ci_low"], 0.0)], [max(stat["ci_high"] - d, 0.0)]]
@@ -408,8 +408,11 @@ def _e(value) -> str:
 
 
 def _sort_value(value) -> str:
+    """A cell's sort key as JavaScript's Number() reads it (PSNR of identical images is infinite); empty: none."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if isinstance(value, float) and math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
     return _e(repr(float(value)) if isinstance(value, float) else value)
 
 
