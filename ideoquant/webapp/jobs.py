@@ -26,11 +26,9 @@ from pathlib import Path
 from .. import formats, job, model
 from ..errors import IdeoquantError
 from ..formats import catalog
-from ..formats.gguf import gguf_recipe
 from ..progress import Reporter
 from ..publish.upload import upload_outputs
 from ..publish.verify import verify
-from ..recipe import resolve
 from ..source import open_source
 from ..source.hub import allow_patterns, check_repo_id, hub_error, hub_exceptions
 from ..formatting import human_bytes
@@ -211,9 +209,12 @@ class Job:
         check_repo_id(target, "target")
         self.phase = "checking"
         self._check_target(target)
-        recipes = ([(INT8, resolve(INT8_RECIPE), None)] if int8 else []) + [
-            (label, rec, GGUF_LAYOUT) for rec, label in (gguf_recipe(t) for t in types)]
-        self._check_disk(source, recipes)
+        labels = [t.upper() for t in types]  # what names a GGUF output (its files, its folder)
+        # Each pass's format reads its options now (an imatrix a type needs, ...): refused before any work.
+        passes = ([(INT8, formats.of(INT8_RECIPE).conversion(INT8_RECIPE, (), (), {}))] if int8 else []) + (
+            [(labels[0] if len(labels) == 1 else "", formats.get("gguf").conversion(
+                None, (), (), {"qtype": types, "layout": GGUF_LAYOUT, "imatrix": r.imatrix}))] if types else [])
+        self._check_disk(source, passes)
         check_target(self.work, source_paths(source, r.imatrix), option="--work-dir", folder=True)
         outputs = self.work / "outputs"
         outputs.mkdir(parents=True)
@@ -223,7 +224,6 @@ class Job:
             job.convert(source, outputs / INT8, recipe=INT8_RECIPE, token=self._token, threads=self.threads,
                         reporter=self.progress)
         if types:
-            labels = [label for label, _, layout in recipes if layout]
             self.progress.stage = "GGUF " + ", ".join(labels)
             one_pass = self.work / "gguf"
             job.convert_gguf(source, one_pass if len(types) > 1 else outputs / labels[0], qtype=types,
@@ -254,15 +254,15 @@ class Job:
             raise IdeoquantError(f"Hub repo {target} already exists: choose a new name (a job never replaces a "
                                  "repo's content); nothing was uploaded")
 
-    def _check_disk(self, source: str, recipes) -> None:
-        """The source download (what the cache lacks) plus every output must fit the disk (and the app's budget)."""
+    def _check_disk(self, source: str, passes) -> None:
+        """The source download (what the cache lacks) plus every output must fit the disk (and the app's budget).
+        passes: (the name of a pass's one output, its format's Conversion); an output of several is its folder."""
         from huggingface_hub import HfApi, try_to_load_from_cache
 
         src = open_source(source, token=self._token, headers_only=True)  # configs and headers: the access check
-        for label, rec, layout in recipes:
-            fmt = formats.get(rec.format)
-            self.plan[label] = sum(fmt.plan(c, rec, *((layout,) if layout else ())).bytes_out
-                                   for c in src.components.values())
+        for name, conversion in passes:
+            for o in conversion.outputs(src):
+                self.plan[o.folder or name] = sum(p.bytes_out for p in o.plans.values())
         try:
             info = HfApi(token=self._token).model_info(source, revision=src.commit, files_metadata=True)
         except hub_exceptions() as e:

@@ -167,7 +167,7 @@ def build(*, work_dir: str | Path | None = None, disk_budget: int | None = None,
             return "**cancelling** (like Ctrl-C: work files are removed, nothing is uploaded)"
         return "**too late to cancel**: the job is finishing"
 
-    with gr.Blocks(title=TITLE) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:  # uploaded imatrix files: an hour
         gr.Markdown(f"# {TITLE}\n\n{INTRO}")
         if can_sign_in:
             gr.LoginButton()
