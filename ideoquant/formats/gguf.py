@@ -406,11 +406,11 @@ class GGUFFormat:
 
 
     def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
-             call: dict | None = None) -> CardText:
+             call: dict | None = None, folder: str = "") -> CardText:
         comps = list(m["components"])
         types = gguf_types(m)
         recipe = m.get("recipe", {})
-        files = {c: _gguf_file(m["components"][c]) for c in comps}
+        files = {c: usage.in_folder(folder, _gguf_file(m["components"][c])) for c in comps}
         backbones = [f"{c} = ideoquant.load_transformer(hf_hub_download({usage.py(repo_id)}, {usage.py(files[c])}))"
                      for c in comps]
         code = usage.pipeline_snippet(["from diffusers import Ideogram4Pipeline",
