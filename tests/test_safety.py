@@ -496,7 +496,9 @@ def _start(slow_source, out):
     # the slowest encoder (Q4_1's weighted path, one thread): the run is still writing when the test catches it
     return subprocess.Popen([sys.executable, "-m", "ideoquant", "gguf", str(slow_source), "--out", str(out),
                              "--overwrite", "--type", "q4_1", "--imatrix", "ones", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            # a shell's background job starts with SIGINT ignored, and the CLI keeps what is ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_staging(proc, parent: Path) -> None:
@@ -509,8 +511,10 @@ def _wait_for_staging(proc, parent: Path) -> None:
     pytest.fail(f"the conversion did not get to writing: {proc.communicate()[1]}")
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_cleans_up_like_ctrl_c(slow_source, old_out, sig):
+    """A real signal to a conversion mid-write (SIGINT is Ctrl-C): exit 128 + the signal, one error line, the old
+    output intact, no staging, lock or partial file left, the source unchanged, and promptly."""
     signum = getattr(signal, sig)
     before = _tree(slow_source)
     proc = _start(slow_source, old_out)
