@@ -28,9 +28,9 @@ IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S = range(5)
 
 
 @jit
-def find_best_neighbour(neighbours, off, levels, qvals, x, xbase, w, wbase, n, scale, L):
+def find_best_neighbour(neighbours, off, values, levels, x, xbase, w, wbase, n, scale, L):
     """ggml's iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2: of the neighbour list at ``off``, the grid
-    point with the smallest sum w*(scale*q - x)^2 over its n values, q = qvals[level] (the first on ties); its levels
+    point g with the smallest sum w*(scale*q - x)^2 over its n values q = values[g] (the first on ties); its levels
     go to L[wbase:wbase+n]."""
     best_d2 = FLT_MAX
     gi = -1
@@ -38,7 +38,7 @@ def find_best_neighbour(neighbours, off, levels, qvals, x, xbase, w, wbase, n, s
         g = neighbours[off + j]
         d2 = ZERO
         for i in range(n):
-            diff = scale * qvals[levels[g, i]] - x[xbase + i]
+            diff = scale * values[g, i] - x[xbase + i]
             d2 += (w[wbase + i] * diff) * diff
         if d2 < best_d2:
             best_d2 = d2
@@ -76,7 +76,7 @@ def level_sums(weight, xval, L, B):
 
 
 @jit
-def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux, ongrid, ongrid_aux,
+def grid_search(xval, weight, waux, B, n, bits, kmaxq, values, levels, kmap, neighbours, L, Laux, ongrid, ongrid_aux,
                 is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
     """The trial scan and last pass shared by the five types; returns the block scale, L holds its levels."""
     ng = B // n
@@ -90,7 +90,7 @@ def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours,
             gi = kmap[u]
             ongrid_aux[k] = gi >= 0
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, this_scale, Laux)
+                find_best_neighbour(neighbours, -gi - 1, values, levels, xval, n * k, waux, n * k, n, this_scale, Laux)
         sumqx, sumq2 = level_sums(weight, xval, Laux, B)
         if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -110,7 +110,7 @@ def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours,
             u = round_group(xval, n * k, n, bits, kmaxq, idv, L)
             gi = kmap[u]
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, scale, L)
+                find_best_neighbour(neighbours, -gi - 1, values, levels, xval, n * k, waux, n * k, n, scale, L)
         sumqx, sumq2 = level_sums(weight, xval, L, B)
         if sumq2 > ZERO:
             scale = sumqx / sumq2
@@ -189,7 +189,7 @@ def _encoder(t):
     name = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")[t]
 
     @jit
-    def encode_rows(x, imat, weighted, out, levels, kmap, neighbours):
+    def encode_rows(x, imat, weighted, out, values, levels, kmap, neighbours):
         rows, cols = x.shape
         weight = np.empty(B, np.float32)
         waux = np.empty(B, np.float32)
@@ -260,7 +260,7 @@ def _encoder(t):
                     else:
                         denom = mx
                         scale = mx / F32(2 * kmaxq - 1)
-                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux,
+                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, values, levels, kmap, neighbours, L, Laux,
                                         ongrid, ongrid_aux, is_lo, is_hi, step, denom, scale, ZERO, ongrid_start,
                                         final_all, final_needs_offgrid)
                     if scale < ZERO:
@@ -322,7 +322,7 @@ def _encoder(t):
 
     def encode(x, imat, weighted, out):
         lat = lattice(name)
-        encode_rows(x, imat, weighted, out, lat.levels, lat.kmap, lat.neighbours)
+        encode_rows(x, imat, weighted, out, ODD[lat.levels], lat.levels, lat.kmap, lat.neighbours)
 
     return encode
 
