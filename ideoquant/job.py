@@ -270,7 +270,8 @@ def convert_gguf(
     GGUF or `.dat`, or stable-diffusion.cpp's); ggml's weighted quantizers then use it, with the vector derived as
     llama-quantize (`imatrix_convention="llama"`) or sd-cli (`"sdcpp"`) derives it.
     arch: written as `general.architecture`; the manifest records it and the layout's `warnings`."""
-    from .formats.gguf import Options, check_arch, layout_warnings, load_importance
+    from .formats.gguf import (Options, check_arch, check_importance, check_importance_coverage, layout_warnings,
+                               load_importance, reader_warnings)
 
     types = [t.strip() for t in qtype.split(",")] if isinstance(qtype, str) else list(qtype or [None])
     if len(types) > 1 and (len(set(t.lower() for t in types)) != len(types) or "" in types):
@@ -278,6 +279,7 @@ def convert_gguf(
     chosen = [gguf_recipe(t, recipe, type_rules, protect, no_protect) for t in types]
     check_arch(arch)
     thread_count(threads)
+    check_importance([r for r, _ in chosen], imatrix)
     fmt = formats.get("gguf")
     with _guarded_output(source_paths(source or model.DEFAULT_SOURCE, imatrix, _recipe_file(recipe)), out,
                          overwrite):
@@ -285,10 +287,12 @@ def convert_gguf(
         src = open_source(source, components=components, revision=revision, token=token)
         outputs = []
         for r, label in chosen:
-            extra = {"gguf": {"arch": arch, "layout": layout, "label": label}, "warnings": layout_warnings(layout)}
+            plans = {name: fmt.plan(c, r, layout) for name, c in src.components.items()}
+            check_importance_coverage(plans, importance)
+            extra = {"gguf": {"arch": arch, "layout": layout, "label": label},
+                     "warnings": layout_warnings(layout) + reader_warnings(plans)}
             if importance is not None:
                 extra["imatrix"] = importance.record
-            plans = {name: fmt.plan(c, r, layout) for name, c in src.components.items()}
             outputs.append(Output(r, plans, Options(label, importance, arch), label if len(chosen) > 1 else "",
                                   extra))
         manifests = run_outputs(src, outputs, out, overwrite=overwrite, threads=threads, reporter=reporter,

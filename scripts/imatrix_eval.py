@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from ideoquant.evaluation.calibrate import calibrate_imatrix
     from ideoquant.evaluation.evaluate import evaluate
     from ideoquant.evaluation.inputs import sample_calls
+    from ideoquant.formatting import db
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default="q4_k,q3_k,q4_k_m")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     for v in report["variants"]:
         t, label = v["name"].rsplit("-", 1)
         c = [x["sqnr_db"] for x in v["components"].values()]
-        rows.append(f"| {t.upper()} | {label} | {c[0]:.1f} dB | {c[1]:.1f} dB | {v['guided']['sqnr_db']:.1f} dB |")
+        rows.append(f"| {t.upper()} | {label} | {db(c[0])} | {db(c[1])} | {db(v['guided']['sqnr_db'])} |")
     text = "\n".join(["# Importance matrix on the outlier model", "",
                       f"`python scripts/imatrix_eval.py --types {a.types}`", "", *rows]) + "\n"
     print(text)

@@ -1,7 +1,7 @@
 """ideoquant.encode.ggml against ggml's own bytes: every type, with and without an importance matrix.
 
 The vectors in tests/data/ggml (see its README.md) were written by ggml's ``ggml_quantize_chunk`` (0.15.3; the IQ
-types by 0.19.0, commit 8e800ce, which reproduces the older files too).
+types, MXFP4 and NVFP4 by 0.19.0, commit 8e800ce, which reproduces the older files too).
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from ideoquant.encode import ggml
 DATA = Path(__file__).resolve().parent / "data" / "ggml"
 FILES = sorted(p.name for p in DATA.glob("*.npz"))
 QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+FOUR_BIT = ("IQ4_NL", "IQ4_XS", "MXFP4", "NVFP4")
+FP4 = ("MXFP4", "NVFP4")  # ggml ignores the weights; the reference set still has _imat_ files (equal bytes)
 IQ = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M")
 REQUIRED = ("IQ2_XS", "IQ2_XXS", "IQ1_S")  # ggml_quantize_requires_imatrix: no file without one
 NEEDS_IMATRIX = REQUIRED + ("IQ2_S", "IQ1_M")  # and the ones llama-quantize refuses to write without one
-WEIGHTED = tuple(t for t in QUANTS if t != "Q8_0") + IQ
+WEIGHTED = tuple(t for t in QUANTS if t != "Q8_0") + ("IQ4_NL", "IQ4_XS") + IQ
 SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
          "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
          "F16": (1, 2), "BF16": (1, 2), "IQ3_S": (256, 110), "IQ3_XXS": (256, 98), "IQ2_S": (256, 82),
-         "IQ2_XS": (256, 74), "IQ2_XXS": (256, 66), "IQ1_S": (256, 50), "IQ1_M": (256, 56)}
+         "IQ2_XS": (256, 74), "IQ2_XXS": (256, 66), "IQ1_S": (256, 50), "IQ1_M": (256, 56), "IQ4_NL": (32, 18),
+         "IQ4_XS": (256, 136), "MXFP4": (32, 17), "NVFP4": (64, 36)}
 # README: max |error| / row absmax on the normal rows (NULL, ones, act), plus a little slack
 ERR = {"Q2_K": (0.42, 0.40, 0.65), "Q3_K": (0.24, 0.23, 0.29), "Q4_0": (0.125, 0.12, 0.18),
        "Q4_1": (0.067, 0.081, 0.13), "Q5_0": (0.0625, 0.054, 0.079), "Q5_1": (0.033, 0.042, 0.065),
@@ -58,7 +61,7 @@ def test_reference_set_is_complete():
     for t in ggml.QTYPES:
         if t not in REQUIRED:
             want.add(t.lower() + ".npz")
-        if ggml.has_imatrix_path(t):
+        if ggml.has_imatrix_path(t) or t in FP4:
             want |= {t.lower() + "_imat_ones.npz", t.lower() + "_imat_act.npz"}
     assert set(FILES) == want
     assert (DATA / "README.md").is_file()
@@ -92,7 +95,7 @@ def test_weighted_rows_are_independent(qtype):
     same(got, q, qtype + " act, row slices")
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "F16", "BF16"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16", "BF16", *FP4])
 def test_types_without_weighted_path_ignore_imatrix(qtype):
     x, q, _, _ = load(qtype.lower() + ".npz")
     _, _, _, w = load("q4_k_imat_act.npz")
@@ -124,7 +127,7 @@ def test_registry_agrees_with_gguf_py():
 
 
 def test_type_helpers():
-    assert ggml.QTYPES == QUANTS + IQ + ("F16", "BF16")
+    assert ggml.QTYPES == QUANTS + FOUR_BIT + IQ + ("F16", "BF16")
     for name in ggml.QTYPES:
         bs, ts = ggml.type_size(name)
         assert (bs, ts) == SIZES[name]
@@ -144,7 +147,7 @@ def test_type_helpers():
             ggml.type_size(bad)
 
 
-@pytest.mark.parametrize("qtype", QUANTS + ("F16", "BF16") + IQ)
+@pytest.mark.parametrize("qtype", QUANTS + ("F16", "BF16") + FOUR_BIT + IQ)
 def test_gguf_py_decodes_every_type(qtype):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((3, 512)) * 0.02).astype(np.float32)

@@ -457,6 +457,15 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         im.write_gguf(tmp_path / "no-such-dir" / "x.gguf", _one())
 
 
+def test_gguf_without_a_dataset_name_is_refused(tmp_path):
+    """gguf-py drops an empty array's key, and a GGUF imatrix without imatrix.datasets is not llama.cpp's layout."""
+    m = _one()
+    m.datasets = []
+    with pytest.raises(IdeoquantError, match="no dataset"):
+        im.write_gguf(tmp_path / "x.gguf", m)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _one():
     return im.ImportanceMatrix({QKV: im.Entry(np.ones((1, 2), np.float32), np.ones(1, np.float32))}, chunk_size=1)
 

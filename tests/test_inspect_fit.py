@@ -48,6 +48,11 @@ def test_vram_table_at_real_shapes(real_shaped):
                   ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "bf16"], ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]):
         sizes = [rows[t]["weights_gib"] for t in order]
         assert sizes == sorted(sizes), dict(zip(order, sizes))
+    # IQ4_XS (4.25 bits per weight) is smaller than Q4_K (4.5); IQ4_NL and NVFP4 are 4.5 bits like Q4_0, and rows
+    # that fit Q4_0 fit them (blocks of 32 and 64), so they are the same size.
+    assert rows["iq4_xs"]["weights_gib"] < rows["q4_k"]["weights_gib"]
+    assert rows["iq4_nl"]["weights_gib"] == rows["nvfp4"]["weights_gib"] == rows["q4_0"]["weights_gib"]
+    assert rows["mxfp4"]["weights_gib"] < rows["iq4_nl"]["weights_gib"]
     # On a 24 GB card (22.35 GiB): bf16 fits only one backbone at a time (17.3 GiB each); Q4_K_M fits both.
     assert not rows["bf16"]["fits"] and rows["bf16"]["fits_with_offload"]
     assert rows["q4_k_m"]["fits"]

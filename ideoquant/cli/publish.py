@@ -54,16 +54,21 @@ def upload(
     dry_run: Annotated[bool, typer.Option(help="Show files and the model card; send nothing.")] = False,
     base: Annotated[Optional[str], typer.Option(metavar="PIPELINE", help=render.BASE_HELP + " Named in the model card's code.",
                                                 show_default=False)] = None,
+    bench: Annotated[Optional[Path], typer.Option(
+        metavar="REPORT", help="An `ideoquant bench` report folder: its summary table and an image grid go into the "
+                               "model card.", show_default=False)] = None,
     token: Token = None,
     as_json: Json = False,
 ):
     """Upload an output folder to the Hub in one commit, with a model card (verified before anything is sent)."""
     quiet_diffusers()
+    from ..bench.report import card_section
     from ..publish.upload import upload as api
 
+    section = card_section(bench) if bench is not None else None
     result = api(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
                  commit_message=commit_message, dry_run=dry_run, keep_card=keep_card, token=token,
-                 progress=not as_json, base=base)
+                 progress=not as_json, base=base, bench=section)
     if as_json:
         return render.print_json(result)
     t = Table(title=("dry run: would upload" if dry_run else "uploaded") + f" to {repo_id}", title_justify="left")

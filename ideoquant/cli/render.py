@@ -14,7 +14,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.text import Text
 
 from ..progress import Reporter
-from ..write.staging import human_bytes  # the one byte formatter, re-used here
+from ..formatting import db, human_bytes  # noqa: F401  the one formatter of each, for every command
 
 # The base pipeline (text encoder, tokenizer, VAE, scheduler); the same names as ideoquant.load, which this module
 # does not import (it pulls in torch).
@@ -106,10 +106,6 @@ def error(message: str, as_json: bool, code: int) -> None:
 
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
-
-
-def db(x) -> str:
-    return "exact" if x is None else f"{x:.1f} dB"
 
 
 def sample_note(inputs: dict) -> str:

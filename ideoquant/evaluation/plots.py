@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..formatting import db
+
 
 # ---------------------------------------------------------------- plot
 
@@ -51,7 +53,7 @@ def evaluation_plot(report: dict, path: str | Path, title: str | None = None, fo
             y = [comp.get(kind, {}).get(n) for n in names]
             y = [math.nan if s is None else s for s in y]
             ax.plot(x, y, marker=markers[i % len(markers)], markersize=3.5, linewidth=1.1, color=f"C{i % 10}",
-                    label=f"{v['name']} ({_db(comp['sqnr_db'])} end to end)")
+                    label=f"{v['name']} ({db(comp['sqnr_db'])} end to end)")
         ax.set_title(f"{c}: per-layer output SQNR, {what[kind]}; a gap: exact", fontsize=9, loc="left")
         ax.set_ylabel("SQNR (dB)")
         ax.grid(True, alpha=0.3)
@@ -78,10 +80,6 @@ def _layer_order(report: dict, component: str) -> list[str]:
 def _short(name: str) -> str:
     return (name.replace("layers.", "L").replace(".attention.", ".attn.").replace(".feed_forward.", ".ff.")
             .replace("adaln_modulation", "adaln"))
-
-
-def _db(x) -> str:
-    return "exact" if x is None else f"{x:.1f} dB"
 
 
 def sensitivity_plot(report: dict, path: str | Path, top: int = 40, format: str | None = None) -> Path:

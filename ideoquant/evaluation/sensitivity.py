@@ -30,6 +30,7 @@ from .. import model as model_mod
 from ..device import check_device
 from ..encode import ggml, int8
 from ..errors import IdeoquantError
+from ..formatting import db
 from ..progress import Reporter
 from ..recipe import load_recipe, resolve
 from ..write.target import output_file
@@ -247,7 +248,7 @@ def recipe_toml(report: dict, *, name: str, protect_top: int | None = None, budg
     source = (f"ideoquant sensitivity on {src} ({', '.join(report['components'])}), {report['created']}: "
               f"{report['scheme']}, one {'group' if report['group'] else 'layer'} quantized at a time, ranked by "
               f"end-to-end velocity SQNR on {inputs_txt}. Most fragile: "
-              + ", ".join(f"{u['unit']} ({u['sqnr_db_min']:.1f} dB)" for u in chosen[:5])
+              + ", ".join(f"{u['unit']} ({db(u['sqnr_db_min'])})" for u in chosen[:5])
               + (" ..." if len(chosen) > 5 else "") + ".")
     lines = [
         f"name = {_toml_str(name)}",

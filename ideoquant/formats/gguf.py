@@ -70,6 +70,56 @@ def layout_warnings(layout: str) -> list[str]:
     return [LAYOUT_WARNINGS[layout]] if layout in LAYOUT_WARNINGS else []
 
 
+def reader_warnings(plans: dict[str, ComponentPlan]) -> list[str]:
+    """A warning when the files hold a type that only stable-diffusion.cpp reads (MXFP4, NVFP4, the IQ3/IQ2/IQ1
+    family): diffusers refuses them, ComfyUI-GGUF decodes them only through gguf-py's numpy fallback."""
+    only = sorted({t.dtype for p in plans.values() for t in p.tensors if t.dtype in catalog.GGUF_SDCPP_ONLY})
+    if not only:
+        return []
+    return [f"{', '.join(only)}: only stable-diffusion.cpp reads {'this type' if len(only) == 1 else 'these types'}. "
+            "diffusers (and so ideoquant.load_transformer) refuses these files, and ComfyUI-GGUF decodes them only "
+            "through gguf-py's numpy fallback (very slow); IQ4_XS or IQ4_NL are read by all three."]
+
+
+IMATRIX_HOWTO = ("make one with `ideoquant calibrate SOURCE --imatrix FILE` (or llama-imatrix / sd-cli) and pass "
+                 "`--imatrix FILE`")
+
+
+def needed_importance(recipes: list[Recipe]) -> list[str]:
+    """The types these recipes name that are written only with an importance matrix."""
+    named = {q for r in recipes for q in [r.type, *(t for _, t in r.rules)] if q}
+    return sorted(q for q in named if q in ggml.registry.TYPES and ggml.registry.TYPES[q].needs_imatrix)
+
+
+def check_importance(recipes: list[Recipe], imatrix: str | Path | None) -> None:
+    """Refuse, before the source is read, a type that needs an importance matrix without a real one (`imatrix`: the
+    `--imatrix` value). `ones` does not count: it satisfies ggml's assertion but carries no activation statistics,
+    which is what these grids need (the README's importance-matrix section says why)."""
+    needed = needed_importance(recipes)
+    ones = imatrix is not None and str(imatrix).strip().lower() == "ones"
+    if needed and (imatrix is None or ones):
+        given = "--imatrix ones is not an importance matrix" if ones else "no --imatrix given"
+        raise IdeoquantError(f"{', '.join(needed)} needs an importance matrix ({given}): {IMATRIX_HOWTO}")
+
+
+def check_importance_coverage(plans: dict[str, ComponentPlan], importance: "Importance | None") -> None:
+    """Every tensor planned in a type that needs importance weights must have them in the imatrix."""
+    if importance is None or importance.matrix is None:
+        return
+    for name, plan in plans.items():
+        for t in plan.tensors:
+            if t.quantize and ggml.registry.TYPES[t.dtype].needs_imatrix and (
+                    importance.vector(_imatrix_name(t), t.shape[-1], name == "unconditional_transformer") is None):
+                raise IdeoquantError(f"the imatrix has no entry for {_imatrix_name(t)} ({name}), which {t.dtype} "
+                                     f"needs: {IMATRIX_HOWTO} from this source, or give that tensor another type "
+                                     f"with --type-rule")
+
+
+def _imatrix_name(t: TensorPlan) -> str:
+    """The original-layout name imatrix tools key a tensor by."""
+    return model.diffusers_to_original(t.sources[0].name)[0]
+
+
 @dataclass(frozen=True)
 class Importance:
     """What `--imatrix` gave: all-ones weights (stable-diffusion.cpp's converter without a file), or a file's
@@ -381,7 +431,7 @@ class _Output:
         importance: Importance | None = sink.options.importance
         self.importance = importance
         # ggml's importance vector per tensor, keyed by the original-layout name the imatrix tools use.
-        self.vectors = [importance.vector(model.diffusers_to_original(t.sources[0].name)[0], t.shape[-1], uncond)
+        self.vectors = [importance.vector(_imatrix_name(t), t.shape[-1], uncond)
                         if importance is not None and t.quantize and ggml.has_imatrix_path(t.dtype) else None
                         for t in plan.tensors]
         self.stats = [ErrorStats() for _ in plan.tensors]

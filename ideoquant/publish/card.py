@@ -8,23 +8,31 @@ details), so the same output always gets the same card.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import yaml
 
 from .. import formats, model
 from ..formats import usage
 from ..load import BASE_PIPELINES, DEFAULT_BASE_PIPELINE
-from ..write.staging import human_bytes
+from ..formatting import db, human_bytes
 
 HUB = "https://huggingface.co"
 LICENSE_NAME = "ideogram-4-non-commercial"
 
 
+@dataclass(frozen=True)
+class BenchSection:
+    """What `ideoquant upload --bench REPORT` adds to the card: markdown (the bench's summary tables and a link to
+    the grid) and the image grid itself, uploaded beside the card at GRID_PATH."""
+    markdown: str
+    grid_png: bytes
+    GRID_PATH: ClassVar[str] = "ideoquant-bench.png"
+
+
 def _human(n: int | None) -> str:
     return "?" if n is None else human_bytes(n)
-
-
-def _db(x) -> str:
-    return "exact" if x is None else f"{x:.1f} dB"
 
 
 def _license(source: dict, base: str | None) -> dict:
@@ -81,9 +89,10 @@ def front_matter(manifest: dict) -> dict:
     return meta
 
 
-def model_card(manifest: dict, repo_id: str, base_pipeline: str | None = None) -> str:
+def model_card(manifest: dict, repo_id: str, base_pipeline: str | None = None,
+               bench: BenchSection | None = None) -> str:
     """The card; `base_pipeline` is the pipeline its code loads the rest of Ideogram 4 from (default
-    `DEFAULT_BASE_PIPELINE`)."""
+    `DEFAULT_BASE_PIPELINE`); `bench`: image-level results of `ideoquant bench`, shown after the weight error."""
     source = manifest.get("source", {})
     recipe = manifest.get("recipe", {})
     base = source.get("repo_id")
@@ -129,9 +138,12 @@ def model_card(manifest: dict, repo_id: str, base_pipeline: str | None = None) -
         after = sum(files[f]["size"] for f in c["files"] if f in files) or c["bytes_out"]
         ratio = f"{after / c['bytes_in']:.2f}×" if c["bytes_in"] else "?"
         out.append(f"| `{name}` | {c['tensors_quantized']} / {c['tensors_kept']} | {_human(c['bytes_in'])} | "
-                   f"{_human(after)} | {ratio} | {_db(c['weight_sqnr_db_min'])} | {_db(c['weight_sqnr_db_mean'])} |")
+                   f"{_human(after)} | {ratio} | {db(c['weight_sqnr_db_min'])} | {db(c['weight_sqnr_db_mean'])} |")
     out += ["", "SQNR compares each quantized weight with the source weight (higher is closer); it says nothing "
-                "directly about image quality.", "", "## Use", "", text.usage, "", base_note(base_pipeline), ""]
+                "directly about image quality.", ""]
+    if bench is not None:
+        out += [bench.markdown.rstrip(), ""]
+    out += ["## Use", "", text.usage, "", base_note(base_pipeline), ""]
     warnings = manifest.get("warnings") or []
     if warnings:
         out += ["**Warning:** " + w for w in warnings] + [""]

@@ -31,7 +31,8 @@ def _progress_bars(enabled: bool):
 
 def upload(folder, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
            commit_message: str | None = None, dry_run: bool = False, keep_card: bool = False,
-           token: str | None = None, progress: bool = True, base: str | None = None) -> dict:
+           token: str | None = None, progress: bool = True, base: str | None = None,
+           bench: card.BenchSection | None = None) -> dict:
     """Verify `folder`, then push exactly the files its manifest lists, the manifest and a model card in ONE commit.
 
     Nothing is sent when verification fails or with dry_run. The card is generated in memory (the verified folder
@@ -41,6 +42,9 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
 
     base: the diffusers-layout pipeline the card's code loads the text encoder, tokenizer, VAE and scheduler from
     (default `load.DEFAULT_BASE_PIPELINE`).
+
+    bench: results of `ideoquant bench` for the card (its tables) and its image grid, uploaded beside the card;
+    not with keep_card (the folder's own README would not show them).
     """
     folder = Path(folder)
     check_repo_id(repo_id)
@@ -51,12 +55,17 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
         shown = "; ".join(result.problems[:3]) + (f"; and {len(result.problems) - 3} more"
                                                   if len(result.problems) > 3 else "")
         raise IdeoquantError(f"refusing to upload {folder}: verification failed: {shown}")
+    if bench is not None and keep_card:
+        raise IdeoquantError("--bench puts the bench results into the generated model card: it cannot be combined "
+                             "with --keep-card")
     m = manifest.read(folder)
     own = folder / "README.md"
-    card_text = own.read_text() if keep_card and own.is_file() else card.model_card(m, repo_id, base)
+    card_text = own.read_text() if keep_card and own.is_file() else card.model_card(m, repo_id, base, bench)
     paths = sorted(m["files"]) + [manifest.MANIFEST]
     files = [{"path": p, "size": (folder / p).stat().st_size} for p in paths]
     files.append({"path": "README.md", "size": len(card_text.encode())})
+    if bench is not None:
+        files.append({"path": bench.GRID_PATH, "size": len(bench.grid_png)})
     message = commit_message or f"Upload {m['kind'].upper()} quantization of {_base_name(m)} (ideoquant)"
     plan = {"repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr, "private": private,
             "commit_message": message, "files": files, "card": card_text, "dry_run": dry_run,
@@ -69,6 +78,8 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
 
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in paths]
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
+    if bench is not None:
+        ops.append(CommitOperationAdd(path_in_repo=bench.GRID_PATH, path_or_fileobj=bench.grid_png))
     api = HfApi(token=token)
     try:
         with _progress_bars(progress):

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import IdeoquantError
+from ..formatting import human_bytes
 
 
 @contextlib.contextmanager
@@ -75,14 +76,6 @@ def check_free_space(folder: Path, needed: int) -> None:
     if needed + margin > free:
         raise IdeoquantError(f"not enough free disk in {probe}: the output needs {human_bytes(needed)}, "
                              f"{human_bytes(free)} free")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 # ---------------------------------------------------------------- refusing early: the source, OUT, the lock

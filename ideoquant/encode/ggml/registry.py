@@ -81,15 +81,24 @@ register(GGMLType("Q3_K", 256, 110, "kquants.encode_q3_k", OPTIONAL, "Q8_0", "MO
 register(GGMLType("Q4_K", 256, 144, "kquants.encode_q4_k", OPTIONAL, "Q8_0", "MOSTLY_Q4_K_S"))
 register(GGMLType("Q5_K", 256, 176, "kquants.encode_q5_k", OPTIONAL, "Q8_0", "MOSTLY_Q5_K_S"))
 register(GGMLType("Q6_K", 256, 210, "kquants.encode_q6_k", OPTIONAL, "Q8_0", "MOSTLY_Q6_K"))
-# IQ types (256-value super-blocks, quantized against ggml's lattices; only stable-diffusion.cpp reads them), Q8_0
-# for other rows. The file type is llama.cpp's for a file of that type.
-register(GGMLType("IQ3_S", 256, 110, "iquants.encode_iq3_s", OPTIONAL, "Q8_0", "MOSTLY_IQ3_S", SDCPP_ONLY))
-register(GGMLType("IQ3_XXS", 256, 98, "iquants.encode_iq3_xxs", OPTIONAL, "Q8_0", "MOSTLY_IQ3_XXS", SDCPP_ONLY))
-register(GGMLType("IQ2_S", 256, 82, "iquants.encode_iq2_s", EXPECTED, "Q8_0", "MOSTLY_IQ2_S", SDCPP_ONLY))
-register(GGMLType("IQ2_XS", 256, 74, "iquants.encode_iq2_xs", REQUIRED, "Q8_0", "MOSTLY_IQ2_XS", SDCPP_ONLY))
-register(GGMLType("IQ2_XXS", 256, 66, "iquants.encode_iq2_xxs", REQUIRED, "Q8_0", "MOSTLY_IQ2_XXS", SDCPP_ONLY))
-register(GGMLType("IQ1_S", 256, 50, "iq1.encode_iq1_s", REQUIRED, "Q8_0", "MOSTLY_IQ1_S", SDCPP_ONLY))
-register(GGMLType("IQ1_M", 256, 56, "iq1.encode_iq1_m", EXPECTED, "Q8_0", "MOSTLY_IQ1_M", SDCPP_ONLY))
+# Non-linear 4-bit levels (every reader). IQ4_XS is a 256-value super-block; other rows take IQ4_NL (32), as
+# llama.cpp falls back.
+register(GGMLType("IQ4_NL", 32, 18, "iq4.encode_iq4_nl", OPTIONAL, "BF16", "MOSTLY_IQ4_NL"))
+register(GGMLType("IQ4_XS", 256, 136, "iq4.encode_iq4_xs", OPTIONAL, "IQ4_NL", "MOSTLY_IQ4_XS"))
+# FP4 (E2M1 codes; only stable-diffusion.cpp reads them). NVFP4's 64-value blocks fall back to MXFP4's 32.
+register(GGMLType("MXFP4", 32, 17, "fp4.encode_mxfp4", fallback="BF16", file_type="MOSTLY_MXFP4_MOE",
+                  readers=SDCPP_ONLY))
+register(GGMLType("NVFP4", 64, 36, "fp4.encode_nvfp4", fallback="MXFP4", file_type="MOSTLY_NVFP4",
+                  readers=SDCPP_ONLY))
+# IQ types (256-value super-blocks, quantized against ggml's lattices; only stable-diffusion.cpp reads them), IQ4_NL
+# for other rows, as llama.cpp falls back. The file type is llama.cpp's for a file of that type.
+register(GGMLType("IQ3_S", 256, 110, "iquants.encode_iq3_s", OPTIONAL, "IQ4_NL", "MOSTLY_IQ3_S", SDCPP_ONLY))
+register(GGMLType("IQ3_XXS", 256, 98, "iquants.encode_iq3_xxs", OPTIONAL, "IQ4_NL", "MOSTLY_IQ3_XXS", SDCPP_ONLY))
+register(GGMLType("IQ2_S", 256, 82, "iquants.encode_iq2_s", EXPECTED, "IQ4_NL", "MOSTLY_IQ2_S", SDCPP_ONLY))
+register(GGMLType("IQ2_XS", 256, 74, "iquants.encode_iq2_xs", REQUIRED, "IQ4_NL", "MOSTLY_IQ2_XS", SDCPP_ONLY))
+register(GGMLType("IQ2_XXS", 256, 66, "iquants.encode_iq2_xxs", REQUIRED, "IQ4_NL", "MOSTLY_IQ2_XXS", SDCPP_ONLY))
+register(GGMLType("IQ1_S", 256, 50, "iq1.encode_iq1_s", REQUIRED, "IQ4_NL", "MOSTLY_IQ1_S", SDCPP_ONLY))
+register(GGMLType("IQ1_M", 256, 56, "iq1.encode_iq1_m", EXPECTED, "IQ4_NL", "MOSTLY_IQ1_M", SDCPP_ONLY))
 # Plain types. F32 is what norms, biases and embeddings are stored in; it is never a `--type`.
 register(GGMLType("F16", 1, 2, "floats.encode_f16", file_type="MOSTLY_F16"))
 register(GGMLType("BF16", 1, 2, "floats.encode_bf16", file_type="MOSTLY_BF16"))
