@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from .common import F32, ONE, ZERO, fp16_bits, jit, nearest_int, put_fp16
-from .grids import lattice
-from .iquants import find_best_neighbour, superblock_sumx2
+from .grids import lattice, lattice_values
+from .iquants import find_best_neighbour, put_levels, superblock_sumx2
 
 QK_K = 256
 HALF = F32(0.5)
@@ -159,7 +159,7 @@ def _encoder(is_m):
     nb = QK_K // B
 
     @jit
-    def encode_rows(x, imat, weighted, out, vp, vm, levels, kmap, neighbours):
+    def encode_rows(x, imat, weighted, out, gp, gm, vp, vm, levels, kmap, neighbours):
         rows, cols = x.shape
         weight = np.empty(B, np.float32)
         sumx = np.zeros(B + 1, np.float32)
@@ -169,6 +169,7 @@ def _encoder(is_m):
         index = np.zeros(B // 8, np.int64)
         scales = np.zeros(nb, np.float32)
         shifts = np.zeros(nb, np.int64)
+        d2 = np.empty(levels.shape[0], np.float32)
         CX = np.zeros((4, 3, B), np.float32)  # IQ1_M's search tables
         CQ = np.zeros((4, 3, B), np.float32)
         AX = np.zeros((4, B + 1), np.float32)
@@ -213,8 +214,10 @@ def _encoder(is_m):
                         gi = kmap[u]
                         if gi < 0:
                             all_on = False
-                            gi = find_best_neighbour(neighbours, -gi - 1, vp if (plus0 if k == 0 else plus1) else vm,
-                                                     levels, xr, base + 8 * k, weight, 8 * k, 8, scale, L)
+                            plus = plus0 if k == 0 else plus1
+                            gi = find_best_neighbour(neighbours, -gi - 1, gp if plus else gm, vp if plus else vm,
+                                                     xr, base + 8 * k, weight, 8 * k, 8, scale, d2)
+                            put_levels(levels, gi, L, 8 * k, 8)
                         index[k] = gi
                     if not all_on:  # refit the scale to the grid points
                         sumqx = ZERO
@@ -278,7 +281,8 @@ def _encoder(is_m):
 
     def encode(x, imat, weighted, out):
         lat = lattice("IQ1_S")
-        encode_rows(x, imat, weighted, out, X_P[lat.levels], X_M[lat.levels], lat.levels, lat.kmap, lat.neighbours)
+        encode_rows(x, imat, weighted, out, X_P[lat.levels], X_M[lat.levels], lattice_values("IQ1_S", X_P),
+                    lattice_values("IQ1_S", X_M), lat.levels, lat.kmap, lat.neighbours)
 
     return encode
 
