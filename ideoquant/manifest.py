@@ -28,8 +28,10 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def tensor_record(t: TensorPlan, sqnr_db: float | None) -> dict:
-    return {
+def tensor_record(t: TensorPlan, sqnr_db: float | None, sqnr_sample_rows: int | None = None) -> dict:
+    """One tensor of the manifest. `sqnr_db` is exact (every element) unless `sqnr_sample_rows` is given: then it is
+    an estimate from that many rows, recorded as `sqnr_sample_rows`."""
+    record = {
         "name": t.name,
         "sources": [s.name for s in t.sources] if len(t.sources) > 1 or t.sources[0].name != t.name else None,
         "shape": list(t.shape),
@@ -41,6 +43,9 @@ def tensor_record(t: TensorPlan, sqnr_db: float | None) -> dict:
         "bytes_out": t.bytes_out,
         "sqnr_db": sqnr_db,  # null: bit-exact
     }
+    if sqnr_sample_rows is not None:
+        record["sqnr_sample_rows"] = sqnr_sample_rows
+    return record
 
 
 def component_record(plan: ComponentPlan, tensors: list[dict], files: list[str], seconds: float) -> dict:
@@ -124,7 +129,7 @@ _OPT = lambda s: ("opt", s)  # noqa: E731  (None allowed)
 
 _TENSOR = {"name": _STR, "shape": ("list", _INT), "decision": ("enum", ("quantized", "kept")), "dtype_out": _STR,
            "dtype_in?": _OPT(_STR), "reason?": _OPT(_STR), "bytes_in?": _INT, "bytes_out?": _INT,
-           "sqnr_db?": _OPT(_NUM), "sources?": _OPT(("list", _STR))}
+           "sqnr_db?": _OPT(_NUM), "sqnr_sample_rows?": _INT, "sources?": _OPT(("list", _STR))}
 _COMPONENT = {"files": ("list", _STR), "tensors": ("list", _TENSOR), "protected_modules?": ("list", _STR),
               "output_layout?": _OPT(_STR), "source_layout?": _OPT(_STR), "config?": ("dict", ("any",)),
               "bytes_in?": _INT, "bytes_out?": _INT, "tensors_quantized?": _INT, "tensors_kept?": _INT,

@@ -157,7 +157,7 @@ def sensitivity(
     quiet_diffusers()
     from ..evaluation import sensitivity as api
     from ..evaluation.plots import plot_format, sensitivity_plot
-    from ..recipe import load_recipe
+    from ..formats import load_recipe
     from ..write.target import output_file, source_paths
 
     if write_recipe and (protect_top is None) == (budget_gb is None):
