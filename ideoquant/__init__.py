@@ -2,8 +2,9 @@
 
 The data path: source -> plan -> encode -> write -> manifest. The public API:
 
-- `convert(source, out, recipe=...)`: INT8 W8A8 in torchao's safetensors format; returns the manifest.
-- `convert_gguf(source, out, qtype=...)`: one GGUF per backbone; returns the manifest.
+- `convert(source, out, recipe=...)`: the one conversion entry point, dispatching on the recipe's format (INT8 W8A8
+  in torchao's safetensors format, GGUF, ...); returns the manifest.
+- `convert_gguf(source, out, qtype=...)`: `convert` with GGUF's options: one GGUF per backbone.
 - `inspect(source, recipe=...)`: what a source holds and what a recipe does to it (headers only).
 - `verify(folder)`: an output folder against its manifest; `upload(folder, repo_id)`: to the Hub with a card.
 - `evaluate(source, quantized)`, `sensitivity(source, recipe)`, `calibrate(source, out)`: evidence of quality.
@@ -37,8 +38,8 @@ _LAZY = {
     "load_pipeline": ".load",
     "pipeline_quantization_config": ".load",
     "Recipe": ".recipe",
-    "load_recipe": ".recipe",
-    "list_recipes": ".recipe",
+    "load_recipe": ".formats",
+    "list_recipes": ".formats",
 }
 
 __all__ = ["IdeoquantError", "__version__", *_LAZY]

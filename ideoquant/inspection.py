@@ -6,11 +6,8 @@ from collections import Counter
 
 from . import formats
 from .errors import IdeoquantError
-from .formats import catalog
-from .formats.gguf import gguf_recipe
 from .job import prepare
 from .plan import numel
-from .recipe import load_recipe, resolve
 
 GIB = 1 << 30
 # Beyond the weights, a 1024x1024 generation on the real model needs activations, the attention working set and
@@ -22,15 +19,13 @@ GPU_BUDGET_GIB = 24 * 1e9 / GIB
 
 def inspect(source=None, recipe: str | None = None, *, qtype: str | None = None, revision=None, components=None,
             token=None, vram_gb: float | None = None) -> dict:
-    """The plan for `recipe` (default int8-w8a8; a GGUF plan when `qtype` is given or the recipe is a gguf one).
+    """The plan for `recipe` (default int8-w8a8; with `qtype`, a GGUF type or mixture, the GGUF plan of that type,
+    as `convert_gguf` would write it).
 
-    vram_gb: also list, for INT8 and every GGUF type, the size of both backbones and whether they fit on a card of
-    that size, all resident or one at a time (CPU offload)."""
-    base = load_recipe(recipe) if recipe else None
-    if qtype or (base and base.format == "gguf"):
-        r, _ = gguf_recipe(qtype or base.type.lower(), recipe)
-    else:
-        r = resolve(base or "int8-w8a8")
+    vram_gb: also list, for every format's rows (`Format.fit_rows`: INT8, every GGUF type, ...), the size of both
+    backbones and whether they fit on a card of that size, all resident or one at a time (CPU offload)."""
+    fmt = formats.of(recipe, "gguf" if qtype else None)
+    r = fmt.conversion(recipe, (), (), {"qtype": qtype} if qtype else {}).recipes[0]
     # From a Hub repo only the configs and safetensors headers are fetched, never the weights.
     src, plans = prepare(source, r, components=components, revision=revision, token=token, headers_only=True)
     comps = {}
@@ -85,13 +80,11 @@ def _fit_table(src, vram_gb: float) -> dict:
         raise IdeoquantError(f"--vram must be a card size in GB (e.g. 24), not {vram_gb:g}")
     budget = vram_gb * 1e9 / GIB
     rows = []
-    choices = [("int8-w8a8", None)] + [(None, t) for t in catalog.GGUF_CHOICES]
-    for recipe_name, qtype in choices:
-        r = resolve(recipe_name) if recipe_name else gguf_recipe(qtype)[0]
-        fmt = formats.get(r.format)
-        sizes = [fmt.plan(c, r).bytes_out for c in src.components.values()]
-        weights, largest = sum(sizes) / GIB, max(sizes) / GIB
-        rows.append({"type": recipe_name or qtype, "format": r.format, "weights_gib": round(weights, 3),
-                     "fits": weights + ACTIVATION_OVERHEAD_GIB <= budget,
-                     "fits_with_offload": largest + ACTIVATION_OVERHEAD_GIB <= budget})
+    for fmt in formats.every():
+        for row in fmt.fit_rows():
+            sizes = [fmt.plan(c, row.recipe).bytes_out for c in src.components.values()]
+            weights, largest = sum(sizes) / GIB, max(sizes) / GIB
+            rows.append({"type": row.label, "format": fmt.name, "weights_gib": round(weights, 3),
+                         "fits": weights + ACTIVATION_OVERHEAD_GIB <= budget,
+                         "fits_with_offload": largest + ACTIVATION_OVERHEAD_GIB <= budget})
     return {"vram_gb": vram_gb, "budget_gib": round(budget, 2), "types": rows}

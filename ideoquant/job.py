@@ -1,9 +1,10 @@
 """The job, end to end: source -> plan -> encode -> write -> manifest, one skeleton for every format.
 
-`convert` writes an INT8 W8A8 checkpoint in torchao's safetensors format (stock diffusers loads it);
-`convert_gguf` writes one GGUF file per backbone. Both stream one block of rows at a time through the format's
-sink on one worker pool, write into a staging folder that replaces OUT only when complete, and finish with the
-manifest. Nothing of a job outlives the call: its threads end with it, and no process setting is changed.
+`convert(source, out, recipe=...)` is the one entry point: the recipe's format parses the options, plans the
+outputs and writes them (INT8 W8A8 in torchao's safetensors format, GGUF files, ...); `convert_gguf` is a thin
+wrapper with GGUF's defaults. Every job streams one block of rows at a time through the format's sink on one worker
+pool, writes into a staging folder that replaces OUT only when complete, and finishes with the manifest. Nothing of
+a job outlives the call: its threads end with it, and no process setting is changed.
 """
 
 from __future__ import annotations
@@ -12,25 +13,19 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import formats, manifest, model
-from .device import check_device
 from .errors import IdeoquantError
-from .formats.gguf import gguf_recipe
+from .formats import Output
 from .plan import ComponentPlan
 from .progress import Reporter
-from .recipe import Recipe, resolve
+from .recipe import Recipe
 from .source import ReadAhead, Source, hf_cache_sha256, open_source
 from .workers import Pool, thread_count
 from .write.hashing import Hasher
-from .write.safetensors import parse_size
 from .write.staging import DISK_FULL, disk_full_error, output_lock, staged_output
 from .write.target import check_target, source_paths
-
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
 
 def prepare(source, recipe: Recipe, *, components=None, revision=None, token=None, layout=None,
             headers_only=False) -> tuple[Source, dict[str, ComponentPlan]]:
@@ -52,24 +47,6 @@ class _ReadAheadReporter(Reporter):
         self.inner.advance(task, n)
 
 
-def _source_files(src: Source) -> dict[str, Path]:
-    if src.kind == "file":
-        return {src.path.name: src.path}
-    files: dict[str, Path] = {}
-    if (src.path / "model_index.json").is_file():
-        files["model_index.json"] = src.path / "model_index.json"
-    for c in src.components.values():
-        folder = c.files[0].parent
-        side = [folder / "config.json", folder / INDEX_NAME]
-        if src.kind == "files":  # several paths given: a config next to a file given alone is not part of the source
-            given = [Path(p).expanduser().absolute() for p in src.spec]
-            side = [f for f in side if any(g == folder or g in folder.parents for g in given)]
-        for f in [*c.files, *side]:
-            if f.is_file():
-                files[str(f.relative_to(src.path))] = f
-    return files
-
-
 def _model_index(src: Source) -> str:
     from importlib.metadata import version
 
@@ -79,17 +56,6 @@ def _model_index(src: Source) -> str:
     return json.dumps(index, indent=2) + "\n"
 
 
-def _source_paths(src: Source) -> list[Path]:
-    """Everything of the source OUT must not touch: its folder (or file), every file read and, for a Hub source,
-    the repo's cache folder (snapshots link into its blobs/)."""
-    paths = [src.path, *_source_files(src).values()]
-    for c in src.components.values():
-        paths += c.files
-    if src.kind == "hub":
-        paths.append(src.path.parent.parent)  # .../models--ORG--NAME/snapshots/<commit>
-    return paths
-
-
 @contextlib.contextmanager
 def _guarded_output(inputs: list[Path], out: Path, overwrite: bool):
     """Before the Hub download, the source hash or any other input is read: the output policy
@@ -97,18 +63,6 @@ def _guarded_output(inputs: list[Path], out: Path, overwrite: bool):
     out = check_target(out, inputs, overwrite=overwrite, folder=True, owned_marker=manifest.MANIFEST)
     with output_lock(out):
         yield
-
-
-@dataclass
-class Output:
-    """One output of a job: a recipe, its plans, the format's options, and where it goes in OUT ("" for OUT itself;
-    a subfolder when one pass writes several)."""
-
-    recipe: Recipe
-    plans: dict[str, ComponentPlan]
-    options: object = None
-    folder: str = ""
-    extra: dict | None = None
 
 
 def run(src: Source, recipe: Recipe, plans: dict[str, ComponentPlan], out, *, overwrite: bool = False,
@@ -127,7 +81,7 @@ def run_outputs(src: Source, outputs: list[Output], out, *, overwrite: bool = Fa
     Nothing under the source is modified: an OUT that is, contains or would replace the source is refused.
     locked: the caller holds OUT's lock already (`convert`, `convert_gguf`); otherwise it is taken here."""
     needed = sum(p.bytes_out for o in outputs for p in o.plans.values())
-    out = check_target(out, _source_paths(src), overwrite=overwrite, folder=True, owned_marker=manifest.MANIFEST,
+    out = check_target(out, src.protected_paths(), overwrite=overwrite, folder=True, owned_marker=manifest.MANIFEST,
                        needed=needed)
     with contextlib.nullcontext() if locked else output_lock(out):
         try:
@@ -143,7 +97,7 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
     if any(o.recipe.format != fmt.name for o in outputs):
         raise IdeoquantError("one pass writes outputs of one format")
     reporter = reporter or Reporter()
-    source_files = _source_files(src)
+    source_files = src.files()
     # Exits in reverse order: the source reads end (the hash no longer waits for the encoders) before the hasher.
     with Hasher() as hasher, src.reads, Pool(threads) as pool, staged_output(out, overwrite) as staging:
         # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded, a bounded
@@ -205,43 +159,39 @@ def _recipe_file(recipe) -> str | None:
 
 def convert(
     source: str | list[str] | None = None,
-    out: str | Path = "ideogram4-int8",
+    out: str | Path | None = None,
     *,
-    recipe: str | Recipe = "int8-w8a8",
+    recipe: str | Recipe | None = "int8-w8a8",
     protect=(),
     no_protect=(),
     components: list[str] | None = None,
     revision: str | None = None,
     token: str | None = None,
     overwrite: bool = False,
-    device: str = "cpu",
-    max_shard_size: str | int = "5GB",
     threads: int | None = None,
     reporter: Reporter | None = None,
-    smoothquant: str | Path | None = None,
-    alpha: float = 0.5,
-) -> dict:
-    """Quantize both Ideogram 4 backbones to INT8 W8A8 in torchao's safetensors format. Returns the manifest.
+    default_format: str | None = None,
+    **options,
+) -> dict | list[dict]:
+    """Quantize both Ideogram 4 backbones with `recipe`; returns the manifest (a list of them when one pass writes
+    several outputs). The recipe's format takes `options` and refuses those it does not know:
 
-    smoothquant: statistics from `ideoquant calibrate`; each quantized linear is then smoothed as torchao's
-    SmoothQuant does (factor from `alpha`, weight * s quantized, `act_pre_scale = 1 / s` stored)."""
-    from .formats.int8 import Options
-    from .formats.smoothquant import smoother_for
+    - INT8 W8A8 (`int8-w8a8`, ...): `max_shard_size` ("5GB"), `device` ("cpu"), `smoothquant` (statistics from
+      `ideoquant calibrate`; each quantized linear is then smoothed as torchao's SmoothQuant does) and `alpha`.
+    - GGUF (`gguf`, `gguf-q4_k_m`, ...): see `convert_gguf`.
 
-    r = resolve(recipe, protect, no_protect)
-    if r.format != "int8":
-        raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; use it with `ideoquant {r.format}`")
-    device = check_device(device)
-    shard_bytes = parse_size(max_shard_size)
+    out: default `ideogram4-<format>`; recipe None: the default recipe of `default_format`."""
+    fmt = formats.of(recipe, default_format)
+    conversion = fmt.conversion(recipe, protect, no_protect, options)
     thread_count(threads)
-    with _guarded_output(source_paths(source or model.DEFAULT_SOURCE, smoothquant, _recipe_file(recipe)), out,
-                         overwrite):
-        src, plans = prepare(source, r, components=components, revision=revision, token=token)
-        smooth = smoother_for(smoothquant, alpha, plans)
-        options = Options(shard_bytes, device, smooth)
-        return run(src, r, plans, out, overwrite=overwrite, options=options,
-                   threads=1 if device != "cpu" else threads, reporter=reporter,
-                   extra={"smoothquant": smooth.record()} if smooth else None, locked=True)
+    out = Path(out) if out is not None else Path(f"ideogram4-{fmt.name}")
+    inputs = source_paths(source or model.DEFAULT_SOURCE, *conversion.inputs, _recipe_file(recipe))
+    with _guarded_output(inputs, out, overwrite):
+        src = open_source(source, components=components, revision=revision, token=token)
+        outputs = conversion.outputs(src)
+        manifests = run_outputs(src, outputs, out, overwrite=overwrite, threads=conversion.threads or threads,
+                                reporter=reporter, locked=True)
+    return manifests if conversion.several else manifests[0]
 
 
 def convert_gguf(
@@ -264,7 +214,8 @@ def convert_gguf(
     reporter: Reporter | None = None,
     arch: str = "ideogram4",
 ) -> dict | list[dict]:
-    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest.
+    """Write `ideogram4-<component>-<TYPE>.gguf` per backbone, the components' config.json and the manifest
+    (`convert` with a GGUF recipe).
 
     qtype: a GGML type or a mixture (`formats.catalog.GGUF_CHOICES`); None: the recipe's own type. Several types
     (a list, or "q4_k_m,q5_k_m,q8_0") are written in one pass, each block of the source read and widened once:
@@ -273,31 +224,7 @@ def convert_gguf(
     GGUF or `.dat`, or stable-diffusion.cpp's); ggml's weighted quantizers then use it, with the vector derived as
     llama-quantize (`imatrix_convention="llama"`) or sd-cli (`"sdcpp"`) derives it.
     arch: written as `general.architecture`; the manifest records it and the layout's `warnings`."""
-    from .formats.gguf import (Options, check_arch, check_importance, check_importance_coverage, layout_warnings,
-                               load_importance, reader_warnings)
-
-    types = [t.strip() for t in qtype.split(",")] if isinstance(qtype, str) else list(qtype or [None])
-    if len(types) > 1 and (len(set(t.lower() for t in types)) != len(types) or "" in types):
-        raise IdeoquantError(f"--type lists each type once: {','.join(types)}")
-    chosen = [gguf_recipe(t, recipe, type_rules, protect, no_protect) for t in types]
-    check_arch(arch)
-    thread_count(threads)
-    check_importance([r for r, _ in chosen], imatrix)
-    fmt = formats.get("gguf")
-    with _guarded_output(source_paths(source or model.DEFAULT_SOURCE, imatrix, _recipe_file(recipe)), out,
-                         overwrite):
-        importance = load_importance(imatrix, imatrix_convention)
-        src = open_source(source, components=components, revision=revision, token=token)
-        outputs = []
-        for r, label in chosen:
-            plans = {name: fmt.plan(c, r, layout) for name, c in src.components.items()}
-            check_importance_coverage(plans, importance)
-            extra = {"gguf": {"arch": arch, "layout": layout, "label": label},
-                     "warnings": layout_warnings(layout) + reader_warnings(plans)}
-            if importance is not None:
-                extra["imatrix"] = importance.record
-            outputs.append(Output(r, plans, Options(label, importance, arch), label if len(chosen) > 1 else "",
-                                  extra))
-        manifests = run_outputs(src, outputs, out, overwrite=overwrite, threads=threads, reporter=reporter,
-                                locked=True)
-    return manifests if len(chosen) > 1 else manifests[0]
+    return convert(source, out, recipe=recipe, protect=protect, no_protect=no_protect, components=components,
+                   revision=revision, token=token, overwrite=overwrite, threads=threads, reporter=reporter,
+                   default_format="gguf", qtype=qtype, type_rules=type_rules, layout=layout, imatrix=imatrix,
+                   imatrix_convention=imatrix_convention, arch=arch)

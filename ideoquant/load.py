@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import model
-from .encode import int8
+from . import formats, model
 from .errors import IdeoquantError
-from .formats.gguf import KEY_CONFIG, read_metadata
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe
 from .source.hub import check_base
 
 # The default base: the repo diffusers' own docs and examples load. Its text encoder is bitsandbytes NF4.
@@ -34,11 +32,13 @@ BASE_PIPELINES = {
 
 
 def load_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, device: str | None = None):
-    """An `Ideogram4Transformer2DModel` from an ideoquant output: a `.gguf` file (either layout) or an INT8
-    component folder (`OUT/transformer`)."""
+    """An `Ideogram4Transformer2DModel` from one backbone of an ideoquant output, loaded by the format that wrote it
+    (`formats.recognise`): a `.gguf` file (either layout), or a torchao component folder (`OUT/transformer`). Any
+    other diffusers component folder (a bf16 source's) loads as it is."""
     path = Path(path)
-    if path.suffix == ".gguf":
-        m = load_gguf_transformer(path, compute_dtype)
+    found = formats.recognise(path) if path.exists() else []
+    if found:
+        m = found[0][0].load(path, compute_dtype)
     elif (path / "config.json").is_file():
         from diffusers import Ideogram4Transformer2DModel
 
@@ -69,75 +69,17 @@ def load_pipeline(quantized: str | Path, base: str | Path = DEFAULT_BASE_PIPELIN
 
 
 def backbone_path(quantized: str | Path, component: str) -> Path:
-    """The file or folder of one backbone in an ideoquant output: `<component>/` (INT8) or the one
-    `*-<component>-*.gguf` (any type label and layout suffix, e.g. `ideogram4-transformer-Q4_K-diffusers.gguf`)."""
+    """The file or folder of one backbone in an ideoquant output, as the format that wrote it says
+    (`formats.recognise`): `<component>/` (torchao formats) or the one `*-<component>-*.gguf`."""
     quantized = Path(quantized)
-    ggufs = sorted(quantized.glob(f"*-{component}-*.gguf"))
-    if len(ggufs) > 1:
-        raise IdeoquantError(f"{quantized} holds {len(ggufs)} {component} GGUF files ({', '.join(f.name for f in ggufs)}); "
-                             "keep one type per folder")
-    if ggufs:
-        return ggufs[0]
-    if not (quantized / component / "config.json").is_file():
-        raise IdeoquantError(f"{quantized} holds no {component} (neither {component}/config.json nor "
+    paths = [r.paths[component] for _, r in formats.recognise(quantized) if component in r.paths]
+    if len(paths) > 1:
+        raise IdeoquantError(f"{quantized} holds {len(paths)} {component} backbones "
+                             f"({', '.join(p.name for p in paths)}); keep one type per folder")
+    if not paths:
+        raise IdeoquantError(f"{quantized} holds no {component} (neither a quantized {component}/config.json nor "
                              f"*-{component}-*.gguf)")
-    return quantized / component
-
-
-def load_gguf_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
-    """An Ideogram4Transformer2DModel from a GGUF file of either layout (original fused qkv, or diffusers names).
-
-    The config comes from the file's `ideogram4.diffusers_config` key, else from `config`, else from the tensor
-    shapes. Quantized linear weights stay quantized (GGUFLinear dequantizes per forward pass).
-    """
-    from accelerate import init_empty_weights
-    from diffusers import GGUFQuantizationConfig, Ideogram4Transformer2DModel
-    from diffusers.models.model_loading_utils import load_gguf_checkpoint, load_model_dict_into_meta
-    from diffusers.quantizers import DiffusersAutoQuantizer
-    from diffusers.quantizers.gguf.utils import GGUFParameter
-
-    path = Path(path)
-    if not path.is_file():
-        raise IdeoquantError(f"no such GGUF file: {path}")
-    meta = read_metadata(path)
-    try:
-        checkpoint = load_gguf_checkpoint(str(path))
-    except (ValueError, OSError) as e:
-        raise IdeoquantError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
-    state = {}
-    for name, t in checkpoint.items():
-        parts = model.original_to_diffusers(name)
-        if len(parts) == 1:
-            state[parts[0][0]] = t
-            continue
-        rows = t.shape[0] // len(parts)  # GGUF quants are per row: row blocks of the bytes are row blocks of the weight
-        for new, i in parts:
-            piece = t.data[i * rows : (i + 1) * rows].clone()
-            state[new] = GGUFParameter(piece, quant_type=t.quant_type) if isinstance(t, GGUFParameter) else piece
-    if config is None and KEY_CONFIG in meta:
-        config = json.loads(meta[KEY_CONFIG])
-    if config is None:
-        shapes = {k: _logical_shape(v) for k, v in state.items()}
-        config = model.infer_config(shapes)
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    quantizer = DiffusersAutoQuantizer.from_config(GGUFQuantizationConfig(compute_dtype=compute_dtype))
-    with init_empty_weights():
-        m = Ideogram4Transformer2DModel.from_config(config)
-    expected = set(m.state_dict())
-    missing = sorted(expected - set(state))
-    if missing or set(state) - expected:
-        raise IdeoquantError(f"{path.name} is not an Ideogram 4 backbone for this config "
-                             f"(missing {missing[:1]}, unexpected {sorted(set(state) - expected)[:1]})")
-    quantizer.preprocess_model(model=m, device_map=None, state_dict=state, keep_in_fp32_modules=[])
-    load_model_dict_into_meta(m, state, dtype=compute_dtype, device_map={"": torch.device("cpu")},
-                              hf_quantizer=quantizer, keep_in_fp32_modules=[], unexpected_keys=[])
-    quantizer.postprocess_model(m)
-    m.hf_quantizer = quantizer
-    return m.eval()
-
-
-def _logical_shape(t) -> tuple[int, ...]:
-    return tuple(getattr(t, "quant_shape", None) or t.shape)
+    return paths[0]
 
 
 def pipeline_quantization_config(recipe: str | Recipe = "int8-w8a8", config: dict | None = None):
@@ -152,9 +94,12 @@ def pipeline_quantization_config(recipe: str | Recipe = "int8-w8a8", config: dic
     """
     from diffusers import PipelineQuantizationConfig, TorchAoConfig
 
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    r = formats.resolve(recipe)
+    torchao_config = getattr(formats.get(r.format), "torchao_config", None)
+    if torchao_config is None:
+        raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; diffusers applies torchao recipes only")
     spec = model.model_spec(config or {})
     protected = r.protected_modules(sorted(spec.linear_modules))
     return PipelineQuantizationConfig(quant_mapping={
-        c: TorchAoConfig(int8.config(), modules_to_not_convert=protected) for c in model.COMPONENTS
+        c: TorchAoConfig(torchao_config(), modules_to_not_convert=protected) for c in model.COMPONENTS
     })

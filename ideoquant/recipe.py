@@ -3,6 +3,9 @@
 A recipe is a TOML file (see `recipes/`). Protect patterns are globs over module names
 (`layers.*.feed_forward.w2`, `*` matches across dots); GGUF type rules are regular expressions over
 tensor names, as in stable-diffusion.cpp's `--tensor-type-rules`.
+
+This module reads the keys every recipe has; the recipe's format (`formats.load_recipe`) validates its own keys
+and which overrides it takes. Load recipes through `ideoquant.formats` (`load_recipe`, `resolve`, `list_recipes`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ from .encode.ggml import registry
 from .errors import IdeoquantError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-FORMATS = ("int8", "gguf")
 MAX_REGEX_LENGTH = 1000
-_KEYS = {"name", "format", "description", "source", "protect", "type", "rules"}
-_GGUF_ONLY = {"type", "rules"}
+COMMON_KEYS = frozenset({"name", "format", "description", "source", "protect"})
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Recipe:
              "protect": list(self.protect)}
         if self.no_protect:
             d["no_protect"] = list(self.no_protect)
-        if self.format == "gguf":
+        if self.type is not None:  # a format with per-tensor types (GGUF)
             d["type"] = self.type
             d["rules"] = {r: t for r, t in self.rules}
         if self.path:
@@ -143,67 +144,61 @@ def parse_type_rule(rule: str) -> tuple[str, str]:
     return regex, _check_type(qtype, f"--type-rule '{rule}'")
 
 
-def resolve(recipe: "str | Recipe", protect=(), no_protect=(), qtype=None, type_rules=()) -> Recipe:
-    """A recipe (by name, path or object) with the command line's overrides applied: `--protect`, `--no-protect`,
-    `--type` and `--type-rule REGEX=TYPE`."""
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+def apply_overrides(r: Recipe, protect=(), no_protect=(), qtype=None, type_rules=()) -> Recipe:
+    """The command line's overrides: `--protect`, `--no-protect`, `--type` and `--type-rule REGEX=TYPE`."""
     return r.with_overrides(protect=protect, no_protect=no_protect, type=qtype,
                             rules=[parse_type_rule(x) for x in type_rules])
 
 
-def list_recipes() -> list[Recipe]:
-    return [load_recipe(p) for p in sorted(RECIPE_DIR.glob("*.toml"))]
+def recipe_files() -> list[Path]:
+    return sorted(RECIPE_DIR.glob("*.toml"))
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A recipe by name (from the packaged `recipes/`) or by path to a TOML file."""
+def read_recipe(name_or_path: str | Path) -> tuple[dict, Path, dict]:
+    """A recipe file by name (from the packaged `recipes/`) or by path: (its TOML table, its path, the `Recipe`
+    fields every format shares, validated). The format's own keys are left to the format."""
     path = Path(name_or_path)
     if not path.is_file():
         candidate = RECIPE_DIR / f"{name_or_path}.toml"
         if not candidate.is_file():
-            names = ", ".join(p.stem for p in sorted(RECIPE_DIR.glob("*.toml")))
+            names = ", ".join(p.stem for p in recipe_files())
             raise IdeoquantError(f"unknown recipe '{name_or_path}' (available: {names}; or give a path to a .toml)")
         path = candidate
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise IdeoquantError(f"recipe {path.name} does not parse: {e}") from None
-    unknown = set(data) - _KEYS
-    if unknown:
-        raise IdeoquantError(f"recipe {path.name}: unknown key(s) {', '.join(sorted(unknown))} "
-                             f"(allowed: {', '.join(sorted(_KEYS))})")
     for key in ("name", "format", "description", "source"):
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise IdeoquantError(f"recipe {path.name}: '{key}' must be a non-empty string")
-    fmt = data["format"]
-    if fmt not in FORMATS:
-        raise IdeoquantError(f"recipe {path.name}: format must be one of {', '.join(FORMATS)}, not '{fmt}'")
     protect = data.get("protect", [])
     if not isinstance(protect, list) or not all(isinstance(p, str) for p in protect):
         raise IdeoquantError(f"recipe {path.name}: 'protect' must be a list of strings")
-    if fmt != "gguf" and _GGUF_ONLY & set(data):
-        raise IdeoquantError(f"recipe {path.name}: 'type' and 'rules' apply to gguf recipes only")
+    common = dict(
+        name=data["name"], format=data["format"], description=data["description"].strip(),
+        source=data["source"].strip(), protect=tuple(_module_pattern(p) for p in protect),
+        # Packaged recipes are identified by name and ideoquant version; a custom one by the path it was given as.
+        path=None if path.resolve().parent == RECIPE_DIR.resolve() else str(name_or_path),
+    )
+    return data, path, common
+
+
+def parse_type_table(data: dict, where: str) -> dict:
+    """The `type` and `rules` keys of a recipe with per-tensor types (GGUF) -> `Recipe` fields."""
     rules = data.get("rules", {})
     if not isinstance(rules, dict) or not all(isinstance(v, str) for v in rules.values()):
-        raise IdeoquantError(f"recipe {path.name}: 'rules' must be a table of REGEX = \"TYPE\"")
+        raise IdeoquantError(f"recipe {where}: 'rules' must be a table of REGEX = \"TYPE\"")
     for regex, t in rules.items():
         try:
             _check_regex(regex)
             _check_type(t, f"rule '{regex}'")
         except IdeoquantError as e:
-            raise IdeoquantError(f"recipe {path.name}: {e}") from None
+            raise IdeoquantError(f"recipe {where}: {e}") from None
     qtype = data.get("type")
-    if fmt == "gguf" and not isinstance(qtype, str):
-        raise IdeoquantError(f"recipe {path.name}: a gguf recipe needs 'type'")
-    if fmt == "gguf":
-        try:
-            _check_type(qtype, "'type'")
-        except IdeoquantError as e:
-            raise IdeoquantError(f"recipe {path.name}: {e}") from None
-    return Recipe(
-        name=data["name"], format=fmt, description=data["description"].strip(), source=data["source"].strip(),
-        protect=tuple(_module_pattern(p) for p in protect), type=qtype.upper() if qtype else None,
-        rules=tuple((r, t.upper()) for r, t in rules.items()),
-        # Packaged recipes are identified by name and ideoquant version; a custom one by the path it was given as.
-        path=None if path.resolve().parent == RECIPE_DIR.resolve() else str(name_or_path),
-    )
+    if not isinstance(qtype, str):
+        raise IdeoquantError(f"recipe {where}: a gguf recipe needs 'type'")
+    try:
+        _check_type(qtype, "'type'")
+    except IdeoquantError as e:
+        raise IdeoquantError(f"recipe {where}: {e}") from None
+    return {"type": qtype.upper(), "rules": tuple((r, t.upper()) for r, t in rules.items())}

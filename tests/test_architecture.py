@@ -64,3 +64,31 @@ def test_small_row_blocks_write_the_same_bytes_as_one_block(bf16_source, fp8_sou
     assert outs["one"].keys() == outs["many"].keys() and outs["one"]
     for f in outs["one"]:
         assert outs["one"][f] == outs["many"][f], f
+
+
+def _format_name_comparisons(path: Path, names: set[str]) -> list[str]:
+    """`x == "int8"`, `fmt in ("int8", "gguf")`, `r["format"] != "gguf"`: comparisons with a format's name."""
+    import ast
+
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in [node.left, *node.comparators]:
+            consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
+                hits.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return hits
+
+
+def test_no_module_outside_formats_compares_a_format_name():
+    """A format owns its whole surface: the rest of the package asks the registry (`formats.get`, `recognise`,
+    the Format protocol) instead of testing which format it has."""
+    root = Path(ideoquant.__file__).parent
+    names = set(formats.NAMES)
+    hits = [h for p in sorted(root.rglob("*.py")) if "formats" not in p.relative_to(root).parts
+            for h in _format_name_comparisons(p, names)]
+    assert hits == []
+    # The check finds what it looks for.
+    sample = root.parent / "tests" / "data" / "_format_compare_sample.py"
+    assert sample.is_file() and len(_format_name_comparisons(sample, names)) == 3

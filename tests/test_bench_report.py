@@ -223,6 +223,17 @@ def test_summary_md_holds_every_number(report):
     assert len(rows) == expected == 14
 
 
+def test_identical_images_infinite_psnr(tmp_path):
+    """PSNR of a variant identical to the reference is infinite (JSON's Infinity): shown as ∞, sorted as the largest."""
+    results = make_report(tmp_path)
+    results["summary"]["nf4"]["psnr"] = {"mean": float("inf"), "n": 6, "delta_vs_reference": None,
+                                         "ci_low": float("inf"), "ci_high": float("inf"), "verdict": None}
+    (tmp_path / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    write_report(tmp_path, read_results(tmp_path))
+    assert "| nf4 | PSNR (dB) ↑ | ∞ | 6 | – | [∞, ∞] | – |" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert 'data-value="Infinity">∞' in (tmp_path / "index.html").read_text(encoding="utf-8")
+
+
 def test_report_without_sizes_has_no_plot(tmp_path):
     results = make_report(tmp_path)
     (tmp_path / "quality.png").write_bytes(b"stale")

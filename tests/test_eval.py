@@ -244,7 +244,7 @@ def test_resolve_refuses_what_is_not_quantized(bf16_source, tmp_path):
         resolve_variants([bf16_source / "transformer"])
     with pytest.raises(IdeoquantError, match="not quantized"):
         resolve_variants([bf16_source])  # a pipeline folder, but the source itself
-    with pytest.raises(IdeoquantError, match="holds no INT8 backbone"):
+    with pytest.raises(IdeoquantError, match="holds no quantized backbone"):
         resolve_variants([tmp_path])
     with pytest.raises(IdeoquantError, match="unknown baseline"):
         evaluate(str(bf16_source), [], baselines=("int4",))
@@ -254,9 +254,34 @@ def test_resolve_refuses_what_is_not_quantized(bf16_source, tmp_path):
         evaluate(str(bf16_source), [tmp_path / "one-layer-int8"], baselines=(), steps=1, tokens=4, grid=2)
 
 
-def test_plot_writes_png(report, tmp_path):
-    p = plot(report, tmp_path / "x" / "layers.png")
-    assert p.stat().st_size > 10_000
+def test_plot_shows_every_layers_sqnr(report, tmp_path):
+    """What is drawn: per backbone two panels (isolated, in situ), one line per variant that has that backbone,
+    whose points are the report's per-layer SQNRs; the PNG read back has the figure's size and each line's colour."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    from ideoquant.evaluation.plots import EVALUATION_DPI, evaluation_figure
+
+    fig = evaluation_figure(report)
+    panels = [(c, kind) for c in report["components"] for kind in ("layers_isolated", "layers")]
+    assert len(fig.axes) == len(panels)
+    for ax, (c, kind) in zip(fig.axes, panels):
+        assert ax.get_title(loc="left").startswith(c + ":")
+        drawn = [v for v in report["variants"] if c in v["components"]]
+        lines = ax.get_lines()
+        assert len(lines) == len(drawn) and len(drawn) >= 2
+        for line, v in zip(lines, drawn):
+            assert line.get_label().startswith(v["name"] + " ")
+            y = [float(p) for p in line.get_ydata() if p == p]  # NaN: a layer this variant has not, or exact
+            want = [s for s in v["components"][c][kind].values() if s is not None]
+            assert sorted(y) == pytest.approx(sorted(want)) and want
+    png = plot(report, tmp_path / "x" / "layers.png")
+    pixels = imread(png)[..., :3]
+    w, h = fig.get_size_inches() * EVALUATION_DPI
+    assert pixels.shape[:2] == (round(h), round(w))
+    for line in fig.axes[0].get_lines():
+        colour = torch.tensor(to_rgb(line.get_color()))
+        assert (torch.from_numpy(pixels.copy()) - colour).abs().amax(-1).lt(0.02).sum() > 20, line.get_label()
 
 
 def test_cli_capture_needs_a_whole_pipeline(bf16_source, tmp_path):

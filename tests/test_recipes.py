@@ -6,7 +6,8 @@ from ideoquant import IdeoquantError, model, testing
 from ideoquant import formats
 
 plan_int8 = formats.get("int8").plan
-from ideoquant.recipe import RECIPE_DIR, list_recipes, load_recipe, parse_type_rule
+from ideoquant.formats import list_recipes, load_recipe
+from ideoquant.recipe import RECIPE_DIR, parse_type_rule
 from ideoquant.source import open_source
 
 
@@ -24,7 +25,7 @@ def test_packaged_recipes_ship_inside_the_package():
     ("name = 'x'\nformat = 'int8'\n[[[", "does not parse"),
     ("name = 'x'\nformat = 'fp4'\ndescription='d'\nsource='s'\n", "format must be"),
     ("name = 'x'\nformat = 'int8'\ndescription='d'\n", "'source' must be"),
-    ("name = 'x'\nformat = 'int8'\ndescription='d'\nsource='s'\ntype='Q4_K'\n", "gguf recipes only"),
+    ("name = 'x'\nformat = 'int8'\ndescription='d'\nsource='s'\ntype='Q4_K'\n", "unknown key\\(s\\) type for int8 recipes"),
     ("name = 'x'\nformat = 'gguf'\ndescription='d'\nsource='s'\n", "needs 'type'"),
     ("name = 'x'\nformat = 'gguf'\ndescription='d'\nsource='s'\ntype='Q4_K'\n[rules]\n'([' = 'Q8_0'\n", "bad type rule"),
 ])

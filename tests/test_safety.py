@@ -375,7 +375,7 @@ def test_file_size_limit_mid_write_cleans_up(src, old_out, command):
 
 @pytest.mark.parametrize("regex", [r"(a+)+$", r"(a|aa)+$", r"(a*)*b", r"(\w+\s?)+$", r"^(([a-z])+.)+[A-Z]([a-z])+$"])
 def test_type_rule_matching_cannot_hang(regex):
-    from ideoquant.recipe import resolve
+    from ideoquant.formats import resolve
 
     r = resolve("gguf", type_rules=[f"{regex}=Q8_0"])
     names = ["a" * 5000 + "!", "layers.0.feed_forward.w1.weight" * 50 + "!"]
@@ -421,7 +421,7 @@ def test_recipe_type_is_used(bf16_source, tmp_path):
                                          ('type = "Q8_0"\n[rules]\n"w1" = "Q7_K"\n', "Q7_K"),
                                          ('type = "Q8_0"\n[rules]\n"(?<=x)w1" = "Q8_0"\n', "bad type rule regex")])
 def test_recipe_type_is_validated_on_load(bf16_source, tmp_path, body, needle):
-    from ideoquant.recipe import load_recipe
+    from ideoquant.formats import load_recipe
 
     r = _recipe(tmp_path, body)
     with pytest.raises(IdeoquantError, match="r.toml"):
@@ -496,7 +496,9 @@ def _start(slow_source, out):
     # the slowest encoder (Q4_1's weighted path, one thread): the run is still writing when the test catches it
     return subprocess.Popen([sys.executable, "-m", "ideoquant", "gguf", str(slow_source), "--out", str(out),
                              "--overwrite", "--type", "q4_1", "--imatrix", "ones", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            # a shell's background job starts with SIGINT ignored, and the CLI keeps what is ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_staging(proc, parent: Path) -> None:
@@ -509,8 +511,10 @@ def _wait_for_staging(proc, parent: Path) -> None:
     pytest.fail(f"the conversion did not get to writing: {proc.communicate()[1]}")
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_cleans_up_like_ctrl_c(slow_source, old_out, sig):
+    """A real signal to a conversion mid-write (SIGINT is Ctrl-C): exit 128 + the signal, one error line, the old
+    output intact, no staging, lock or partial file left, the source unchanged, and promptly."""
     signum = getattr(signal, sig)
     before = _tree(slow_source)
     proc = _start(slow_source, old_out)

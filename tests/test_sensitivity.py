@@ -10,7 +10,7 @@ from ideoquant import model, testing
 from ideoquant.cli import app
 from ideoquant.errors import IdeoquantError
 from ideoquant import formats
-from ideoquant.recipe import load_recipe
+from ideoquant.formats import load_recipe
 from ideoquant.evaluation.sensitivity import group_of, select, sensitivity, write_recipe
 from ideoquant.source import open_source
 

@@ -16,7 +16,7 @@ from ideoquant.errors import IdeoquantError
 from ideoquant.evaluation.evaluate import evaluate
 from ideoquant.evaluation.inputs import sample_calls
 from ideoquant.evaluation.runner import velocities
-from ideoquant.recipe import load_recipe
+from ideoquant.formats import load_recipe
 from ideoquant.encode.smoothing import smoothing_factor
 from ideoquant.evaluation.calibrate import calibrate, quantized_modules
 from ideoquant.formats.smoothquant import KEY_STATS, Statistics
@@ -184,7 +184,26 @@ def test_cli_calibrate_and_convert(outlier_source, tmp_path):
     r = CliRunner().invoke(app, ["convert", str(outlier_source), "--out", str(tmp_path / "o"), "--components",
                                  "transformer", "--smoothquant", str(stats), "--alpha", "0.6", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["smoothquant"]["alpha"] == 0.6
+    # --alpha reaches the math: torchao's SmoothQuant with alpha 0.6, its observers holding the statistics from the
+    # file, makes the same smoothed weights and act_pre_scale as the command wrote.
+    from diffusers import Ideogram4Transformer2DModel
+    from torchao.prototype.smoothquant import SmoothQuantConfig
+    from torchao.quantization import quantize_
+
+    absmax = Statistics.load(stats).absmax["transformer"]
+    ref = load_reference(outlier_source, "transformer")
+    only = lambda mod, fqn: fqn in absmax  # noqa: E731
+    quantize_(ref, SmoothQuantConfig(int8.config(), step="prepare", alpha=0.6, use_running_absmax=True), filter_fn=only)
+    named = dict(ref.named_modules())
+    for n, a in absmax.items():
+        named[n].obs(a[None].to(torch.bfloat16))  # exact: the statistics are bf16 values
+    quantize_(ref, SmoothQuantConfig(int8.config(), step="convert", alpha=0.6, use_running_absmax=True), filter_fn=only)
+    ours = dict(Ideogram4Transformer2DModel.from_pretrained(tmp_path / "o", subfolder="transformer",
+                                                            torch_dtype=torch.bfloat16).named_parameters())
+    theirs = dict(ref.named_parameters())
+    for n in absmax:
+        for field in ("qdata", "scale", "act_pre_scale"):
+            assert torch.equal(getattr(ours[n + ".weight"], field), getattr(theirs[n + ".weight"], field)), (n, field)
 
 
 def test_smoothed_output_verifies(smoothed):

@@ -47,8 +47,15 @@ def test_fresh_int8_output_verifies(int8_out):
     text = "\n".join(r.checks)
     assert "files match the manifest" in text and "transformer: loads" in text
     assert "unconditional_transformer: config.json protects" in text
-    d = r.to_dict()
-    assert d["ok"] is True and d["checks"] == r.checks and json.dumps(d)
+    # `verify --json`: exit 0, and a load check for every backbone the manifest file lists
+    from ideoquant.cli import app
+
+    result = CliRunner().invoke(app, ["verify", str(int8_out), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    listed = json.loads((int8_out / "ideoquant.json").read_text())["components"]
+    assert d["ok"] is True and d["problems"] == []
+    assert {c.split(":")[0] for c in d["checks"] if ": loads" in c} == set(listed)
 
 
 def test_fresh_gguf_output_verifies(gguf_out):

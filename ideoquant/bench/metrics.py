@@ -51,8 +51,8 @@ def parse_metrics(spec: str | None) -> list[str]:
 
 
 def parse_metric_models(specs) -> dict[str, str]:
-    """`NAME=PATH` specs over the defaults. A local PickScore folder holding its own processor config serves as
-    the processor too."""
+    """`NAME=PATH` specs over the defaults. A local PickScore folder holding its own processor serves as the
+    processor too."""
     given = {}
     for spec in specs or ():
         name, sep, path = spec.partition("=")
@@ -61,7 +61,8 @@ def parse_metric_models(specs) -> dict[str, str]:
             raise IdeoquantError(f"--metric-model '{spec}': give NAME=PATH with NAME one of "
                                  f"{', '.join(DEFAULT_MODELS)}")
         given[name] = path
-    if "pick" in given and "pick-processor" not in given and (Path(given["pick"]) / "preprocessor_config.json").is_file():
+    if "pick" in given and "pick-processor" not in given and any(
+            (Path(given["pick"]) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         given["pick-processor"] = given["pick"]
     return DEFAULT_MODELS | given
 

@@ -10,14 +10,16 @@ from pathlib import Path
 
 from ..errors import IdeoquantError
 from ..progress import Reporter
-from ..write.staging import check_not_source, output_lock
+from ..write.staging import output_lock
+from ..write.target import check_target, source_paths
 from . import results as res
 from .generate import Generation, Job, generate, jobs_for, png_text, read_timings, readable
 from .metrics import (AGAINST_REFERENCE, DEFAULT_MODELS, HIGHER_IS_BETTER, OCR_READ, parse_metric_models,
                       parse_metrics, scorers)
 from .prompts import load_prompts
+from .report import write_report
 from .stats import summarize
-from .variants import REFERENCE, bench_variants
+from .variants import BASELINES, REFERENCE, bench_variants
 
 REPORT_MARKER = res.SETTINGS
 DEFAULT_STEPS = 48  # Ideogram4Pipeline's default, which its default guidance schedule (45 x 7.0, 3 x 3.0) fits
@@ -34,14 +36,12 @@ def bench(source: str, variants: list[str], out: str | Path, *, base: str | None
 
     Under `accelerate launch`, call it in every process: each generates its share of the (prompt, seed) list; the
     main process gathers and scores, and returns results.json's dict (the others return None)."""
-    from accelerate import PartialState
-
     from ..device import check_device
     from ..load import DEFAULT_BASE_PIPELINE
     from ..source import open_source
 
     reporter = reporter or Reporter()
-    state = PartialState()
+    state = process_state(device)
     distributed = state.num_processes > 1
     device = str(state.device) if distributed else check_device(device or _default_device())
     metric_names = parse_metrics(metrics if not isinstance(metrics, list) else ",".join(metrics))
@@ -60,7 +60,8 @@ def bench(source: str, variants: list[str], out: str | Path, *, base: str | None
         "variants": [{"name": v.name, "kind": v.kind, "what": v.what} for v in bench_vars],
     }
     out = Path(out)
-    protected = [p for p in ([source] if Path(source).exists() else []) + list(variants) + [base] if Path(p).exists()]
+    protected = source_paths(source, [v for v in variants if v.lower() not in BASELINES], base, prompts,
+                             _local_models(metric_models))
     jobs = jobs_for(prompt_list, seeds)
     if state.is_main_process:
         _prepare(out, settings, overwrite, protected)
@@ -116,7 +117,7 @@ def score_images(images: str | Path, prompts: str | Path, out: str | Path, *, me
                 "prompts_sha256": res.prompts_digest(prompt_list), "prompts": len(prompt_list),
                 "variants": [{"name": n, "kind": "images", "what": str(images / n)} for n in names]}
     out = Path(out)
-    _prepare(out, settings, overwrite, [images])
+    _prepare(out, settings, overwrite, source_paths(images, prompts, _local_models(metric_models)))
     with output_lock(out):
         for name, jobs in found.items():
             for j in jobs:
@@ -129,6 +130,15 @@ def score_images(images: str | Path, prompts: str | Path, out: str | Path, *, me
         all_jobs = sorted({j for js in found.values() for j in js}, key=lambda j: (j.prompt_id, j.seed))
         return _score_and_write(out, settings, prompt_list, all_jobs, [(n, "images", str(images / n)) for n in names],
                                 [], metric_names, models, device, None, reporter, present=found)
+
+
+def process_state(device: str | None = None):
+    """accelerate's view of this process (one process unless started by `accelerate launch`). CPU processes are
+    asked for explicitly: accelerate forms a gloo group of CPU processes only when told to."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=(device or "").startswith("cpu") or not torch.cuda.is_available())
 
 
 def _default_device() -> str:
@@ -153,10 +163,15 @@ def _share(state, jobs: list[Job]) -> list[Job]:
         return list(mine)
 
 
+def _local_models(specs) -> list[str]:
+    return [spec.partition("=")[2] for spec in specs or ()]
+
+
 def _prepare(out: Path, settings: dict, overwrite: bool, protected) -> None:
-    """REPORT: new, or a report of the same settings (resumed), or replaced with --overwrite; never a source, never
-    a folder that is not a bench report."""
-    check_not_source(out, protected)
+    """REPORT: new, or a report of the same settings (resumed), or replaced with --overwrite; never an input (the
+    output policy, `write.target`), never a folder that is not a bench report."""
+    # An existing REPORT is not refused here: a report of the same settings is resumed (checked below).
+    check_target(out, protected, overwrite=True, folder=True, owned_marker=REPORT_MARKER)
     if out.exists() and not out.is_dir():
         raise IdeoquantError(f"--out {out} is a file, not a report folder")
     is_report = (out / REPORT_MARKER).is_file()
@@ -221,7 +236,7 @@ def _score_and_write(out: Path, settings: dict, prompt_list, jobs: list[Job], va
             entry = {"variant": n, "prompt_id": j.prompt_id, "seed": j.seed,
                      "path": path.relative_to(out).as_posix(), "metrics": metrics}
             if read is not None:
-                entry["ocr_read"] = read
+                entry["ocr_text"] = read  # results.json's name (docs/bench.md); the report shows it
             entries.append(entry)
             scores[n][(j.prompt_id, j.seed)] = metrics
             reporter.advance("scoring", 1)
@@ -242,6 +257,7 @@ def _score_and_write(out: Path, settings: dict, prompt_list, jobs: list[Job], va
         "variants": [{"name": n, "kind": k, "what": w} for n, k, w in variants],
     }
     res.write_json(out / res.RESULTS, result)
+    write_report(out, result)
     return result
 
 

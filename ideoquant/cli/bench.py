@@ -69,16 +69,12 @@ def bench(
 ):
     """Image-level quality: every variant's images against SOURCE's, same prompts and seeds, with paired CIs."""
     quiet_diffusers()
-    from accelerate import PartialState
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
 
     from ..bench.run import bench as run_bench
-    from ..bench.run import score_images
+    from ..bench.run import process_state, score_images
 
     args = list(args or [])
-    main_process = PartialState().is_main_process
+    main_process = process_state(device).is_main_process
     if images is not None:
         if args:
             raise IdeoquantError("--images scores images made elsewhere: give no SOURCE or VARIANT")

@@ -82,7 +82,7 @@ def inspect(
 @app.command()
 def recipes(as_json: Json = False):
     """List the built-in recipes."""
-    from ..recipe import list_recipes
+    from ..formats import list_recipes
 
     rs = [r.to_dict() for r in list_recipes()]
     if as_json:
@@ -92,6 +92,6 @@ def recipes(as_json: Json = False):
         t.add_column(col)
     for r in rs:
         extra = f"\ntype {r['type']}" + "".join(f"\n{k} → {v}" for k, v in r.get("rules", {}).items()) \
-            if r["format"] == "gguf" else ""
+            if r.get("type") is not None else ""
         t.add_row(r["name"], r["format"] + extra, "\n".join(r["protect"]) or "-", r["description"])
     render.out_console.print(t)

@@ -9,6 +9,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
@@ -101,7 +102,7 @@ def error(message: str, as_json: bool, code: int) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
     else:
-        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
 
 
 def print_json(obj) -> None:

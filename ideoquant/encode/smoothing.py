@@ -6,6 +6,8 @@ import torch
 
 DTYPE = torch.bfloat16  # the model's compute dtype: torchao computes the factor in the weight/activation dtype
 EPS = torch.finfo(torch.float32).eps
+# The header key of the statistics file `ideoquant calibrate` writes and `convert --smoothquant` reads.
+KEY_STATS = "ideoquant.smoothquant"
 
 
 def smoothing_factor(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -17,12 +17,10 @@ import torch
 from .. import formats
 from .. import model as model_mod
 from ..device import check_device
-from ..encode.smoothing import EPS
+from ..encode.smoothing import EPS, KEY_STATS
 from ..errors import IdeoquantError
-from ..formats.smoothquant import KEY_STATS
 from ..manifest import tool_versions
 from ..progress import Reporter
-from ..recipe import resolve
 from ..write.target import output_file, source_paths
 from .inputs import open_with_inputs
 from .runner import free, source_model, to_device
@@ -83,7 +81,7 @@ class AbsMaxObserver:
 
 def quantized_modules(component, recipe) -> list[str]:
     """The linear modules an INT8 recipe quantizes in this component (the ones SmoothQuant can apply to)."""
-    plan = formats.get("int8").plan(component, recipe)
+    plan = formats.get(recipe.format).plan(component, recipe)
     return [model_mod.module_of(t.name) for t in plan.tensors if t.quantize]
 
 
@@ -119,8 +117,8 @@ def _calibrate(source, out: Path, *, recipe, protect, no_protect, components, in
 
     reporter = reporter or Reporter()
     device = check_device(device)
-    r = resolve(recipe, protect, no_protect)
-    if r.format != "int8":
+    r = formats.resolve(recipe, protect, no_protect)
+    if not getattr(formats.get(r.format), "smoothquant", False):
         raise IdeoquantError(f"recipe '{r.name}' is a {r.format} recipe; SmoothQuant applies to INT8 W8A8")
     src, ins = open_with_inputs(source, inputs, components=components, revision=revision, token=token,
                                 **sample)

@@ -25,14 +25,24 @@ def plot_format(path: str | Path) -> str:
     return fmt
 
 
+EVALUATION_DPI = 100
+
+
 def evaluation_plot(report: dict, path: str | Path, title: str | None = None, format: str | None = None) -> Path:
-    """Per-layer output SQNR of each variant: per component, the layers' own error (isolated) and in situ
-    (matplotlib through the Agg canvas: no global pyplot state). `format`: see `plot_format` [default: from
-    `path`'s suffix]."""
+    """`evaluation_figure` saved to `path`. `format`: see `plot_format` [default: from `path`'s suffix]."""
+    path = Path(path)
+    fig = evaluation_figure(report, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=EVALUATION_DPI, format=format)
+    return path
+
+
+def evaluation_figure(report: dict, title: str | None = None):
+    """Per-layer output SQNR of each variant: per component, the layers' own error (isolated) and in situ; one
+    panel each, one line per variant (matplotlib through the Agg canvas: no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
     comps = report["components"]
     panels = [(c, kind) for c in comps for kind in ("layers_isolated", "layers")]
     layer_names = {c: _layer_order(report, c) for c in comps}
@@ -63,9 +73,7 @@ def evaluation_plot(report: dict, path: str | Path, title: str | None = None, fo
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     src = report["source"].get("repo_id") or report["source"].get("spec", "")
     fig.suptitle(title or f"ideoquant eval of {src}", fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, format=format)
-    return path
+    return fig
 
 
 def _layer_order(report: dict, component: str) -> list[str]:

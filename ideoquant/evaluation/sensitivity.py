@@ -2,8 +2,9 @@
 
 One linear layer (or, with `group=True`, one group such as every `feed_forward.w2`) at a time is quantized under the
 recipe's scheme, every other weight stays as in the source, and the velocity on the image tokens is compared with the
-source's on the same inputs. INT8 recipes: torchao W8A8 (`quantize_` with `Int8DynamicActivationInt8WeightConfig`,
-per-token dynamic int8 activations included). GGUF recipes: the weight quantized and dequantized with
+source's on the same inputs. Each format quantizes in memory the way it computes
+(`Format.fake_quantize`): INT8 recipes through torchao W8A8 (`quantize_` with `Int8DynamicActivationInt8WeightConfig`,
+per-token dynamic int8 activations included); GGUF recipes quantize and dequantize the weight with
 `ideoquant.gguf.quantize` / `dequantize` at the type the recipe gives that tensor (rules and row-length fallbacks
 included), which is what GGUFLinear computes with. The recipe's own protect list is ignored while measuring (every
 linear is measured) and reported beside the ranking.
@@ -25,14 +26,11 @@ from pathlib import Path
 import torch
 
 from .. import formats
-from .. import gguf as gguf_api
 from .. import model as model_mod
 from ..device import check_device
-from ..encode import ggml, int8
 from ..errors import IdeoquantError
 from ..formatting import db
 from ..progress import Reporter
-from ..recipe import load_recipe, resolve
 from ..write.target import output_file
 from .inputs import open_with_inputs
 from .runner import compare, free, source_model, velocities
@@ -43,13 +41,6 @@ _LAYER = re.compile(r"^layers\.\d+\.")
 def group_of(module: str) -> str:
     """`layers.3.feed_forward.w2` -> `layers.*.feed_forward.w2`; modules outside the blocks are their own group."""
     return _LAYER.sub("layers.*.", module)
-
-
-def _scheme(recipe) -> str:
-    if recipe.format == "int8":
-        return "int8 W8A8 (torchao Int8DynamicActivationInt8WeightConfig, per-token dynamic activations)"
-    rules = "".join(f", {t} for /{r}/" for r, t in recipe.rules)
-    return f"GGUF {recipe.type} weight-only{rules} (ideoquant.gguf quantize + dequantize)"
 
 
 def _planned(component, recipe) -> dict[str, tuple[str, int, int]]:
@@ -63,44 +54,6 @@ def _planned(component, recipe) -> dict[str, tuple[str, int, int]]:
             numel = math.prod(t.shape)
             out[model_mod.module_of(t.name)] = (t.dtype, t.bytes_out, numel * 2)
     return out
-
-
-class _Quantizer:
-    """Quantize named linears of a model in place under the recipe's scheme, and put them back."""
-
-    def __init__(self, m: torch.nn.Module, recipe, planned: dict, threads: int | None):
-        self.m, self.recipe, self.planned, self.threads = m, recipe, planned, threads
-        self.modules = dict(m.named_modules())
-        self.saved: dict[str, torch.nn.Parameter] = {}
-
-    def apply(self, names: list[str]) -> bool:
-        """False when nothing changes (a type that keeps the weight as is)."""
-        changed = False
-        if self.recipe.format == "int8":
-            from torchao.quantization import quantize_
-
-            wanted = set(names)
-            for n in names:
-                self.saved[n] = self.modules[n].weight
-            quantize_(self.m, int8.config(), filter_fn=lambda mod, fqn: fqn in wanted)
-            return True
-        for n in names:
-            qtype = self.planned[n][0]
-            if ggml.registry.TYPES[qtype].plain:
-                continue
-            mod = self.modules[n]
-            w = mod.weight
-            self.saved[n] = w
-            q = gguf_api.quantize(w.detach().float().cpu().numpy(), qtype, threads=self.threads)
-            deq = torch.from_numpy(ggml.dequantize(q, qtype)).reshape(w.shape).to(device=w.device, dtype=w.dtype)
-            mod.weight = torch.nn.Parameter(deq, requires_grad=False)
-            changed = True
-        return changed
-
-    def restore(self) -> None:
-        for n, p in self.saved.items():
-            self.modules[n].weight = p
-        self.saved = {}
 
 
 def sensitivity(
@@ -122,9 +75,8 @@ def sensitivity(
     reporter = reporter or Reporter()
     sample.setdefault("steps", 2)
     device = check_device(device)
-    r = resolve(recipe, qtype=qtype)
-    if qtype and r.format != "gguf":
-        raise IdeoquantError(f"--type applies to gguf recipes; '{r.name}' is an {r.format} recipe")
+    r = formats.resolve(recipe, qtype=qtype)
+    fmt = formats.get(r.format)
     src, ins = open_with_inputs(source, inputs, components=components or list(model_mod.COMPONENTS),
                                 revision=revision, token=token, **sample)
 
@@ -134,7 +86,7 @@ def sensitivity(
         if not calls:
             raise IdeoquantError(f"the inputs hold no calls of {c}")
         planned = _planned(comp, r)
-        base = formats.get(r.format).plan(comp, r, "diffusers")
+        base = fmt.plan(comp, r, "diffusers")
         protected = set(base.protected)
         order = _linear_names(comp)
         groups: dict[str, list[str]] = {}
@@ -144,21 +96,24 @@ def sensitivity(
         reporter.start(task, len(groups))
         m = source_model(comp, device)
         ref = torch.cat(velocities(m, calls, device))
-        q = _Quantizer(m, r, planned, threads)
         for unit, names in groups.items():
             u = units.setdefault(unit, {"unit": unit, "modules": names, "types": sorted({planned[n][0] for n in names}),
-                                        "sqnr_db": {}, "extra_bytes": 0,
+                                        "sqnr_db": {}, "extra_bytes": 0, "non_finite": [],
                                         "protected_by_recipe": all(n in protected for n in names)})
-            try:
-                changed = q.apply(names)
-                u["sqnr_db"][c] = compare(ref, torch.cat(velocities(m, calls, device)))["sqnr_db"] if changed else None
+            saved = fmt.fake_quantize(m, {n: planned[n][0] for n in names}, threads)
+            try:  # a unit whose planned type keeps the weight as is (BF16) changes nothing: no measurement
+                sq = compare(ref, torch.cat(velocities(m, calls, device)))["sqnr_db"] if saved else None
             finally:
-                q.restore()
+                formats.restore(m, saved)
+            if sq is not None and (math.isnan(sq) or sq == -math.inf):  # NaN/Inf out: the most fragile of all
+                u["non_finite"].append(c)
+                sq = None
+            u["sqnr_db"][c] = sq
             u["extra_bytes"] += sum(planned[n][2] - planned[n][1] for n in names)
             reporter.advance(task, 1)
         reporter.finish(task)
         free(m)
-        m = q = None
+        m = None
 
     ranked = list(units.values())
     for u in ranked:
@@ -166,14 +121,15 @@ def sensitivity(
         u["sqnr_db_min"] = min(finite) if finite else None
         u["noise"] = sum(10 ** (-s / 10) for s in finite)
     total = sum(u["noise"] for u in ranked) or 1.0
-    ranked.sort(key=lambda u: (u["sqnr_db_min"] is None, u["sqnr_db_min"] if u["sqnr_db_min"] is not None else 0))
+    ranked.sort(key=lambda u: (not u["non_finite"], u["sqnr_db_min"] is None,
+                               u["sqnr_db_min"] if u["sqnr_db_min"] is not None else 0))
     for i, u in enumerate(ranked, 1):
         u["rank"] = i
         u["noise_share"] = round(u.pop("noise") / total, 5)
     return {
         "source": src.describe(),
         "recipe": r.to_dict(),
-        "scheme": _scheme(r),
+        "scheme": fmt.scheme(r),
         "group": group,
         "components": list(src.components),
         "inputs": ins.info,
@@ -194,7 +150,8 @@ def select(report: dict, protect_top: int | None = None, budget_gb: float | None
     whose extra bf16 bytes fit the budget."""
     if (protect_top is None) == (budget_gb is None):
         raise IdeoquantError("give exactly one of --protect-top K and --budget-gb X")
-    ranked = [u for u in report["units"] if u["sqnr_db_min"] is not None and not u["protected_by_recipe"]]
+    ranked = [u for u in report["units"] if (u["sqnr_db_min"] is not None or u.get("non_finite"))
+              and not u["protected_by_recipe"]]
     if protect_top is not None:
         if protect_top < 0:
             raise IdeoquantError("--protect-top must be 0 or more")
@@ -218,7 +175,7 @@ def write_recipe(report: dict, path: str | Path, *, protect_top: int | None = No
     text = recipe_toml(report, protect_top=protect_top, budget_gb=budget_gb, name=name or path.stem)
     with output_file(path, overwrite=overwrite, option="--write-recipe") as tmp:
         tmp.write_text(text)
-    return load_recipe(path)
+    return formats.load_recipe(path)
 
 
 def recipe_toml(report: dict, *, name: str, protect_top: int | None = None, budget_gb: float | None = None) -> str:
@@ -248,7 +205,8 @@ def recipe_toml(report: dict, *, name: str, protect_top: int | None = None, budg
     source = (f"ideoquant sensitivity on {src} ({', '.join(report['components'])}), {report['created']}: "
               f"{report['scheme']}, one {'group' if report['group'] else 'layer'} quantized at a time, ranked by "
               f"end-to-end velocity SQNR on {inputs_txt}. Most fragile: "
-              + ", ".join(f"{u['unit']} ({db(u['sqnr_db_min'])})" for u in chosen[:5])
+              + ", ".join(f"{u['unit']} ({'NaN/Inf output' if u.get('non_finite') else db(u['sqnr_db_min'])})"
+                          for u in chosen[:5])
               + (" ..." if len(chosen) > 5 else "") + ".")
     lines = [
         f"name = {_toml_str(name)}",
@@ -257,7 +215,7 @@ def recipe_toml(report: dict, *, name: str, protect_top: int | None = None, budg
         f"source = {_toml_str(source)}",
         "protect = [" + "".join(f"\n    {_toml_str(p)}," for p in protect) + ("\n]" if protect else "]"),
     ]
-    if base["format"] == "gguf":
+    if base.get("type") is not None:  # a recipe with per-tensor types (GGUF)
         lines.append(f"type = {_toml_str(base['type'])}")
         if base.get("rules"):
             lines += ["", "[rules]"] + [f"{_toml_str(k)} = {_toml_str(v)}" for k, v in base["rules"].items()]

@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
+from .. import formats
 from .. import model as model_mod
 from ..errors import IdeoquantError
-from ..formats.gguf import KEY_COMPONENT, read_metadata
 from ..load import load_transformer
 from ..manifest import MANIFEST
 from . import baselines
@@ -26,34 +26,18 @@ BASELINES = ("fp8", "nf4", "w8a8")
 @dataclass
 class Variant:
     name: str
-    kind: str  # "int8", "gguf", "fp8", "nf4", "w8a8"
+    kind: str  # the output format that wrote it ("int8", "gguf", ...), or the baseline ("fp8", "nf4", "w8a8")
     paths: dict[str, str] = field(default_factory=dict)  # component -> file or folder
     # (component, Component, device) -> (model, bytes as stored)
     load: Callable | None = None
 
 
 def resolve_variants(paths) -> list[Variant]:
-    """QUANTIZED arguments -> variants, in the order given. An INT8 output folder gives both (or its) backbones; a
-    folder of GGUF files, or GGUF files of one folder, form one variant per type label; a lone .gguf names its
-    backbone in its metadata (`ideogram4.component`)."""
-    entries: list = []  # Variant (INT8) or a GGUF group key, in argument order
-    gguf_groups: dict[tuple[Path, str], dict[str, str]] = {}
-
-    def add_gguf(f: Path) -> None:
-        meta = read_metadata(f)
-        component = meta.get(KEY_COMPONENT) or next((c for c in sorted(model_mod.COMPONENTS, key=len, reverse=True)
-                                                       if f"-{c}-" in f.name), "transformer")
-        if component not in model_mod.COMPONENTS:
-            raise IdeoquantError(f"{f.name}: component '{component}' is not an Ideogram 4 backbone")
-        label = f.stem.split(f"-{component}-", 1)[-1] if f"-{component}-" in f.stem else f.stem
-        key = (f.parent.resolve(), label)
-        if key not in gguf_groups:
-            gguf_groups[key] = {}
-            entries.append(key)
-        group = gguf_groups[key]
-        if component in group and group[component] != str(f):
-            raise IdeoquantError(f"two {component} files for one variant: {group[component]} and {f}")
-        group[component] = str(f)
+    """QUANTIZED arguments -> variants, in the order given, as the formats that wrote them recognise them
+    (`formats.recognise`): a torchao output folder gives both (or its) backbones; a folder of GGUF files, or GGUF
+    files of one folder, form one variant per type label; a lone .gguf names its backbone in its metadata."""
+    entries: list = []  # Variant, or a group key of files of one folder and label, in argument order
+    groups: dict[tuple[str, Path, str], dict[str, str]] = {}
 
     def check_quantized(folder: Path) -> None:
         try:
@@ -62,39 +46,42 @@ def resolve_variants(paths) -> list[Variant]:
             raise IdeoquantError(f"cannot read {folder / 'config.json'}: {e}") from None
         if not cfg.get("quantization_config"):
             raise IdeoquantError(f"{folder} is not quantized (no quantization_config in config.json)")
+        raise IdeoquantError(f"{folder}: its quantization_config is no format ideoquant writes "
+                             f"({', '.join(formats.NAMES)})")
 
     for p in _expand_multi_type(map(Path, paths)):
         if not p.exists():
             raise IdeoquantError(f"no such quantized output: {p}")
-        if p.is_file():
-            if p.suffix != ".gguf":
-                raise IdeoquantError(f"{p.name}: give an INT8 output folder (or a component folder) or a .gguf file")
-            add_gguf(p)
-            continue
-        comps = {c: str(p / c) for c in model_mod.COMPONENTS if (p / c / "config.json").is_file()}
-        ggufs = sorted(p.glob("*.gguf"))
-        if ggufs:
-            for f in ggufs:
-                add_gguf(f)
-        elif comps:
-            for c in comps:
-                check_quantized(p / c)
-            entries.append(Variant(p.name, "int8", comps))
-        elif (p / "config.json").is_file():
-            check_quantized(p)
-            c = p.name if p.name in model_mod.COMPONENTS else "transformer"
-            entries.append(Variant(p.parent.name or p.name, "int8", {c: str(p)}))
-        else:
-            raise IdeoquantError(f"{p} holds no INT8 backbone (<component>/config.json) and no .gguf file")
+        found = formats.recognise(p)
+        if not found:
+            for folder in [p, *(p / c for c in model_mod.COMPONENTS)]:
+                if (folder / "config.json").is_file():
+                    check_quantized(folder)
+            raise IdeoquantError(f"{p} holds no quantized backbone: no INT8 backbone (<component>/config.json) and "
+                                 "no .gguf file")
+        for fmt, r in found:
+            if r.group is None:
+                name = p.name if not (len(r.paths) == 1 and next(iter(r.paths.values())) == p) else \
+                    (p.parent.name or p.name)
+                entries.append(Variant(name, fmt.name, {c: str(f) for c, f in r.paths.items()}))
+                continue
+            key = (fmt.name, r.group, r.label)
+            if key not in groups:
+                groups[key] = {}
+                entries.append(key)
+            for c, f in r.paths.items():
+                if c in groups[key] and groups[key][c] != str(f):
+                    raise IdeoquantError(f"two {c} files for one variant: {groups[key][c]} and {f}")
+                groups[key][c] = str(f)
     labels_per_folder: dict[Path, int] = {}
-    for folder, _ in gguf_groups:
+    for _, folder, _ in groups:
         labels_per_folder[folder] = labels_per_folder.get(folder, 0) + 1
     out: list[Variant] = []
     for e in entries:
         if not isinstance(e, Variant):
-            folder, label = e
-            e = Variant(folder.name if labels_per_folder[folder] == 1 else f"{folder.name}:{label}", "gguf",
-                        dict(sorted(gguf_groups[e].items())))
+            kind, folder, label = e
+            e = Variant(folder.name if labels_per_folder[folder] == 1 else f"{folder.name}:{label}", kind,
+                        dict(sorted(groups[e].items())))
         base, name, i = e.name, e.name, 2
         while any(v.name == name for v in out):
             name, i = f"{base}-{i}", i + 1

@@ -21,10 +21,10 @@ from ..encode.finite import check_finite
 from ..errors import IdeoquantError
 from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
-from ..recipe import Recipe, resolve
+from ..recipe import Recipe, parse_type_table
 from ..source import FileMaps
-from ..write.gguf import GGUFFile
-from . import CardText, Sink, catalog, usage
+from ..write.gguf import GGUFFile, read_metadata
+from . import CardText, Conversion, FitRow, Output, Recognised, Sink, catalog, get, resolve, take_options, usage
 
 ARCH = "ideogram4"  # general.architecture; ComfyUI-GGUF PRs #455/#460 list it, #459 lists "ideogram" (`--arch`)
 KEY_COMPONENT = "ideogram4.component"
@@ -166,8 +166,9 @@ def gguf_recipe(qtype: str | None = None, recipe: str | Recipe | None = None, ty
     used (recipe `gguf`: Q4_K). Returns the recipe and the label that names the files (Q4_K, Q4_K_M, ...)."""
     if qtype is None:
         r = resolve(recipe or "gguf", protect, no_protect, None, type_rules)
-        if r.format != "gguf":
-            raise IdeoquantError(f"recipe '{r.name}' is an {r.format} recipe; use it with `ideoquant convert`")
+        if r.format != FORMAT.name:
+            raise IdeoquantError(f"recipe '{r.name}' is an {r.format} recipe; use it with "
+                                 f"`ideoquant {get(r.format).command}`")
         mixture = {v: k for k, v in MIXTURES.items()}.get(r.name) if r.path is None else None
         return r, (mixture or r.type or "").upper()
     q = qtype.strip().lower()
@@ -178,17 +179,6 @@ def gguf_recipe(qtype: str | None = None, recipe: str | Recipe | None = None, ty
             raise IdeoquantError(f"--type {q} is the recipe {MIXTURES[q]}; give --recipe or --type {q}, not both")
         return resolve(MIXTURES[q], protect, no_protect, None, type_rules), q.upper()
     return resolve(recipe or "gguf", protect, no_protect, q, type_rules), q.upper()
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The GGUF key/value pairs as Python values (strings, numbers, lists)."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as e:
-        raise IdeoquantError(f"cannot read GGUF file {path}: {e}") from None
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 def gguf_filename(component: str, label: str, layout: str = "original") -> str:
@@ -207,13 +197,55 @@ def output_config(plan: ComponentPlan) -> dict:
 
 class GGUFFormat:
     name = "gguf"
+    command = "gguf"
+    recipe_keys = frozenset({"type", "rules"})
+
+    # ------------------------------------------------------------ recipe and options
+
+    def parse_recipe(self, data, where: str) -> dict:
+        return parse_type_table(data, where)
+
+    def check_recipe(self, r: Recipe) -> None:
+        if r.type is None:
+            raise IdeoquantError(f"recipe '{r.name}': a gguf recipe needs 'type'")
+
+    def conversion(self, recipe, protect, no_protect, options) -> Conversion:
+        opts = take_options(self, recipe, options, qtype=None, type_rules=(), layout="original", imatrix=None,
+                            imatrix_convention="llama", arch=ARCH)
+        qtype, layout, arch = opts["qtype"], opts["layout"], opts["arch"]
+        types = [t.strip() for t in qtype.split(",")] if isinstance(qtype, str) else list(qtype or [None])
+        if len(types) > 1 and (len(set(t.lower() for t in types)) != len(types) or "" in types):
+            raise IdeoquantError(f"--type lists each type once: {','.join(types)}")
+        chosen = [gguf_recipe(t, recipe, opts["type_rules"], protect, no_protect) for t in types]
+        check_arch(arch)
+        check_importance([r for r, _ in chosen], opts["imatrix"])
+
+        def outputs(src) -> list[Output]:
+            importance = load_importance(opts["imatrix"], opts["imatrix_convention"])
+            out = []
+            for r, label in chosen:
+                plans = {name: self.plan(c, r, layout) for name, c in src.components.items()}
+                check_importance_coverage(plans, importance)
+                extra = {"gguf": {"arch": arch, "layout": layout, "label": label},
+                         "warnings": layout_warnings(layout) + reader_warnings(plans)}
+                if importance is not None:
+                    extra["imatrix"] = importance.record
+                out.append(Output(r, plans, Options(label, importance, arch), label if len(chosen) > 1 else "",
+                                  extra))
+            return out
+
+        return Conversion([r for r, _ in chosen], outputs, several=len(chosen) > 1, inputs=(opts["imatrix"],))
+
+    def scheme(self, r: Recipe) -> str:
+        rules = "".join(f", {t} for /{x}/" for x, t in r.rules)
+        return f"GGUF {r.type} weight-only{rules} (ideoquant.gguf quantize + dequantize)"
 
     # ------------------------------------------------------------ plan
 
     def plan(self, component, recipe: Recipe, layout: str = "original") -> ComponentPlan:
-        if recipe.format != "gguf":
+        if recipe.format != self.name:
             raise IdeoquantError(f"recipe '{recipe.name}' is an {recipe.format} recipe; "
-                                 f"use it with `ideoquant {'convert' if recipe.format == 'int8' else recipe.format}`")
+                                 f"use it with `ideoquant {get(recipe.format).command}`")
         if layout not in LAYOUTS:
             raise IdeoquantError(f"unknown layout '{layout}': choose original or diffusers")
         for qtype in [recipe.type, *(t for _, t in recipe.rules)]:
@@ -320,17 +352,65 @@ class GGUFFormat:
     def load_target(self, folder: Path, name: str, comp: dict) -> Path:
         return folder / _gguf_file(comp)
 
+    def recognise(self, path: Path) -> list[Recognised]:
+        """A `.gguf` file (its backbone from `ideogram4.component`, else the file name), or a folder of them: one
+        entry per type label; files of one folder and label are one variant."""
+        files = [path] if path.suffix == ".gguf" and path.is_file() else sorted(path.glob("*.gguf")) if path.is_dir() \
+            else []
+        groups: dict[str, Recognised] = {}
+        for f in files:
+            meta = read_metadata(f)
+            component = meta.get(KEY_COMPONENT) or next((c for c in sorted(model.COMPONENTS, key=len, reverse=True)
+                                                           if f"-{c}-" in f.name), "transformer")
+            if component not in model.COMPONENTS:
+                raise IdeoquantError(f"{f.name}: component '{component}' is not an Ideogram 4 backbone")
+            label = f.stem.split(f"-{component}-", 1)[-1] if f"-{component}-" in f.stem else f.stem
+            group = groups.setdefault(label, Recognised({}, label, f.parent.resolve()))
+            if component in group.paths and group.paths[component] != f:
+                raise IdeoquantError(f"two {component} files for one variant: {group.paths[component]} and {f}")
+            group.paths[component] = f
+        return list(groups.values())
+
+    def load(self, path: Path, compute_dtype: torch.dtype) -> torch.nn.Module:
+        return load_gguf_transformer(path, compute_dtype)
+
     def check_loaded(self, folder: Path, comp: dict, m) -> list[str]:
         return []  # the loader itself checks every tensor against the model (names and shapes)
 
-    # ------------------------------------------------------------ model card
+    # ------------------------------------------------------------ evaluation, inspect, model card
+
+    def fake_quantize(self, m: torch.nn.Module, types, threads: int | None = None) -> dict:
+        """Each weight quantized and dequantized at its planned type (`ideoquant.gguf`), which is what diffusers'
+        GGUFLinear computes with; plain types (BF16, F16) leave the weight as is."""
+        from .. import gguf as gguf_api
+
+        needs = sorted({q for q in types.values() if ggml.registry.TYPES[q].needs_imatrix})
+        if needs:  # no importance weights here: ggml asserts them, or the type is not worth measuring without
+            raise IdeoquantError(f"{', '.join(needs)} needs an importance matrix, which this measurement does not "
+                                 "have: measure with another type (e.g. iq4_xs)")
+        modules = dict(m.named_modules())
+        saved = {}
+        for n, qtype in types.items():
+            if ggml.registry.TYPES[qtype].plain:
+                continue
+            mod = modules[n]
+            w = mod.weight
+            saved[n] = w
+            q = gguf_api.quantize(w.detach().float().cpu().numpy(), qtype, threads=threads)
+            deq = torch.from_numpy(ggml.dequantize(q, qtype)).reshape(w.shape).to(device=w.device, dtype=w.dtype)
+            mod.weight = torch.nn.Parameter(deq, requires_grad=False)
+        return saved
+
+    def fit_rows(self) -> list[FitRow]:
+        return [FitRow(t, gguf_recipe(t)[0]) for t in TYPES]
+
 
     def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
-             call: dict | None = None) -> CardText:
+             call: dict | None = None, folder: str = "") -> CardText:
         comps = list(m["components"])
         types = gguf_types(m)
         recipe = m.get("recipe", {})
-        files = {c: _gguf_file(m["components"][c]) for c in comps}
+        files = {c: usage.in_folder(folder, _gguf_file(m["components"][c])) for c in comps}
         backbones = [f"{c} = ideoquant.load_transformer(hf_hub_download({usage.py(repo_id)}, {usage.py(files[c])}))"
                      for c in comps]
         code = usage.pipeline_snippet(["from diffusers import Ideogram4Pipeline",
@@ -341,6 +421,7 @@ class GGUFFormat:
                  "class yet), so `ideoquant.load_transformer` builds each backbone with diffusers' own GGUF layers "
                  "(`pip install ideoquant`); the weights stay quantized and are dequantized per layer at run time.",
                  ""]
+        lines += [f"**{w}**\n" for w in m.get("warnings") or [] if w.startswith(tuple(catalog.GGUF_SDCPP_ONLY))]
         layouts = {c["output_layout"] for c in m["components"].values()}
         arch = m.get("gguf", {}).get("arch", ARCH)
         if layouts == {"original"}:
@@ -564,6 +645,62 @@ def _error_energies(x: np.ndarray, q: np.ndarray, dtype: str, exact: bool) -> tu
     rows = ref.shape[0]
     ref = ref.reshape(-1)
     return float(np.dot(ref, ref)), float(np.dot(diff, diff)), rows
+
+
+def load_gguf_transformer(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
+    """An Ideogram4Transformer2DModel from a GGUF file of either layout (original fused qkv, or diffusers names).
+
+    The config comes from the file's `ideogram4.diffusers_config` key, else from `config`, else from the tensor
+    shapes. Quantized linear weights stay quantized (GGUFLinear dequantizes per forward pass).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import GGUFQuantizationConfig, Ideogram4Transformer2DModel
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint, load_model_dict_into_meta
+    from diffusers.quantizers import DiffusersAutoQuantizer
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    path = Path(path)
+    if not path.is_file():
+        raise IdeoquantError(f"no such GGUF file: {path}")
+    meta = read_metadata(path)
+    try:
+        checkpoint = load_gguf_checkpoint(str(path))
+    except (ValueError, OSError) as e:
+        raise IdeoquantError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
+    state = {}
+    for name, t in checkpoint.items():
+        parts = model.original_to_diffusers(name)
+        if len(parts) == 1:
+            state[parts[0][0]] = t
+            continue
+        rows = t.shape[0] // len(parts)  # GGUF quants are per row: row blocks of the bytes are row blocks of the weight
+        for new, i in parts:
+            piece = t.data[i * rows : (i + 1) * rows].clone()
+            state[new] = GGUFParameter(piece, quant_type=t.quant_type) if isinstance(t, GGUFParameter) else piece
+    if config is None and KEY_CONFIG in meta:
+        config = json.loads(meta[KEY_CONFIG])
+    if config is None:
+        shapes = {k: _logical_shape(v) for k, v in state.items()}
+        config = model.infer_config(shapes)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    quantizer = DiffusersAutoQuantizer.from_config(GGUFQuantizationConfig(compute_dtype=compute_dtype))
+    with init_empty_weights():
+        m = Ideogram4Transformer2DModel.from_config(config)
+    expected = set(m.state_dict())
+    missing = sorted(expected - set(state))
+    if missing or set(state) - expected:
+        raise IdeoquantError(f"{path.name} is not an Ideogram 4 backbone for this config "
+                             f"(missing {missing[:1]}, unexpected {sorted(set(state) - expected)[:1]})")
+    quantizer.preprocess_model(model=m, device_map=None, state_dict=state, keep_in_fp32_modules=[])
+    load_model_dict_into_meta(m, state, dtype=compute_dtype, device_map={"": torch.device("cpu")},
+                              hf_quantizer=quantizer, keep_in_fp32_modules=[], unexpected_keys=[])
+    quantizer.postprocess_model(m)
+    m.hf_quantizer = quantizer
+    return m.eval()
+
+
+def _logical_shape(t) -> tuple[int, ...]:
+    return tuple(getattr(t, "quant_shape", None) or t.shape)
 
 
 FORMAT = GGUFFormat()

@@ -26,13 +26,12 @@ import torch
 
 from .. import model as model_mod
 from .. import sidecar
-from ..encode.smoothing import DTYPE, smoothing_factor
+from ..encode.smoothing import DTYPE, KEY_STATS, smoothing_factor
 from ..errors import IdeoquantError
 from ..plan import row_blocks
 from ..write.hashing import sha256_file
 from . import BLOCK_ELEMENTS
 
-KEY_STATS = "ideoquant.smoothquant"
 
 
 # ---------------------------------------------------------------- statistics

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import IdeoquantError
 from .positional import PositionalFile
 
 
@@ -77,3 +78,14 @@ def _add_kv(writer, key: str, value) -> None:
         writer.add_array(key, list(value))
     else:
         raise TypeError(f"GGUF metadata {key}: unsupported value {type(value).__name__}")
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The GGUF key/value pairs as Python values (strings, numbers, lists)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError) as e:
+        raise IdeoquantError(f"cannot read GGUF file {path}: {e}") from None
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}

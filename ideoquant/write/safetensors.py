@@ -21,6 +21,7 @@ from .positional import PositionalFile
 # torch dtype -> the name safetensors headers use for it
 DTYPE_NAMES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float8_e4m3fn: "F8_E4M3",
 }
 
 
