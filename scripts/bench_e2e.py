@@ -46,8 +46,7 @@ GIB = 1 << 30
 def routes(source: Path, out: Path) -> dict[str, list[str]]:
     """Route name -> command; the fp8-w8a8 route only where this checkout has the recipe."""
     sys.path.insert(0, str(ROOT))
-    from ideoquant.errors import IdeoquantError
-    from ideoquant.recipe import load_recipe
+    from ideoquant.recipe import recipe_files
 
     cli = [sys.executable, "-m", "ideoquant"]
     found = {
@@ -57,9 +56,7 @@ def routes(source: Path, out: Path) -> dict[str, list[str]]:
         "`gguf --type q8_0`": [*cli, "gguf", str(source), "--out", str(out), "--type", "q8_0"],
         "`gguf --type q4_k_m`": [*cli, "gguf", str(source), "--out", str(out), "--type", "q4_k_m"],
     }
-    try:
-        load_recipe("fp8-w8a8")
-    except IdeoquantError:
+    if "fp8-w8a8" not in {p.stem for p in recipe_files()}:
         del found["`convert --recipe fp8-w8a8`"]
     return found
 
@@ -150,7 +147,7 @@ def main(argv=None) -> int:
     rows = []
     for name, m in median.items():
         ratio = f"{m['wall'] / copy:.2f}x" if copy else "-"
-        rows.append(f"| {name} | {m['wall']:.1f} s | {ratio} | {m['cpu']:.0f} | {m['rss'] / GIB:.2f} GiB | "
+        rows.append(f"| {name} | {m['wall']:.1f} s | {ratio} | {m['cpu']:.1f} | {m['rss'] / GIB:.2f} GiB | "
                     f"{m['anon'] / GIB:.2f} GiB |")
     command = f"python scripts/bench_e2e.py {a.source} --rounds {a.rounds}" + (f" --routes {a.routes}" if a.routes else "")
     text = "\n".join([
