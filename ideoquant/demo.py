@@ -14,7 +14,9 @@ from .job import convert, convert_gguf
 from .load import load_transformer
 from .metrics import sqnr_db
 from .progress import Reporter
-from .testing import TINY_CONFIG, build_checkpoint
+from .testing import TINY_CONFIG, build_checkpoint, build_pipeline
+
+BENCH_MODULES = ("torchmetrics", "transformers", "scipy", "PIL")  # what the demo's bench (PSNR, SSIM) needs
 
 
 class LabelledReporter(Reporter):
@@ -38,7 +40,8 @@ class LabelledReporter(Reporter):
 
 
 def run_demo(out: str | Path = "ideoquant-demo", reporter=None) -> dict:
-    """The whole job on a tiny checkpoint: build it, convert to INT8 and GGUF, load each result, compare outputs."""
+    """The whole job on a tiny checkpoint: build it, convert to INT8 and GGUF, load each result, compare outputs;
+    then, with the bench extra installed, a 4-prompt `bench` of a tiny complete pipeline (`report["bench"]`)."""
     import shutil
 
     from diffusers import Ideogram4Transformer2DModel
@@ -87,4 +90,32 @@ def run_demo(out: str | Path = "ideoquant-demo", reporter=None) -> dict:
             "sqnr_db": sqnr_db(ref_v, v),
             "cosine": float(torch.nn.functional.cosine_similarity(ref_v.flatten(), v.flatten(), dim=0)),
         })
-    return {"source": str(source), "params": params, "source_bytes": source_bytes, "variants": variants}
+    return {"source": str(source), "params": params, "source_bytes": source_bytes, "variants": variants,
+            "bench": demo_bench(out, reporter)}
+
+
+def bench_missing() -> str | None:
+    """The first module the demo's bench needs that is not installed, or None."""
+    from importlib.util import find_spec
+
+    return next((m for m in BENCH_MODULES if find_spec(m) is None), None)
+
+
+def demo_bench(out: Path, reporter=None) -> dict:
+    """Images, not just velocities: a tiny complete pipeline (text encoder, VAE, both backbones), its INT8 and Q4_K
+    outputs, and `bench` on the first 4 built-in prompts (2 steps at 32x32, PSNR and SSIM: no model downloads).
+    Without the bench extra: what to install."""
+    missing = bench_missing()
+    if missing:
+        return {"missing": missing, "install": 'pip install "ideoquant[bench]"'}
+    from .bench.run import bench
+
+    pipeline = build_pipeline(out / "pipeline")
+    convert(pipeline, out / "pipeline-int8", reporter=LabelledReporter(reporter, "pipeline-int8"))
+    convert_gguf(pipeline, out / "pipeline-q4_k", qtype="q4_k", reporter=LabelledReporter(reporter, "pipeline-q4_k"))
+    result = bench(str(pipeline), [str(out / "pipeline-int8"), str(out / "pipeline-q4_k")], out / "bench",
+                   base=str(pipeline), limit=4, steps=2, size=(32, 32), guidance=7.0, max_sequence_length=256,
+                   metrics="psnr,ssim", device="cpu", reporter=reporter)
+    return {"report": str(out / "bench" / "index.html"), "images": len(result["images"]),
+            "summary": {v: {m: s[m]["mean"] for m in ("psnr", "ssim", "seconds_per_image") if m in s}
+                        for v, s in result["summary"].items()}}

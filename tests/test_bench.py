@@ -94,6 +94,7 @@ def test_bench_end_to_end(setup, full):
         names = set(e["metrics"])
         expected = {"clip", "pick"} | ({"ocr_ned", "ocr_exact"} if e["prompt_id"] == "sign" else set())
         assert names == expected | (set() if e["variant"] == "reference" else {"psnr", "ssim", "lpips"})
+        assert isinstance(e.get("ocr_text"), str) == (e["prompt_id"] == "sign")  # what OCR read, for the report
     s = result["summary"]
     assert set(s) == set(variants)
     for v in variants[1:]:
@@ -112,7 +113,7 @@ def test_bench_end_to_end(setup, full):
         assert s[v]["weight_bytes"]["mean"] > s["nf4"]["weight_bytes"]["mean"]
     assert "vs" not in s["nf4"]["psnr"]
     assert result["settings"]["steps"] == 2 and result["settings"]["size"] == [32, 32]
-    assert (out / "index.html").is_file() and (out / "summary.md").is_file()
+    assert (out / "summary.md").is_file() and (out / "index.html").read_text().count("OCR read:") == 4 * 2
     assert result["metrics"]["lpips"] == {"higher_is_better": False, "against_reference": True,
                                           "model": str(setup["alex"])}
 

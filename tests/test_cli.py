@@ -67,7 +67,7 @@ def test_gguf_command(bf16_source, tmp_path):
     assert r.exit_code == 2 and "not an architecture name" in r.output and not (tmp_path / "g3").exists()
 
 
-def test_demo(tmp_path):
+def test_demo(tmp_path, monkeypatch):
     # Each pair of progress bars names its variant; speeds in binary units, as the tables.
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
@@ -75,9 +75,21 @@ def test_demo(tmp_path):
         for c in ("transformer", "unconditional_transformer"):
             assert f"{label}/{c} " in r.output, (label, c)
     assert "iB/s" in r.output and "MB/s" not in r.output
+    # It ends with a 4-prompt bench of a tiny complete pipeline: images, scored against the source's.
+    bench = json.loads((tmp_path / "demo" / "bench" / "results.json").read_text())
+    assert len({e["prompt_id"] for e in bench["images"]}) == 4 and len(bench["images"]) == 12
+    assert bench["summary"]["pipeline-int8"]["psnr"]["mean"] > 30
+    assert (tmp_path / "demo" / "bench" / "index.html").is_file() and "index.html" in r.output
+    # Without the bench extra it says what to install instead.
+    from ideoquant import demo
+
+    monkeypatch.setattr(demo, "BENCH_MODULES", ("not_an_installed_module",))
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 0 and 'pip install "ideoquant[bench]"' in r.output
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
+    assert report["bench"] == {"missing": "not_an_installed_module", "install": 'pip install "ideoquant[bench]"'}
     names = [v["name"] for v in report["variants"]]
     assert names == ["int8-w8a8", "gguf q8_0", "gguf q4_k", "gguf q4_k_m"]
     by = {v["name"]: v for v in report["variants"]}

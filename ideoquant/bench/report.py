@@ -326,8 +326,7 @@ def _quality_plot_png(results: dict) -> bytes | None:
     from matplotlib.figure import Figure
 
     summary = results["summary"]
-    axes_x = [(key, label) for key, label in (("weight_bytes", "weights (GiB)"),
-                                              ("peak_memory_bytes", "peak GPU memory (GiB)"))
+    axes_x = [(key, label) for key, label in (("weight_bytes", "weights"), ("peak_memory_bytes", "peak GPU memory"))
               if any(variant_number(results, v, key) is not None for v in summary)]
     plotted = [m for m in PLOT_PRIORITY
                if any(isinstance(summary[v].get(m), dict) and summary[v][m]["mean"] is not None for v in summary)
@@ -341,6 +340,9 @@ def _quality_plot_png(results: dict) -> bytes | None:
     for row, metric in enumerate(plotted):
         for col, (x_key, x_label) in enumerate(axes_x):
             ax = grid[row][col]
+            largest = max(variant_number(results, v, x_key) or 0 for v in summary)
+            unit, scale = next((u, 1024.0 ** p) for u, p in (("GiB", 3), ("MiB", 2), ("KiB", 1), ("bytes", 0))
+                               if largest >= 1024.0 ** p or p == 0)
             for i, variant in enumerate(variants(results)):
                 stat, x = summary[variant].get(metric), variant_number(results, variant, x_key)
                 if not isinstance(stat, dict) or stat["mean"] is None or x is None or not math.isfinite(stat["mean"]):
@@ -351,14 +353,14 @@ def _quality_plot_png(results: dict) -> bytes | None:
                     # The CI of the difference drawn around the mean; of the mean itself where there is no difference.
                     d = y if stat["delta_vs_reference"] is None else stat["delta_vs_reference"]
                     err = [[max(d - stat["ci_low"], 0.0)], [max(stat["ci_high"] - d, 0.0)]]
-                ax.errorbar([x / 2**30], [y], yerr=err, fmt="o" if variant != REFERENCE else "*", markersize=7,
+                ax.errorbar([x / scale], [y], yerr=err, fmt="o" if variant != REFERENCE else "*", markersize=7,
                             capsize=3, color=f"C{i % 10}")
-                ax.annotate(variant, (x / 2**30, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-            ax.set_xlabel(x_label)
+                ax.annotate(variant, (x / scale, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            ax.set_xlabel(f"{x_label} ({unit})")
             ax.set_ylabel(_label(metric) + _arrow(metric, results))
             ax.grid(True, alpha=0.3)
-    fig.suptitle("quality against size and memory (bars: 95 % CI of the paired difference to the reference, or of "
-                 "the mean for metrics against the reference image)",
+    fig.suptitle("bars: 95 % CI of the paired difference to the reference\n(of the mean for metrics against the "
+                 "reference image)",
                  fontsize=9)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})

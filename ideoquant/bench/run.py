@@ -236,7 +236,7 @@ def _score_and_write(out: Path, settings: dict, prompt_list, jobs: list[Job], va
             entry = {"variant": n, "prompt_id": j.prompt_id, "seed": j.seed,
                      "path": path.relative_to(out).as_posix(), "metrics": metrics}
             if read is not None:
-                entry["ocr_read"] = read
+                entry["ocr_text"] = read  # results.json's name (docs/bench.md); the report shows it
             entries.append(entry)
             scores[n][(j.prompt_id, j.seed)] = metrics
             reporter.advance("scoring", 1)

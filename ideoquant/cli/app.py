@@ -171,12 +171,19 @@ def quiet_third_party() -> None:
 
 
 def quiet_diffusers() -> None:
-    """For the commands that load models through diffusers: no per-shard loading bars."""
+    """For the commands that load models through diffusers (and transformers, for text encoders and metric
+    models): no per-shard loading or saving bars."""
     try:
         from diffusers.utils import logging as dlog
 
         dlog.set_verbosity_error()
         dlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
     except ImportError:
         pass
 

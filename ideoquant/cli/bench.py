@@ -69,9 +69,6 @@ def bench(
 ):
     """Image-level quality: every variant's images against SOURCE's, same prompts and seeds, with paired CIs."""
     quiet_diffusers()
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
 
     from ..bench.run import bench as run_bench
     from ..bench.run import process_state, score_images

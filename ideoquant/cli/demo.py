@@ -35,4 +35,19 @@ def demo(
                   f"{v['cosine']:.5f}")
     render.out_console.print(t)
     render.out_console.print("velocity SQNR: the quantized backbones' outputs against the source's, both backbones, "
-                             "same inputs. Next: `ideoquant convert` on the real model (see README).")
+                             "same inputs.")
+    b = report["bench"]
+    if "missing" in b:
+        render.out_console.print(f"Images too: `{b['install']}` and rerun; the demo then ends with a 4-prompt "
+                                 "`ideoquant bench` of a tiny complete pipeline.", highlight=False, markup=False,
+                                 soft_wrap=True)
+    else:
+        t = Table(title=f"bench: {b['images']} images of a tiny complete pipeline → {b['report']}",
+                  title_justify="left")
+        for col in ("variant", "PSNR", "SSIM", "s/image"):
+            t.add_column(col, justify="left" if col == "variant" else "right")
+        for v, s in b["summary"].items():
+            t.add_row(v, f"{s['psnr']:.1f} dB" if "psnr" in s else "-", f"{s['ssim']:.4f}" if "ssim" in s else "-",
+                      f"{s['seconds_per_image']:.2f}" if "seconds_per_image" in s else "-")
+        render.out_console.print(t)
+    render.out_console.print("Next: `ideoquant convert` on the real model, then `ideoquant bench` (see README).")
