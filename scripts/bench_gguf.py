@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             case = qtype + (" +imatrix" if w is not None else "")
             case_names.append(case)
             iq.encode(x[:1], qtype, w)  # compile / load outside the timing
+            if mod is not None:  # and ggml's tables (the IQ types' grids and neighbour maps, seconds for IQ1_S)
+                mod.ggml_quantize_init(getattr(mod, f"GGML_TYPE_{qtype}"))
             for th in thread_settings:
                 cases.append((IQ, case, str(th), lambda qtype=qtype, w=w, th=th: iq_encode(qtype, x, w, th)))
                 if mod is not None:

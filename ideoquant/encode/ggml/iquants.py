@@ -17,37 +17,60 @@ from __future__ import annotations
 import numpy as np
 
 from .common import F32, GROUP_MAX_EPS, ONE, ZERO, jit, make_qp_quants, nearest_int, put_fp16
-from .grids import lattice
+from .grids import lattice, lattice_values
 
 QK_K = 256
 HALF = F32(0.5)
 FLT_MAX = F32(3.4028234663852886e38)
+SHORT_LIST = 12  # neighbour lists shorter than this are searched point by point
 ODD = np.arange(1, 16, 2).astype(np.float32)  # ggml's lattice coordinate 2*level + 1
 
 IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S = range(5)
 
 
 @jit
-def find_best_neighbour(neighbours, off, levels, qvals, x, xbase, w, wbase, n, scale, L):
-    """ggml's iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2: of the neighbour list at ``off``, the grid
-    point with the smallest sum w*(scale*q - x)^2 over its n values, q = qvals[level] (the first on ties); its levels
-    go to L[wbase:wbase+n]."""
-    best_d2 = FLT_MAX
-    gi = -1
-    for j in range(1, neighbours[off] + 1):
-        g = neighbours[off + j]
-        d2 = ZERO
-        for i in range(n):
-            diff = scale * qvals[levels[g, i]] - x[xbase + i]
-            d2 += (w[wbase + i] * diff) * diff
-        if d2 < best_d2:
-            best_d2 = d2
-            gi = g
-    if gi < 0:  # only NaN distances get here (ggml asserts); keep the first neighbour
+def find_best_neighbour(neighbours, off, values, V, x, xbase, w, wbase, n, scale, d2):
+    """ggml's iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2: the point of the neighbour list at ``off``
+    with the smallest sum w*(scale*q - x)^2 over its n values q (values [G, n]; the same laid out by
+    ``grids.neighbour_values`` in V), the first on ties. Each point's sum is added in ggml's order; on a long list
+    the points are vector lanes (d2: scratch)."""
+    c = neighbours[off]
+    vb = (off + 1) * n
+    if c < SHORT_LIST:  # too few lanes to pay for the vector loop: one point at a time
+        best = FLT_MAX
         gi = neighbours[off + 1]
+        for j in range(c):
+            g = neighbours[off + 1 + j]
+            dist = ZERO
+            for i in range(n):
+                diff = scale * values[g, i] - x[xbase + i]
+                dist += (w[wbase + i] * diff) * diff
+            if dist < best:
+                best = dist
+                gi = g
+        return gi
+    acc = d2[:c]
+    acc[:] = ZERO
     for i in range(n):
-        L[wbase + i] = levels[gi, i]
+        xi = x[xbase + i]
+        wi = w[wbase + i]
+        row = V[vb + i * c: vb + (i + 1) * c]
+        for j in range(c):
+            diff = scale * row[j] - xi
+            acc[j] += (wi * diff) * diff
+    best = FLT_MAX
+    gi = neighbours[off + 1]  # kept only when every distance is NaN (ggml asserts then)
+    for j in range(c):
+        if d2[j] < best:
+            best = d2[j]
+            gi = neighbours[off + 1 + j]
     return gi
+
+
+@jit
+def put_levels(levels, g, L, base, n):
+    for i in range(n):
+        L[base + i] = levels[g, i]
 
 
 @jit
@@ -76,8 +99,8 @@ def level_sums(weight, xval, L, B):
 
 
 @jit
-def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux, ongrid, ongrid_aux,
-                is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
+def grid_search(xval, weight, waux, B, n, bits, kmaxq, values, V, levels, kmap, neighbours, d2, L, Laux, ongrid,
+                ongrid_aux, is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
     """The trial scan and last pass shared by the five types; returns the block scale, L holds its levels."""
     ng = B // n
     for k in range(ng):
@@ -90,7 +113,8 @@ def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours,
             gi = kmap[u]
             ongrid_aux[k] = gi >= 0
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, this_scale, Laux)
+                g = find_best_neighbour(neighbours, -gi - 1, values, V, xval, n * k, waux, n * k, n, this_scale, d2)
+                put_levels(levels, g, Laux, n * k, n)
         sumqx, sumq2 = level_sums(weight, xval, Laux, B)
         if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -110,7 +134,8 @@ def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours,
             u = round_group(xval, n * k, n, bits, kmaxq, idv, L)
             gi = kmap[u]
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, scale, L)
+                g = find_best_neighbour(neighbours, -gi - 1, values, V, xval, n * k, waux, n * k, n, scale, d2)
+                put_levels(levels, g, L, n * k, n)
         sumqx, sumq2 = level_sums(weight, xval, L, B)
         if sumq2 > ZERO:
             scale = sumqx / sumq2
@@ -189,10 +214,11 @@ def _encoder(t):
     name = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")[t]
 
     @jit
-    def encode_rows(x, imat, weighted, out, levels, kmap, neighbours):
+    def encode_rows(x, imat, weighted, out, values, V, levels, kmap, neighbours):
         rows, cols = x.shape
         weight = np.empty(B, np.float32)
         waux = np.empty(B, np.float32)
+        d2 = np.empty(levels.shape[0], np.float32)
         xval = np.empty(B, np.float32)
         L = np.zeros(B, np.int32)
         Laux = np.zeros(B, np.int32)
@@ -260,9 +286,9 @@ def _encoder(t):
                     else:
                         denom = mx
                         scale = mx / F32(2 * kmaxq - 1)
-                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux,
-                                        ongrid, ongrid_aux, is_lo, is_hi, step, denom, scale, ZERO, ongrid_start,
-                                        final_all, final_needs_offgrid)
+                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, values, V, levels, kmap, neighbours, d2,
+                                        L, Laux, ongrid, ongrid_aux, is_lo, is_hi, step, denom, scale, ZERO,
+                                        ongrid_start, final_all, final_needs_offgrid)
                     if scale < ZERO:
                         scale = -scale
                         for k in range(B // 8):
@@ -322,7 +348,8 @@ def _encoder(t):
 
     def encode(x, imat, weighted, out):
         lat = lattice(name)
-        encode_rows(x, imat, weighted, out, lat.levels, lat.kmap, lat.neighbours)
+        encode_rows(x, imat, weighted, out, ODD[lat.levels], lattice_values(name, ODD), lat.levels, lat.kmap,
+                    lat.neighbours)
 
     return encode
 
