@@ -390,7 +390,8 @@ class _Handler(BaseHTTPRequestHandler):
         if p == ["whoami-v2"] and m == "GET":
             if not self.token:
                 raise HubError(401, None, "Invalid credentials in Authorization header")
-            return self._json({"type": "user", "name": USERNAME, "fullname": "Test User", "orgs": [],
+            return self._json({"type": "user", "name": USERNAME, "fullname": "Test User",
+                               "avatarUrl": "/avatars/user.svg", "orgs": [],
                                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
         if len(p) < 3 or not p[0].endswith("s") or p[0][:-1] not in TYPE_PREFIX:
             raise HubError(404, None, f"FakeHub: no route for {m} /api/{'/'.join(p)}")

@@ -184,8 +184,6 @@ def _prepare(out: Path, settings: dict, overwrite: bool, protected) -> None:
     elif is_report:
         res.check_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in (out / res.IMAGES).glob("*/.*.tmp"):  # images a killed run was writing
-        tmp.unlink(missing_ok=True)
     if not (out / REPORT_MARKER).is_file():
         res.write_json(out / REPORT_MARKER, settings)
 
@@ -238,7 +236,7 @@ def _score_and_write(out: Path, settings: dict, prompt_list, jobs: list[Job], va
             entry = {"variant": n, "prompt_id": j.prompt_id, "seed": j.seed,
                      "path": path.relative_to(out).as_posix(), "metrics": metrics}
             if read is not None:
-                entry["ocr_text"] = read
+                entry["ocr_text"] = read  # results.json's name (docs/bench.md); the report shows it
             entries.append(entry)
             scores[n][(j.prompt_id, j.seed)] = metrics
             reporter.advance("scoring", 1)

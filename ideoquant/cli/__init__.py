@@ -4,7 +4,7 @@
 options; `render.py` progress, tables and JSON; the other modules one command group each.
 """
 
-from . import bench, convert, demo, evaluation, inspect, publish  # noqa: F401  (each registers its commands)
+from . import bench, convert, demo, evaluation, inspect, publish, webapp  # noqa: F401  (each registers its commands)
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -159,8 +159,9 @@ class Format(Protocol):
     # Optional: `torchao_config()`, the torchao config diffusers applies at load time (torchao formats only);
     # `smoothquant = True` where `calibrate` statistics and `convert --smoothquant` apply (INT8).
 
-    def card(self, manifest: dict, repo_id: str, base: str, device: str = ..., call: dict | None = None) -> CardText:
-        ...
+    def card(self, manifest: dict, repo_id: str, base: str, device: str = ..., call: dict | None = None,
+             folder: str = "") -> CardText:
+        """The format's part of a model card; `folder`: where in the repo the output lies ("" for its root)."""
 
 
 def get(name: str) -> Format:

@@ -384,6 +384,10 @@ class GGUFFormat:
         GGUFLinear computes with; plain types (BF16, F16) leave the weight as is."""
         from .. import gguf as gguf_api
 
+        needs = sorted({q for q in types.values() if ggml.registry.TYPES[q].needs_imatrix})
+        if needs:  # no importance weights here: ggml asserts them, or the type is not worth measuring without
+            raise IdeoquantError(f"{', '.join(needs)} needs an importance matrix, which this measurement does not "
+                                 "have: measure with another type (e.g. iq4_xs)")
         modules = dict(m.named_modules())
         saved = {}
         for n, qtype in types.items():
@@ -402,11 +406,11 @@ class GGUFFormat:
 
 
     def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
-             call: dict | None = None) -> CardText:
+             call: dict | None = None, folder: str = "") -> CardText:
         comps = list(m["components"])
         types = gguf_types(m)
         recipe = m.get("recipe", {})
-        files = {c: _gguf_file(m["components"][c]) for c in comps}
+        files = {c: usage.in_folder(folder, _gguf_file(m["components"][c])) for c in comps}
         backbones = [f"{c} = ideoquant.load_transformer(hf_hub_download({usage.py(repo_id)}, {usage.py(files[c])}))"
                      for c in comps]
         code = usage.pipeline_snippet(["from diffusers import Ideogram4Pipeline",
@@ -417,6 +421,7 @@ class GGUFFormat:
                  "class yet), so `ideoquant.load_transformer` builds each backbone with diffusers' own GGUF layers "
                  "(`pip install ideoquant`); the weights stay quantized and are dequantized per layer at run time.",
                  ""]
+        lines += [f"**{w}**\n" for w in m.get("warnings") or [] if w.startswith(tuple(catalog.GGUF_SDCPP_ONLY))]
         layouts = {c["output_layout"] for c in m["components"].values()}
         arch = m.get("gguf", {}).get("arch", ARCH)
         if layouts == {"original"}:

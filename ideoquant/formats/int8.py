@@ -148,10 +148,10 @@ class Int8Format:
         return [FitRow(DEFAULT_RECIPE, resolve(DEFAULT_RECIPE))]
 
     def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
-             call: dict | None = None) -> CardText:
+             call: dict | None = None, folder: str = "") -> CardText:
         return torchao_common.card(m, repo_id, base, device, call, "INT8 W8A8 (torchao)", ["int8", "torchao", "w8a8"],
                                    "the weights are torchao's INT8 safetensors format; activations are quantized per "
-                                   "token at run time")
+                                   "token at run time", folder=folder)
 
 
 def _write_tensors(tensors: list[TensorPlan], writer: ShardWriter, component: str, opts: Options,

@@ -294,11 +294,12 @@ def stream_tensors(tensors: list, writer: ShardWriter, component: str, sink, enc
 
 
 def card(m: dict, repo_id: str, base: str, device: str, call: dict | None, what: str, tags: list[str], how: str,
-         notes: tuple[str, ...] = ()) -> CardText:
-    """The card text of a torchao output: stock diffusers loads each backbone with `from_pretrained`."""
+         notes: tuple[str, ...] = (), folder: str = "") -> CardText:
+    """The card text of a torchao output: stock diffusers loads each backbone with `from_pretrained` (from the
+    repo's `folder` when the output was uploaded into one)."""
     comps = list(m["components"])
-    backbones = [f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    {usage.py(repo_id)}, subfolder="{c}", '
-                 "torch_dtype=torch.bfloat16\n)" for c in comps]
+    backbones = [f'{c} = Ideogram4Transformer2DModel.from_pretrained(\n    {usage.py(repo_id)}, '
+                 f'subfolder={usage.py(usage.in_folder(folder, c))}, torch_dtype=torch.bfloat16\n)' for c in comps]
     code = usage.pipeline_snippet(["from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel"],
                                   backbones, comps, base, device, call)
     lines = ["```python", code, "```", "",

@@ -35,6 +35,11 @@ def py(value) -> str:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
 
 
+def in_folder(folder: str, path: str) -> str:
+    """A path in the repo for an output uploaded into `folder` ("" for the repo's root)."""
+    return f"{folder.strip('/')}/{path}" if folder else path
+
+
 def code_block(markdown: str) -> str:
     """The first ```python block of a card's markdown, without the fences."""
     start = markdown.index("```python\n") + len("```python\n")

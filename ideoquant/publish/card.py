@@ -148,22 +148,67 @@ def model_card(manifest: dict, repo_id: str, base_pipeline: str | None = None,
     if warnings:
         out += ["**Warning:** " + w for w in warnings] + [""]
 
-    lic = _license(source, base)
-    out += ["## License", ""]
-    if lic.get("license_name") == LICENSE_NAME:
-        out.append(f"Ideogram 4 is released under a non-commercial licence ({lic['license_link']}); these quantized "
-                   "weights are a derivative and carry the same terms.")
-    else:
-        out.append(f"Licence of the source: `{lic.get('license')}`.")
-
+    out += _license_lines(source, base)
     out += ["", "## Provenance", "",
             "Every file in this repo is listed with its size and sha256 in `ideoquant.json` "
             "(`ideoquant verify` checks a download against it).", ""]
-    if base:
-        out.append(f"- source: `{base}` revision `{source.get('revision')}`, commit `{source.get('commit')}`")
-    else:
-        out.append("- source: a local checkpoint")
-    out.append(f"- created: {manifest.get('created')}")
-    versions = ", ".join(f"{k} {v}" for k, v in tool.items() if v)
-    out.append(f"- tools: {versions}")
+    out += _provenance_lines(manifest)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _license_lines(source: dict, base: str | None) -> list[str]:
+    lic = _license(source, base)
+    if lic.get("license_name") == LICENSE_NAME:
+        return ["## License", "", f"Ideogram 4 is released under a non-commercial licence ({lic['license_link']}); "
+                "these quantized weights are a derivative and carry the same terms."]
+    return ["## License", "", f"Licence of the source: `{lic.get('license')}`."]
+
+
+def _provenance_lines(manifest: dict) -> list[str]:
+    source, tool = manifest.get("source", {}), manifest.get("tool", {})
+    base = source.get("repo_id")
+    lines = [f"- source: `{base}` revision `{source.get('revision')}`, commit `{source.get('commit')}`" if base
+             else "- source: a local checkpoint", f"- created: {manifest.get('created')}"]
+    return lines + ["- tools: " + ", ".join(f"{k} {v}" for k, v in tool.items() if v)]
+
+
+def collection_card(outputs: dict[str, dict], repo_id: str, base_pipeline: str | None = None) -> str:
+    """The one card of a repo holding several outputs, one folder each ({folder: manifest}, all from one source):
+    what each folder holds, its sizes and weight error, and how to load it."""
+    first = next(iter(outputs.values()))
+    source = first.get("source", {})
+    base = source.get("repo_id")
+    texts = {f: _format_text(m, repo_id, base_pipeline, folder=f) for f, m in outputs.items()}
+    meta = front_matter(first)
+    libraries = {t.library_name for t in texts.values()}
+    if libraries != {meta.get("library_name")}:  # INT8 (diffusers) next to GGUF (none): no one library loads all
+        meta.pop("library_name", None)
+    meta["tags"] = list(dict.fromkeys(tag for f, m in outputs.items() for tag in front_matter(m)["tags"]))
+    out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+           f"# {repo_id.split('/')[-1]}", ""]
+    origin = (f"[{base}]({HUB}/{base})" + (f" at commit `{source['commit']}`" if source.get("commit") else "")
+              if base else "a local copy of Ideogram 4")
+    version = first.get("tool", {}).get("ideoquant")
+    out += [f"Ideogram 4's diffusion transformers quantized from {origin} with ideoquant"
+            + (f" {version}" if version else "") + f", {len(outputs)} outputs, one folder each:", "",
+            "| folder | format | recipe | " + " | ".join(f"`{c}`" for c in first["components"])
+            + " | weight SQNR min |", "| --- | --- | --- | " + " | ".join("---:" for _ in first["components"])
+            + " | ---: |"]
+    for f, m in outputs.items():
+        files = m.get("files", {})
+        sizes = [sum(files[x]["size"] for x in c["files"] if x in files) or c["bytes_out"]
+                 for c in m["components"].values()]
+        worst = [c["weight_sqnr_db_min"] for c in m["components"].values() if c["weight_sqnr_db_min"] is not None]
+        out.append(f"| [`{f}/`]({HUB}/{repo_id}/tree/main/{f}) | {texts[f].what} | `{m.get('recipe', {}).get('name')}`"
+                   f" | " + " | ".join(_human(n) for n in sizes) + f" | {db(min(worst) if worst else None)} |")
+    out += ["", "Each folder has its own `ideoquant.json`: every tensor's fate and error, and every file's size and "
+                "sha256 (`ideoquant verify FOLDER` checks a download against it). SQNR compares each quantized weight "
+                "with the source weight (higher is closer); it says nothing directly about image quality.", "",
+            "## Use"]
+    for f, text in texts.items():
+        out += ["", f"### `{f}/`: {text.what}", "", text.usage]
+        out += ["**Warning:** " + w for w in outputs[f].get("warnings") or []]
+    out += ["", base_note(base_pipeline), ""]
+    out += _license_lines(source, base)
+    out += ["", "## Provenance", ""] + _provenance_lines(first)
     return "\n".join(out).rstrip() + "\n"

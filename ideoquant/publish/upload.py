@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import manifest
 from ..errors import IdeoquantError
-from ..source.hub import check_base, check_repo_id, hub_error, hub_exceptions
+from ..source.hub import check_base, check_repo_id, hub_error, hub_exceptions, hub_url
 from . import card
 from .verify import LOADABLE_SUFFIXES, verify
 
@@ -50,11 +50,7 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
     check_repo_id(repo_id)
     if base is not None:
         check_base(base)
-    result = verify(folder)
-    if not result.ok:
-        shown = "; ".join(result.problems[:3]) + (f"; and {len(result.problems) - 3} more"
-                                                  if len(result.problems) > 3 else "")
-        raise IdeoquantError(f"refusing to upload {folder}: verification failed: {shown}")
+    _refuse_unverified(folder, verify(folder))
     if bench is not None and keep_card:
         raise IdeoquantError("--bench puts the bench results into the generated model card: it cannot be combined "
                              "with --keep-card")
@@ -97,6 +93,71 @@ def upload(folder, repo_id: str, *, private: bool = False, revision: str | None 
         raise hub_error(e, repo_id, revision, "upload to") from None
     plan.update(commit_url=info.commit_url, pr_url=info.pr_url, commit=info.oid, deleted=stale)
     return plan
+
+
+def output_folders(folder) -> list[str]:
+    """The outputs in `folder`, one subfolder each (with its manifest), sorted by name."""
+    return sorted(p.name for p in Path(folder).iterdir() if (p / manifest.MANIFEST).is_file())
+
+
+def upload_outputs(folder, repo_id: str, *, private: bool = False, token: str | None = None,
+                   base: str | None = None, verified: dict | None = None, progress: bool = True) -> dict:
+    """Several outputs (the subfolders of `folder`, each with its manifest) into a NEW repo, one folder each, with one
+    model card listing them all, in ONE commit.
+
+    verified: {subfolder: VerifyResult} the caller has just shown (each subfolder is verified here otherwise); any
+    problem and nothing is sent. The repo must not exist (a job never mixes with an earlier upload). It is created
+    here, and deleted again when the commit fails or the call is interrupted (Ctrl-C, a cancelled job), so a repo
+    either holds every output or does not exist."""
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    if base is not None:
+        check_base(base)
+    names = output_folders(folder)
+    if not names:
+        raise IdeoquantError(f"no outputs to upload in {folder} (no subfolder with {manifest.MANIFEST})")
+    for name in names:
+        _refuse_unverified(folder / name, (verified or {}).get(name) or verify(folder / name))
+    manifests = {name: manifest.read(folder / name) for name in names}
+    card_text = card.collection_card(manifests, repo_id, base)
+    paths = [f"{name}/{p}" for name, m in manifests.items() for p in [*sorted(m["files"]), manifest.MANIFEST]]
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in paths]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
+    api = HfApi(token=token)
+    message = f"Upload {', '.join(names)} quantizations of {_base_name(next(iter(manifests.values())))} (ideoquant)"
+    with _progress_bars(progress):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=False)
+        except HfHubHTTPError as e:
+            if e.response is not None and e.response.status_code == 409:
+                raise IdeoquantError(f"Hub repo {repo_id} already exists: choose a new name (an upload never "
+                                     "replaces a repo's content); nothing was uploaded") from None
+            raise hub_error(e, repo_id, None, "upload to") from None
+        except hub_exceptions() as e:
+            raise hub_error(e, repo_id, None, "upload to") from None
+        try:
+            info = api.create_commit(repo_id, ops, commit_message=message)
+        except BaseException as e:
+            with contextlib.suppress(*hub_exceptions()):
+                api.delete_repo(repo_id)
+            if isinstance(e, hub_exceptions()):
+                raise hub_error(e, repo_id, None, "upload to") from None
+            raise
+    files = [{"path": p, "size": (folder / p).stat().st_size} for p in paths]
+    return {"repo_id": repo_id, "url": hub_url(repo_id), "private": private, "commit_url": info.commit_url,
+            "commit": info.oid, "files": files + [{"path": "README.md", "size": len(card_text.encode())}],
+            "card": card_text}
+
+
+def _refuse_unverified(folder: Path, result) -> None:
+    if not result.ok:
+        shown = "; ".join(result.problems[:3]) + (f"; and {len(result.problems) - 3} more"
+                                                  if len(result.problems) > 3 else "")
+        raise IdeoquantError(f"refusing to upload {folder}: verification failed: {shown}")
 
 
 def _base_name(m: dict) -> str:
