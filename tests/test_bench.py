@@ -289,3 +289,25 @@ def test_accelerate_launch_two_processes_gives_the_same_results(setup, small, tm
     assert _per_image(result) == _per_image(small) and _quality(result) == _quality(small)
     ranks = {json.loads(f.read_text())["variant"] for f in (out / "timings").glob("*-1.json")}
     assert ranks == {"reference", "int8", "q8_0"}  # the second process generated its share of every variant
+
+
+def test_reference_runs_the_fp8_release_as_released(fp8_source):
+    """The FP8 release's reference keeps its FP8 weights and per-row scales (diffusers' BFLFP8RLinear dequantizes
+    each layer on the fly) and computes what the source's exactly dequantized weights compute."""
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear
+
+    from ideoquant.bench.variants import reference_variant
+    from ideoquant.evaluation.inputs import sample_inputs
+    from ideoquant.evaluation.runner import source_model, velocity
+    from ideoquant.source import open_source
+    from ideoquant.testing import TINY_CONFIG
+
+    comp = open_source(str(fp8_source)).components["transformer"]
+    released, nbytes = reference_variant().load("transformer", comp, "cpu")
+    fp8 = [m for m in released.modules() if isinstance(m, BFLFP8RLinear)]
+    assert fp8 and all(m.weight.dtype == torch.float8_e4m3fn for m in fp8)
+    stored = sum(t.stored.nbytes * (t.rows[1] - t.rows[0]) // t.stored.shape[0] if t.rows else t.stored.nbytes
+                 for t in comp.tensors.values())
+    assert nbytes < sum(p.numel() * 2 for p in source_model(comp).parameters()) and nbytes >= stored
+    inputs = sample_inputs(TINY_CONFIG)
+    assert torch.equal(velocity(released, inputs), velocity(source_model(comp), inputs))

@@ -36,7 +36,7 @@ DEFAULT_MODELS = {
     "pick-processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     "lpips": "alex",  # torchvision's ImageNet AlexNet (downloaded by torchvision), or a local state dict file
 }
-OCR_READ = "ocr_read"  # not a metric: what OCR read, kept for the report
+OCR_READ = "ocr_text"  # not a metric: what OCR read, kept for the report (results.json: images[].ocr_text)
 
 
 def parse_metrics(spec: str | None) -> list[str]:

@@ -184,6 +184,8 @@ def _prepare(out: Path, settings: dict, overwrite: bool, protected) -> None:
     elif is_report:
         res.check_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
+    for tmp in (out / res.IMAGES).glob("*/.*.tmp"):  # images a killed run was writing
+        tmp.unlink(missing_ok=True)
     if not (out / REPORT_MARKER).is_file():
         res.write_json(out / REPORT_MARKER, settings)
 

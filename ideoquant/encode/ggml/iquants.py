@@ -99,30 +99,57 @@ def level_sums(weight, xval, L, B):
 
 
 @jit
-def grid_search(xval, weight, waux, B, n, bits, kmaxq, values, V, levels, kmap, neighbours, d2, L, Laux, ongrid,
-                ongrid_aux, is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
-    """The trial scan and last pass shared by the five types; returns the block scale, L holds its levels."""
+def grid_search(xval, weight, waux, B, n, bits, kmaxq, values, V, levels, kmap, neighbours, d2, L, LA, U, IDV, SX,
+                SQ, ongrid, OG, is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
+    """The trial scan and last pass shared by the five types; returns the block scale, L holds its levels.
+
+    The trials do not depend on each other until ggml picks the best, so they run side by side as vector lanes
+    t (LA [B, T] levels, U [T] codes, IDV [T] inverse scales, SX / SQ [T] sums, OG [groups, T] on-grid flags),
+    each lane's sums added in ggml's order; the pick then goes through them in ggml's order."""
     ng = B // n
+    T = is_hi - is_lo + 1
+    for t in range(T):
+        IDV[t] = (F32(2 * kmaxq - 1) + F32(is_lo + t) * step) / denom
+    lo = np.int32(0)
+    hi = np.int32(kmaxq - 1)
     for k in range(ng):
-        ongrid[k] = ongrid_start
-    for is_ in range(is_lo, is_hi + 1):
-        idv = (F32(2 * kmaxq - 1) + F32(is_) * step) / denom
-        this_scale = ONE / idv
-        for k in range(ng):
-            u = round_group(xval, n * k, n, bits, kmaxq, idv, Laux)
-            gi = kmap[u]
-            ongrid_aux[k] = gi >= 0
+        for t in range(T):
+            U[t] = 0
+        for i in range(n):
+            xv = xval[n * k + i]
+            sh = np.int32(bits * i)
+            for t in range(T):
+                l = max(lo, min(hi, nearest_int(HALF * (IDV[t] * xv - ONE))))
+                LA[n * k + i, t] = l
+                U[t] |= l << sh
+        for t in range(T):
+            gi = kmap[U[t]]
+            OG[k, t] = gi >= 0
             if gi < 0:
-                g = find_best_neighbour(neighbours, -gi - 1, values, V, xval, n * k, waux, n * k, n, this_scale, d2)
-                put_levels(levels, g, Laux, n * k, n)
-        sumqx, sumq2 = level_sums(weight, xval, Laux, B)
-        if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
-            scale = sumqx / sumq2
-            best = scale * sumqx
-            for i in range(B):
-                L[i] = Laux[i]
-            for k in range(ng):
-                ongrid[k] = ongrid_aux[k]
+                g = find_best_neighbour(neighbours, -gi - 1, values, V, xval, n * k, waux, n * k, n, ONE / IDV[t], d2)
+                for i in range(n):
+                    LA[n * k + i, t] = levels[g, i]
+    for t in range(T):
+        SX[t] = ZERO
+        SQ[t] = ZERO
+    for i in range(B):
+        w = weight[i]
+        wx = w * xval[i]
+        for t in range(T):
+            q = F32(2 * LA[i, t] + 1)
+            SX[t] += wx * q
+            SQ[t] += (w * q) * q
+    tb = -1
+    for t in range(T):
+        if SQ[t] > ZERO and SX[t] * SX[t] > best * SQ[t]:
+            scale = SX[t] / SQ[t]
+            best = scale * SX[t]
+            tb = t
+    for k in range(ng):
+        ongrid[k] = ongrid_start if tb < 0 else OG[k, tb]
+    if tb >= 0:
+        for i in range(B):
+            L[i] = LA[i, tb]
     n_off = 0
     for k in range(ng):
         n_off += 0 if ongrid[k] else 1
@@ -221,9 +248,14 @@ def _encoder(t):
         d2 = np.empty(levels.shape[0], np.float32)
         xval = np.empty(B, np.float32)
         L = np.zeros(B, np.int32)
-        Laux = np.zeros(B, np.int32)
+        T = is_hi - is_lo + 1  # the trials, side by side in grid_search
+        LA = np.zeros((B, T), np.int32)
+        U = np.zeros(T, np.int32)
+        IDV = np.zeros(T, np.float32)
+        SX = np.zeros(T, np.float32)
+        SQ = np.zeros(T, np.float32)
+        OG = np.zeros((ng, T), np.bool_)
         ongrid = np.zeros(ng, np.bool_)
-        ongrid_aux = np.zeros(ng, np.bool_)
         signs = np.zeros(B // 8, np.int32)
         scales = np.zeros(nb, np.float32)
         # IQ2_XXS starts every block from make_qp_quants(32, 4, xval, L, weight), run on the super-block's lanes
@@ -287,7 +319,7 @@ def _encoder(t):
                         denom = mx
                         scale = mx / F32(2 * kmaxq - 1)
                     scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, values, V, levels, kmap, neighbours, d2,
-                                        L, Laux, ongrid, ongrid_aux, is_lo, is_hi, step, denom, scale, ZERO,
+                                        L, LA, U, IDV, SX, SQ, ongrid, OG, is_lo, is_hi, step, denom, scale, ZERO,
                                         ongrid_start, final_all, final_needs_offgrid)
                     if scale < ZERO:
                         scale = -scale
