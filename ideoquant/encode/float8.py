@@ -59,19 +59,19 @@ def quantize(weight: torch.Tensor):
 
 
 @dataclass(frozen=True)
-class Float8Layout:
+class TensorLayout:
     """What torchao's safetensors format stores for one quantized weight, known before any data exists."""
 
     keys: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # flattened key -> (dtype, shape)
     metadata: str  # the per-tensor JSON that `flatten_tensor_state_dict` writes
 
 
-def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> Float8Layout:
+def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> TensorLayout:
     """Keys, dtypes, shapes and metadata for `name`, from a meta-device Float8Tensor and torchao's flattener."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     tensors, metadata = flatten_tensor_state_dict({name: _meta(tuple(shape), dtype)})
-    return Float8Layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata[name])
+    return TensorLayout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata[name])
 
 
 @lru_cache(maxsize=64)
