@@ -4,8 +4,10 @@
     q = ideoquant.gguf.quantize(x, "Q4_K", imatrix=w)       # ggml's importance-weighted path
     x2 = ideoquant.gguf.dequantize(q, "Q4_K")               # float32 [..., cols]
 
-Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F16, BF16. `imatrix` is one non-negative
-float32 weight per column (ggml's `quant_weights`); Q8_0, F16 and BF16 ignore it, as ggml does. Rows are
+Types: `QTYPES` (Q4_0 .. Q8_0, Q2_K .. Q6_K, IQ4_NL, IQ4_XS, MXFP4, NVFP4, the IQ3/IQ2/IQ1 family, F16, BF16; the
+registry `ideoquant.encode.ggml.registry` says what each does with an imatrix). `imatrix` is one non-negative
+float32 weight per column (ggml's `quant_weights`); Q8_0, MXFP4, NVFP4, F16 and BF16 ignore it, as ggml does, and
+IQ2_XXS, IQ2_XS and IQ1_S cannot run without one. Rows are
 independent, so they are split over `threads` workers (default: every CPU this process may use); the bytes do not
 depend on the thread count. The encoders themselves are `ideoquant.encode.ggml` (pure functions).
 """

@@ -27,9 +27,6 @@ from .write.hashing import Hasher
 from .write.staging import DISK_FULL, disk_full_error, output_lock, staged_output
 from .write.target import check_target, source_paths
 
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
-
 def prepare(source, recipe: Recipe, *, components=None, revision=None, token=None, layout=None,
             headers_only=False) -> tuple[Source, dict[str, ComponentPlan]]:
     """Open the source and plan every component with the recipe's format. Used by convert, gguf and inspect."""
@@ -50,24 +47,6 @@ class _ReadAheadReporter(Reporter):
         self.inner.advance(task, n)
 
 
-def _source_files(src: Source) -> dict[str, Path]:
-    if src.kind == "file":
-        return {src.path.name: src.path}
-    files: dict[str, Path] = {}
-    if (src.path / "model_index.json").is_file():
-        files["model_index.json"] = src.path / "model_index.json"
-    for c in src.components.values():
-        folder = c.files[0].parent
-        side = [folder / "config.json", folder / INDEX_NAME]
-        if src.kind == "files":  # several paths given: a config next to a file given alone is not part of the source
-            given = [Path(p).expanduser().absolute() for p in src.spec]
-            side = [f for f in side if any(g == folder or g in folder.parents for g in given)]
-        for f in [*c.files, *side]:
-            if f.is_file():
-                files[str(f.relative_to(src.path))] = f
-    return files
-
-
 def _model_index(src: Source) -> str:
     from importlib.metadata import version
 
@@ -75,17 +54,6 @@ def _model_index(src: Source) -> str:
     for c in model.COMPONENTS:
         index.setdefault(c, ["diffusers", model.MODEL_CLASS])
     return json.dumps(index, indent=2) + "\n"
-
-
-def _source_paths(src: Source) -> list[Path]:
-    """Everything of the source OUT must not touch: its folder (or file), every file read and, for a Hub source,
-    the repo's cache folder (snapshots link into its blobs/)."""
-    paths = [src.path, *_source_files(src).values()]
-    for c in src.components.values():
-        paths += c.files
-    if src.kind == "hub":
-        paths.append(src.path.parent.parent)  # .../models--ORG--NAME/snapshots/<commit>
-    return paths
 
 
 @contextlib.contextmanager
@@ -113,7 +81,7 @@ def run_outputs(src: Source, outputs: list[Output], out, *, overwrite: bool = Fa
     Nothing under the source is modified: an OUT that is, contains or would replace the source is refused.
     locked: the caller holds OUT's lock already (`convert`, `convert_gguf`); otherwise it is taken here."""
     needed = sum(p.bytes_out for o in outputs for p in o.plans.values())
-    out = check_target(out, _source_paths(src), overwrite=overwrite, folder=True, owned_marker=manifest.MANIFEST,
+    out = check_target(out, src.protected_paths(), overwrite=overwrite, folder=True, owned_marker=manifest.MANIFEST,
                        needed=needed)
     with contextlib.nullcontext() if locked else output_lock(out):
         try:
@@ -129,15 +97,17 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
     if any(o.recipe.format != fmt.name for o in outputs):
         raise IdeoquantError("one pass writes outputs of one format")
     reporter = reporter or Reporter()
-    source_files = _source_files(src)
-    with Hasher() as hasher, Pool(threads) as pool, staged_output(out, overwrite) as staging:
-        # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded.
+    source_files = src.files()
+    # Exits in reverse order: the source reads end (the hash no longer waits for the encoders) before the hasher.
+    with Hasher() as hasher, src.reads, Pool(threads) as pool, staged_output(out, overwrite) as staging:
+        # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded, a bounded
+        # distance ahead of the encoders, and each range leaves the page cache once both have read it.
         for rel, path in source_files.items():
             known = src.file_hashes.get(rel) or hf_cache_sha256(path)
             if known:
                 src.file_hashes[rel] = known
             else:
-                hasher.add("source:" + rel, path)
+                hasher.add("source:" + rel, path, *src.reads.hashing(path))
         records: list[dict] = [{} for _ in outputs]
         for o in outputs:
             (staging / o.folder).mkdir(parents=True, exist_ok=True)
@@ -160,6 +130,7 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
             seconds = time.perf_counter() - t0
             for k, (tensors, files) in enumerate(written):
                 records[k][name] = manifest.component_record(plans[k], tensors, files, seconds)
+        src.reads.finish()  # bytes no encoder reads (headers, another component's half of a file) are hashed now
         for o in outputs:
             (staging / o.folder / "model_index.json").write_text(_model_index(src))
             hasher.add(f"{o.folder}/model_index.json" if o.folder else "model_index.json",

@@ -7,12 +7,21 @@ per second, for every type of ``ideoquant.encode.ggml`` (Q4_0 .. Q8_0, Q2_K .. Q
 
 * ideoquant ``encode`` on 1 thread and row-split over ``--threads`` threads (a ThreadPoolExecutor in this script;
   the kernels release the GIL);
-* ggml's C quantizer (``ggml_quantize_chunk`` from PyPI ``ggml-python``), the same way, when importable.
+* ggml's C quantizer (``ggml_quantize_chunk``), the same way: from ``--ggml-lib`` (a ``libggml-base.so`` built
+  from ggml's source, which has every type; see below) or else PyPI ``ggml-python`` when importable (its older ggml
+  lacks MXFP4 and NVFP4).
+
+A ``libggml-base.so`` for ``--ggml-lib``, from ggml at the commit the reference vectors were made with (no ggml code
+is kept in this repository)::
+
+    git clone https://github.com/ggml-org/ggml && cd ggml && git checkout 8e800cef2948046cc47f9db6090491c6128ca42c
+    cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON
+    cmake --build build --target ggml-base      # -> build/src/libggml-base.so
 
 It checks that the bytes agree with ggml C, prints a markdown table with ratios (ideoquant / ggml C at the same
 thread count), and writes it to ``docs/bench_gguf.md`` (``--out``; ``--out -`` to skip writing).
 
-    python scripts/bench_gguf.py [--rows 1024 --cols 12288 --repeats 3 --types Q4_K,Q8_0]
+    python scripts/bench_gguf.py [--rows 1024 --cols 12288 --repeats 3 --types Q4_K,Q8_0] [--ggml-lib PATH]
 """
 
 from __future__ import annotations
@@ -80,8 +89,26 @@ def best_time(fn, repeats: int) -> tuple[float, float, object]:
     return best, cpu, result
 
 
-def load_ggml_c():
-    """The ggml-python module, or None."""
+class GGMLLib:
+    """ggml's C quantizer from a shared library, with ggml-python's names (ggml's type ids are gguf-py's)."""
+
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        self.lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        self.lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+
+    def __getattr__(self, name: str):
+        if name.startswith("GGML_TYPE_"):
+            return int(GGMLQuantizationType[name.removeprefix("GGML_TYPE_")])
+        return getattr(self.lib, name)
+
+
+def load_ggml_c(lib_path: str | None = None):
+    """ggml's C quantizer: the library at lib_path, else the ggml-python module, else None."""
+    if lib_path:
+        return GGMLLib(lib_path)
     try:
         import ggml  # type: ignore  # PyPI: ggml-python
 
@@ -135,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the multi-thread setting")
     ap.add_argument("--types", default=",".join(iq.QTYPES), help="types to time")
     ap.add_argument("--out", default=str(REPO / "docs" / "bench_gguf.md"), help="markdown output ('-': none)")
+    ap.add_argument("--ggml-lib", help="libggml-base.so built from ggml's source (see above); default: ggml-python")
     args = ap.parse_args(argv)
 
     busy0, own0, wall0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
@@ -148,21 +176,24 @@ def main(argv: list[str] | None = None) -> int:
     results: list[tuple[str, str, str, float, float, float]] = []  # impl, case, threads, Mel/s, wall s, cpu s
     outputs: dict[tuple[str, str, str], np.ndarray] = {}
     notes: list[str] = []
-    mod = load_ggml_c()
+    mod = load_ggml_c(args.ggml_lib)
     if mod is None:
         notes.append("ggml C reference: skipped (the `ggml` package from PyPI `ggml-python` is not importable)")
         print("ggml-python not importable: skipping the C reference", flush=True)
-    IQ, C = "ideoquant (numba)", "ggml C (ggml-python)"
+    IQ, C = "ideoquant (numba)", "ggml C (" + ("libggml-base" if args.ggml_lib else "ggml-python") + ")"
 
     # (implementation, case, threads, function) - run round-robin, so that a burst of load from other jobs hits
     # every case alike; the best run is kept
     cases: list[tuple[str, str, str, object]] = []
     case_names: list[str] = []
     for qtype in [iq.normalize_qtype(t) for t in args.types.split(",") if t.strip()]:
-        for w in [None, imat] if iq.has_imatrix_path(qtype) else [None]:
+        needs = iq.registry.TYPES[qtype].imatrix == iq.registry.REQUIRED  # ggml asserts importance weights
+        for w in ([imat] if needs else [None, imat]) if iq.has_imatrix_path(qtype) else [None]:
             case = qtype + (" +imatrix" if w is not None else "")
             case_names.append(case)
             iq.encode(x[:1], qtype, w)  # compile / load outside the timing
+            if mod is not None:  # and ggml's tables (the IQ types' grids and neighbour maps, seconds for IQ1_S)
+                mod.ggml_quantize_init(getattr(mod, f"GGML_TYPE_{qtype}"))
             for th in thread_settings:
                 cases.append((IQ, case, str(th), lambda qtype=qtype, w=w, th=th: iq_encode(qtype, x, w, th)))
                 if mod is not None:
@@ -206,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}",
         f"- python {platform.python_version()}, numpy {np.__version__}, gguf {pkg_version('gguf')}"
-        + (f", ggml-python {pkg_version('ggml-python')} (C reference; optional, not a dependency: "
-           "`pip install --target DIR ggml-python`, then `PYTHONPATH=DIR`)" if mod is not None else ""),
+        + (f", ggml C from {args.ggml_lib} (built from ggml's source for the benchmark, default release flags)"
+           if args.ggml_lib else f", ggml-python {pkg_version('ggml-python')} (C reference; optional, not a "
+           "dependency: `pip install --target DIR ggml-python`, then `PYTHONPATH=DIR`)" if mod is not None else ""),
         f"- input: {args.rows} x {args.cols} float32, N(0, 0.02^2) (imatrix: log-normal column energies); best of {args.repeats} runs "
         f"(cases run round-robin); {contention}",
-        f"- command: `python scripts/bench_gguf.py --rows {args.rows} --cols {args.cols} --repeats {args.repeats}`",
+        f"- command: `python scripts/bench_gguf.py --rows {args.rows} --cols {args.cols} --repeats {args.repeats}"
+        + (f" --types {args.types}" if args.types != ",".join(iq.QTYPES) else "")
+        + (" --ggml-lib libggml-base.so" if args.ggml_lib else "") + "`",
         "",
         "Ratio = ideoquant / ggml C at the same thread count (higher is faster).",
         "",

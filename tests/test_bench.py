@@ -94,6 +94,7 @@ def test_bench_end_to_end(setup, full):
         names = set(e["metrics"])
         expected = {"clip", "pick"} | ({"ocr_ned", "ocr_exact"} if e["prompt_id"] == "sign" else set())
         assert names == expected | (set() if e["variant"] == "reference" else {"psnr", "ssim", "lpips"})
+        assert isinstance(e.get("ocr_text"), str) == (e["prompt_id"] == "sign")  # what OCR read, for the report
     s = result["summary"]
     assert set(s) == set(variants)
     for v in variants[1:]:
@@ -112,7 +113,7 @@ def test_bench_end_to_end(setup, full):
         assert s[v]["weight_bytes"]["mean"] > s["nf4"]["weight_bytes"]["mean"]
     assert "vs" not in s["nf4"]["psnr"]
     assert result["settings"]["steps"] == 2 and result["settings"]["size"] == [32, 32]
-    assert (out / "index.html").is_file() and (out / "summary.md").is_file()
+    assert (out / "summary.md").is_file() and (out / "index.html").read_text().count("OCR read:") == 4 * 2
     assert result["metrics"]["lpips"] == {"higher_is_better": False, "against_reference": True,
                                           "model": str(setup["alex"])}
 
@@ -222,9 +223,11 @@ def test_bad_input_is_one_line(setup, tmp_path, monkeypatch):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     r = _run(_args(setup, setup["int8"], setup["int8"], extra=["--overwrite"]))
     assert r.exit_code == 2 and "source" in r.output and (setup["int8"] / "ideoquant.json").is_file()
+    r = _run(_args(setup, tmp_path / "r3", setup["int8"], extra=["--size", "33", "--limit", "1", "--metrics", "psnr"]))
+    assert r.exit_code == 2 and "the pipeline refused prompt fox" in r.output and r.output.count("\n") == 1
     monkeypatch.setitem(sys.modules, "lpips", None)  # the extra not installed
     r = _run(_args(setup, tmp_path / "r2", setup["int8"], extra=["--metrics", "lpips"]))
-    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and not (tmp_path / "r2" / "images").exists()
     assert 'the lpips metric needs the bench extra: pip install "ideoquant[bench]" (missing: lpips)' in r.output
 
 
@@ -288,3 +291,25 @@ def test_accelerate_launch_two_processes_gives_the_same_results(setup, small, tm
     assert _per_image(result) == _per_image(small) and _quality(result) == _quality(small)
     ranks = {json.loads(f.read_text())["variant"] for f in (out / "timings").glob("*-1.json")}
     assert ranks == {"reference", "int8", "q8_0"}  # the second process generated its share of every variant
+
+
+def test_reference_runs_the_fp8_release_as_released(fp8_source):
+    """The FP8 release's reference keeps its FP8 weights and per-row scales (diffusers' BFLFP8RLinear dequantizes
+    each layer on the fly) and computes what the source's exactly dequantized weights compute."""
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear
+
+    from ideoquant.bench.variants import reference_variant
+    from ideoquant.evaluation.inputs import sample_inputs
+    from ideoquant.evaluation.runner import source_model, velocity
+    from ideoquant.source import open_source
+    from ideoquant.testing import TINY_CONFIG
+
+    comp = open_source(str(fp8_source)).components["transformer"]
+    released, nbytes = reference_variant().load("transformer", comp, "cpu")
+    fp8 = [m for m in released.modules() if isinstance(m, BFLFP8RLinear)]
+    assert fp8 and all(m.weight.dtype == torch.float8_e4m3fn for m in fp8)
+    stored = sum(t.stored.nbytes * (t.rows[1] - t.rows[0]) // t.stored.shape[0] if t.rows else t.stored.nbytes
+                 for t in comp.tensors.values())
+    assert nbytes < sum(p.numel() * 2 for p in source_model(comp).parameters()) and nbytes >= stored
+    inputs = sample_inputs(TINY_CONFIG)
+    assert torch.equal(velocity(released, inputs), velocity(source_model(comp), inputs))

@@ -145,3 +145,41 @@ def test_imatrix_that_misses_a_tensor_the_type_needs_is_refused(reference_source
              _imatrix_file(tmp_path / "w.imatrix.gguf", w), "--out", out)
     _one_error(r, "imatrix has no entry for", NEEDS[0])
     assert not out.exists()
+
+
+def test_multi_type_pass_and_recipe_file_with_new_types(bf16_source, tmp_path):
+    """One pass writes IQ4_XS, a mixture and NVFP4, each equal to its own single pass; a recipe file and a type rule
+    name new types, and rows a type cannot take fall back with the reason recorded."""
+    out = tmp_path / "many"
+    r = _cli("gguf", bf16_source, "--type", "iq4_xs,q4_k_m,nvfp4", "--out", out)
+    assert r.exit_code == 0, r.output
+    single = tmp_path / "single"
+    ideoquant.convert_gguf(str(bf16_source), single, qtype="iq4_xs")
+    name = "ideogram4-transformer-IQ4_XS.gguf"
+    assert (out / "IQ4_XS" / name).read_bytes() == (single / name).read_bytes()
+    assert (out / "NVFP4" / "ideogram4-transformer-NVFP4.gguf").is_file()
+    assert (out / "Q4_K_M" / "ideogram4-transformer-Q4_K_M.gguf").is_file()
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "mine"\nformat = "gguf"\ndescription = "d"\nsource = "s"\ntype = "IQ4_XS"\n'
+                      "[rules]\n'attention\\.(qkv|to_q|to_k|to_v)\\.weight$' = \"IQ4_NL\"\n")
+    m = ideoquant.convert_gguf(str(bf16_source), tmp_path / "r", recipe=str(recipe),
+                               type_rules=[r"feed_forward\.w1\.weight$=mxfp4"])
+    types = {t["name"]: (t["dtype_out"], t["reason"]) for t in m["components"]["transformer"]["tensors"]}
+    assert types["layers.0.attention.qkv.weight"][0] == "IQ4_NL"
+    assert types["layers.0.feed_forward.w1.weight"][0] == "MXFP4"
+    assert types["layers.0.attention.o.weight"][0] == "IQ4_XS"
+    dtype, why = types["input_proj.weight"]  # 64 inputs: not a multiple of 256
+    assert dtype == "IQ4_NL" and "not a multiple of 256" in why, why
+    assert any("only stable-diffusion.cpp reads" in w for w in m["warnings"])
+
+
+def test_fake_quantizer_refuses_a_type_that_needs_an_imatrix():
+    """sensitivity and eval's in-memory quantizer has no importance matrix: one clear error, weights untouched."""
+    from ideoquant import formats
+
+    m = testing.build_model(testing.TINY_CONFIG)
+    before = m.input_proj.weight
+    with pytest.raises(ideoquant.IdeoquantError, match="importance matrix"):
+        formats.get("gguf").fake_quantize(m, {"input_proj": "Q8_0", "layers.0.attention.to_out.0": NEEDS[0]})
+    assert m.input_proj.weight is before

@@ -8,11 +8,12 @@ REPORT/
   scores.jsonl           per-image scores, appended as computed, reused on a rerun when the images are the same
   results.json           the result (below); summary.md and index.html are made from it
 
-results.json (schema 1; fields are only ever added):
+results.json (schema 1; fields are only ever added; docs/bench.md is its user-facing description):
 
     {"schema": 1,
      "settings": {...settings.json...},
-     "images": [{"variant", "prompt_id", "seed", "path" (relative to REPORT), "metrics": {name: value}}],
+     "images": [{"variant", "prompt_id", "seed", "path" (relative to REPORT), "metrics": {name: value},
+                 "ocr_text" (what OCR read; prompts with a text only)}],
      "summary": {variant: {metric: {"mean", "n", "delta_vs_reference", "ci_low", "ci_high", "verdict",
                                     "vs": {baseline: {"delta", "ci_low", "ci_high", "n", "verdict"}}}}},
      "metrics": {name: {"higher_is_better", "against_reference", "model"}},

@@ -14,8 +14,8 @@ from ..write.staging import output_lock
 from ..write.target import check_target, source_paths
 from . import results as res
 from .generate import Generation, Job, generate, jobs_for, png_text, read_timings, readable
-from .metrics import (AGAINST_REFERENCE, DEFAULT_MODELS, HIGHER_IS_BETTER, OCR_READ, parse_metric_models,
-                      parse_metrics, scorers)
+from .metrics import (AGAINST_REFERENCE, DEFAULT_MODELS, HIGHER_IS_BETTER, OCR_READ, check_extras,
+                      parse_metric_models, parse_metrics, scorers)
 from .prompts import load_prompts
 from .report import write_report
 from .stats import summarize
@@ -46,6 +46,7 @@ def bench(source: str, variants: list[str], out: str | Path, *, base: str | None
     device = str(state.device) if distributed else check_device(device or _default_device())
     metric_names = parse_metrics(metrics if not isinstance(metrics, list) else ",".join(metrics))
     models = parse_metric_models(metric_models)
+    check_extras(metric_names)
     prompt_list = _select(load_prompts(Path(prompts) if prompts else None), limit)
     bench_vars = bench_variants(list(variants))
     src = open_source(source, revision=revision, token=token)
@@ -184,6 +185,8 @@ def _prepare(out: Path, settings: dict, overwrite: bool, protected) -> None:
     elif is_report:
         res.check_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
+    for tmp in (out / res.IMAGES).glob("*/.*.tmp"):  # images a killed run was writing
+        tmp.unlink(missing_ok=True)
     if not (out / REPORT_MARKER).is_file():
         res.write_json(out / REPORT_MARKER, settings)
 
@@ -236,7 +239,7 @@ def _score_and_write(out: Path, settings: dict, prompt_list, jobs: list[Job], va
             entry = {"variant": n, "prompt_id": j.prompt_id, "seed": j.seed,
                      "path": path.relative_to(out).as_posix(), "metrics": metrics}
             if read is not None:
-                entry["ocr_read"] = read
+                entry["ocr_text"] = read  # results.json's name (docs/bench.md); the report shows it
             entries.append(entry)
             scores[n][(j.prompt_id, j.seed)] = metrics
             reporter.advance("scoring", 1)

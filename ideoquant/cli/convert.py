@@ -55,7 +55,8 @@ def convert(
                                          help="SmoothQuant migration strength (0: none, 1: all to weights).")] = 0.5,
     as_json: Json = False,
 ):
-    """Quantize both backbones to INT8 W8A8 (torchao format: stock diffusers loads it)."""
+    """Quantize both backbones with a torchao recipe, which stock diffusers loads: INT8 W8A8 (int8-w8a8, any CUDA GPU)
+    or FP8 W8A8 (fp8-w8a8: Ada, Hopper, Blackwell; from the FP8 release a bit-exact repack)."""
     from ..job import convert as api
 
     t0 = time.perf_counter()

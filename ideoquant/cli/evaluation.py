@@ -191,7 +191,8 @@ def sensitivity(
                      no_wrap=col not in ("group", "layer"))
     for u in report["units"][:top]:
         t.add_row(str(u["rank"]), u["unit"], ",".join(u["types"]),
-                  *[render.db(u["sqnr_db"].get(c)) for c in report["components"]],
+                  *["NaN/Inf" if c in u.get("non_finite", ()) else render.db(u["sqnr_db"].get(c))
+                    for c in report["components"]],
                   f"{u['noise_share']:.1%}", render.human_bytes(u["extra_bytes"]),
                   "yes" if u["protected_by_recipe"] else "")
     render.out_console.print(t)

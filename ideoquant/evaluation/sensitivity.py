@@ -98,13 +98,17 @@ def sensitivity(
         ref = torch.cat(velocities(m, calls, device))
         for unit, names in groups.items():
             u = units.setdefault(unit, {"unit": unit, "modules": names, "types": sorted({planned[n][0] for n in names}),
-                                        "sqnr_db": {}, "extra_bytes": 0,
+                                        "sqnr_db": {}, "extra_bytes": 0, "non_finite": [],
                                         "protected_by_recipe": all(n in protected for n in names)})
             saved = fmt.fake_quantize(m, {n: planned[n][0] for n in names}, threads)
             try:  # a unit whose planned type keeps the weight as is (BF16) changes nothing: no measurement
-                u["sqnr_db"][c] = compare(ref, torch.cat(velocities(m, calls, device)))["sqnr_db"] if saved else None
+                sq = compare(ref, torch.cat(velocities(m, calls, device)))["sqnr_db"] if saved else None
             finally:
                 formats.restore(m, saved)
+            if sq is not None and (math.isnan(sq) or sq == -math.inf):  # NaN/Inf out: the most fragile of all
+                u["non_finite"].append(c)
+                sq = None
+            u["sqnr_db"][c] = sq
             u["extra_bytes"] += sum(planned[n][2] - planned[n][1] for n in names)
             reporter.advance(task, 1)
         reporter.finish(task)
@@ -117,7 +121,8 @@ def sensitivity(
         u["sqnr_db_min"] = min(finite) if finite else None
         u["noise"] = sum(10 ** (-s / 10) for s in finite)
     total = sum(u["noise"] for u in ranked) or 1.0
-    ranked.sort(key=lambda u: (u["sqnr_db_min"] is None, u["sqnr_db_min"] if u["sqnr_db_min"] is not None else 0))
+    ranked.sort(key=lambda u: (not u["non_finite"], u["sqnr_db_min"] is None,
+                               u["sqnr_db_min"] if u["sqnr_db_min"] is not None else 0))
     for i, u in enumerate(ranked, 1):
         u["rank"] = i
         u["noise_share"] = round(u.pop("noise") / total, 5)
@@ -145,7 +150,8 @@ def select(report: dict, protect_top: int | None = None, budget_gb: float | None
     whose extra bf16 bytes fit the budget."""
     if (protect_top is None) == (budget_gb is None):
         raise IdeoquantError("give exactly one of --protect-top K and --budget-gb X")
-    ranked = [u for u in report["units"] if u["sqnr_db_min"] is not None and not u["protected_by_recipe"]]
+    ranked = [u for u in report["units"] if (u["sqnr_db_min"] is not None or u.get("non_finite"))
+              and not u["protected_by_recipe"]]
     if protect_top is not None:
         if protect_top < 0:
             raise IdeoquantError("--protect-top must be 0 or more")
@@ -199,7 +205,8 @@ def recipe_toml(report: dict, *, name: str, protect_top: int | None = None, budg
     source = (f"ideoquant sensitivity on {src} ({', '.join(report['components'])}), {report['created']}: "
               f"{report['scheme']}, one {'group' if report['group'] else 'layer'} quantized at a time, ranked by "
               f"end-to-end velocity SQNR on {inputs_txt}. Most fragile: "
-              + ", ".join(f"{u['unit']} ({db(u['sqnr_db_min'])})" for u in chosen[:5])
+              + ", ".join(f"{u['unit']} ({'NaN/Inf output' if u.get('non_finite') else db(u['sqnr_db_min'])})"
+                          for u in chosen[:5])
               + (" ..." if len(chosen) > 5 else "") + ".")
     lines = [
         f"name = {_toml_str(name)}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..encode.ggml import registry
 
-FORMATS = ("int8", "gguf")
+FORMATS = ("int8", "gguf", "float8", "float4")
 
 # GGUF output names: ComfyUI and stable-diffusion.cpp read the original layout (fused attention.qkv).
 GGUF_LAYOUTS = ("original", "diffusers")

@@ -384,6 +384,10 @@ class GGUFFormat:
         GGUFLinear computes with; plain types (BF16, F16) leave the weight as is."""
         from .. import gguf as gguf_api
 
+        needs = sorted({q for q in types.values() if ggml.registry.TYPES[q].needs_imatrix})
+        if needs:  # no importance weights here: ggml asserts them, or the type is not worth measuring without
+            raise IdeoquantError(f"{', '.join(needs)} needs an importance matrix, which this measurement does not "
+                                 "have: measure with another type (e.g. iq4_xs)")
         modules = dict(m.named_modules())
         saved = {}
         for n, qtype in types.items():
@@ -417,6 +421,7 @@ class GGUFFormat:
                  "class yet), so `ideoquant.load_transformer` builds each backbone with diffusers' own GGUF layers "
                  "(`pip install ideoquant`); the weights stay quantized and are dequantized per layer at run time.",
                  ""]
+        lines += [f"**{w}**\n" for w in m.get("warnings") or [] if w.startswith(tuple(catalog.GGUF_SDCPP_ONLY))]
         layouts = {c["output_layout"] for c in m["components"].values()}
         arch = m.get("gguf", {}).get("arch", ARCH)
         if layouts == {"original"}:
@@ -541,7 +546,7 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         for k, s in enumerate(t.sources):
             offsets[i, k] = row
             row += s.shape[0] if s.shape else 0
-    maps = FileMaps()
+    maps = FileMaps(first.sink.source.reads)
     exact_sqnr = [numel(t.shape) <= EXACT_SQNR_ELEMENTS for t in first.tensors]
 
     def blocks():

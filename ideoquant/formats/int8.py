@@ -18,9 +18,9 @@ from .. import model
 from ..encode import int8
 from ..errors import IdeoquantError
 from ..metrics import ErrorStats
-from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules
+from ..plan import ComponentPlan, TensorPlan
 from ..write.safetensors import ShardWriter
-from . import CardText, Conversion, FitRow, Output, Recognised, Sink, resolve, take_options, torchao_common, usage
+from . import CardText, Conversion, Output, Sink, resolve, take_options, torchao_common, usage
 
 @dataclass(frozen=True)
 class Options:
@@ -29,35 +29,20 @@ class Options:
     smoother: object | None = None  # formats.smoothquant.Smoother
 
 
-DEFAULT_RECIPE = "int8-w8a8"
-
-
-def check_untyped(fmt, r) -> None:
-    """A torchao recipe has one scheme for every quantized linear: no GGUF `type` or type rules."""
-    if r.type is not None or r.rules:
-        raise IdeoquantError(f"--type and --type-rule apply to gguf recipes; '{r.name}' is an {fmt.name} recipe")
-
-
-class Int8Format:
+class Int8Format(torchao_common.TorchaoFormat):
     name = "int8"
-    command = "convert"
-    recipe_keys = frozenset()
+    label = "INT8"
+    dtype = "int8"
+    default_recipe = "int8-w8a8"
+    codec = int8
     smoothquant = True  # `ideoquant calibrate` + `convert --smoothquant` apply to it
-
-    # ------------------------------------------------------------ recipe and options
-
-    def parse_recipe(self, data, where: str) -> dict:
-        return {}
-
-    def check_recipe(self, r) -> None:
-        check_untyped(self, r)
 
     def conversion(self, recipe, protect, no_protect, options) -> Conversion:
         from ..device import check_device
         from ..write.safetensors import parse_size
         from .smoothquant import smoother_for
 
-        r = resolve(recipe or DEFAULT_RECIPE, protect, no_protect)
+        r = resolve(recipe or self.default_recipe, protect, no_protect)
         opts = take_options(self, r, options, max_shard_size="5GB", device="cpu", smoothquant=None, alpha=0.5)
         device = check_device(opts["device"])
         shard_bytes = parse_size(opts["max_shard_size"])
@@ -73,26 +58,12 @@ class Int8Format:
     def scheme(self, r) -> str:
         return "int8 W8A8 (torchao Int8DynamicActivationInt8WeightConfig, per-token dynamic activations)"
 
-    # ------------------------------------------------------------ plan
+    def quantized_bytes(self, shape: tuple[int, int]) -> int:
+        rows, cols = shape
+        return rows * cols + rows * 4 + rows  # qdata, float32 scale, int8 zero point per row
 
-    def plan(self, component, recipe, layout: str = "diffusers") -> ComponentPlan:
-        spec = component.spec
-        protected = protected_modules(component, recipe)
-        tensors = []
-        for name, src in component.tensors.items():
-            module = model.module_of(name)
-            if spec.is_linear_weight(name) and module not in protected:
-                rows, cols = src.shape
-                tensors.append(TensorPlan(name, (src,), src.shape, True, "int8", "linear weight: int8 per-channel",
-                                          rows * cols + rows * 4 + rows))
-            elif spec.is_linear_weight(name):
-                tensors.append(TensorPlan(name, (src,), src.shape, False, PROTECTED_DTYPE,
-                                          f"protected by recipe pattern '{protected[module]}'",
-                                          numel(src.shape) * 2, protected[module]))
-            else:
-                tensors.append(TensorPlan(name, (src,), src.shape, False, PROTECTED_DTYPE,
-                                          "not a linear weight (norm, bias or embedding)", numel(src.shape) * 2))
-        return ComponentPlan(component, "int8", "diffusers", tensors, sorted(protected))
+    def reason(self, src) -> str:
+        return "linear weight: int8 per-channel"
 
     # ------------------------------------------------------------ sink
 
@@ -123,29 +94,10 @@ class Int8Format:
 
         return torchao_common.check_stored(folder, name, comp, layout_of, "INT8")
 
-    def load_target(self, folder: Path, name: str, comp: dict) -> Path:
-        return folder / name
-
-    def recognise(self, path: Path) -> list[Recognised]:
-        return torchao_common.recognise(path, type(int8.config()).__name__)
-
-    def load(self, path: Path, compute_dtype: torch.dtype) -> torch.nn.Module:
-        return torchao_common.load(path, compute_dtype)
-
-    def check_loaded(self, folder: Path, comp: dict, m) -> list[str]:
-        return torchao_common.check_loaded(folder, comp, m, "INT8")
-
     # ------------------------------------------------------------ evaluation, inspect, model card
 
     def fake_quantize(self, m: torch.nn.Module, types, threads: int | None = None) -> dict:
         return torchao_common.fake_quantize(m, int8.config(), types)
-
-    def torchao_config(self):
-        """The torchao config diffusers applies at load time (`load.pipeline_quantization_config`)."""
-        return int8.config()
-
-    def fit_rows(self) -> list[FitRow]:
-        return [FitRow(DEFAULT_RECIPE, resolve(DEFAULT_RECIPE))]
 
     def card(self, m: dict, repo_id: str, base: str, device: str = usage.CARD_DEVICE,
              call: dict | None = None, folder: str = "") -> CardText:

@@ -1,13 +1,14 @@
-"""What the torchao formats (INT8 W8A8, FP8 W8A8) share: an output stock diffusers loads with `from_pretrained`,
-recognised by the torchao config its `config.json` names, fake-quantized in memory with torchao's own `quantize_`.
-
-Not a format itself: `formats/int8.py` and `formats/fp8.py` use it.
+"""What the torchao formats (INT8 W8A8, FP8 W8A8, NVFP4) share: an output stock diffusers loads with
+`from_pretrained`, recognised by the torchao config its `config.json` names; the plan rules, the shards, verify,
+loading and the card. Not a format itself: `TorchaoFormat` is the base of `int8`, `float8` and `float4`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,11 +17,12 @@ import torch
 from .. import manifest, model
 from ..encode import int8
 from ..encode.finite import check_finite
+from ..errors import IdeoquantError
 from ..metrics import ErrorStats
-from ..plan import row_blocks
+from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
 from ..source import FileMaps
 from ..write.safetensors import DTYPE_NAMES, ShardWriter, Slot, shard_groups
-from . import CardText, Recognised, usage
+from . import CardText, Conversion, FitRow, Output, Recognised, resolve, take_options, usage
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -254,7 +256,7 @@ def stream_tensors(tensors: list, writer: ShardWriter, component: str, sink, enc
     Returns the manifest records, in order."""
     pool = sink.pool
     row_elements = [math.prod(t.shape[1:]) if len(t.shape) > 1 else 0 for t in tensors]  # byte offsets of blocks
-    maps = FileMaps()
+    maps = FileMaps(sink.source.reads)
 
     def one(block) -> tuple[int, ErrorStats]:
         i, src, rows = block
@@ -306,3 +308,135 @@ def card(m: dict, repo_id: str, base: str, device: str, call: dict | None, what:
              f"Needs `diffusers>=0.42`, `transformers` and `torchao` ({how}). Only stock diffusers is used.", *notes]
     # library_name: stock diffusers + torchao load it
     return CardText(what, tags, "diffusers", [], "\n".join(lines))
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    shard_bytes: int
+
+
+class TorchaoFormat:
+    """A torchao tensor subclass per quantized linear weight. A subclass names its codec (an `encode` module with
+    `config()`, `layout(name, shape)` and `quantization_config(protected)`), its default recipe, the label and plan
+    dtype of a quantized weight, and how many bytes one takes."""
+
+    command = "convert"
+    recipe_keys = frozenset()
+    name: str
+    label: str  # "FP8": verify's and the card's word for a quantized weight
+    dtype: str  # the plan's dtype of a quantized weight
+    default_recipe: str
+    codec: Any
+
+    def parse_recipe(self, data, where: str) -> dict:
+        return {}
+
+    def check_recipe(self, r) -> None:
+        """One scheme for every quantized linear: no GGUF `type` or type rules."""
+        if r.type is not None or r.rules:
+            raise IdeoquantError(f"--type and --type-rule apply to gguf recipes; '{r.name}' is an {self.name} recipe")
+
+    def conversion(self, recipe, protect, no_protect, options) -> Conversion:
+        """Shards of `max_shard_size`, written on the CPU; SmoothQuant is INT8's alone."""
+        from ..write.safetensors import parse_size
+
+        r = resolve(recipe or self.default_recipe, protect, no_protect)
+        opts = take_options(self, r, options, max_shard_size="5GB", device="cpu", smoothquant=None, alpha=0.5)
+        if opts["smoothquant"] is not None:
+            raise IdeoquantError(f"--smoothquant applies to INT8 W8A8 recipes, not '{r.name}'")
+        if opts["device"] != "cpu":
+            raise IdeoquantError(f"recipe '{r.name}' is written on the CPU; drop --device")
+        shard_bytes = parse_size(opts["max_shard_size"])
+
+        def outputs(src) -> list[Output]:
+            return [Output(r, {n: self.plan(c, r) for n, c in src.components.items()}, ShardOptions(shard_bytes))]
+
+        return Conversion([r], outputs)
+
+    # ---- plan
+
+    def compatible(self, shape: tuple[int, ...]) -> str | None:
+        """Why torchao would keep a linear weight of this shape in high precision (None: it quantizes it)."""
+        return None
+
+    def quantized_bytes(self, shape: tuple[int, int]) -> int: ...
+
+    def reason(self, src) -> str: ...
+
+    def plan(self, component, recipe, layout: str = "diffusers") -> ComponentPlan:
+        spec = component.spec
+        protected = protected_modules(component, recipe)
+        tensors = []
+        for name, src in component.tensors.items():
+            module = model.module_of(name)
+            kept = numel(src.shape) * 2
+            if not spec.is_linear_weight(name):
+                tensors.append(TensorPlan(name, (src,), src.shape, False, PROTECTED_DTYPE,
+                                          "not a linear weight (norm, bias or embedding)", kept))
+            elif module in protected:
+                tensors.append(TensorPlan(name, (src,), src.shape, False, PROTECTED_DTYPE,
+                                          f"protected by recipe pattern '{protected[module]}'", kept, protected[module]))
+            elif self.compatible(src.shape) is not None:
+                # torchao leaves such a weight in bf16; diffusers must not look for a quantized tensor there either
+                protected[module] = ""
+                tensors.append(TensorPlan(name, (src,), src.shape, False, PROTECTED_DTYPE,
+                                          f"kept by torchao: {self.compatible(src.shape)}", kept))
+            else:
+                tensors.append(TensorPlan(name, (src,), src.shape, True, self.dtype, self.reason(src),
+                                          self.quantized_bytes(src.shape)))
+        return ComponentPlan(component, self.name, "diffusers", tensors, sorted(protected))
+
+    # ---- sink and fake quantizer
+
+    whole_tensors = False  # True: each weight is encoded in one block (a per-tensor scale needs all of it)
+
+    def encoder(self, tensors: list, writer: ShardWriter) -> Callable:
+        """`stream_tensors`' encode function for these tensors."""
+
+    def write_component(self, plan: ComponentPlan, sink) -> tuple[list[dict], list[str]]:
+        name = plan.component.name
+        if self.whole_tensors:
+            sink = dataclasses.replace(sink, block_elements=1 << 62)
+        return write_component(
+            plan, sink, sink.options.shard_bytes, lambda t: self.codec.layout(t.name, t.shape),
+            lambda tensors, writer: stream_tensors(tensors, writer, name, sink, self.encoder(tensors, writer)),
+            self.codec.quantization_config(plan.protected))
+
+    def fake_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight torchao computes with in place of `w` (a tensor subclass, or its dequantized value)."""
+
+    def fake_quantize(self, m: torch.nn.Module, types, threads: int | None = None) -> dict:
+        modules = dict(m.named_modules())
+        saved = {}
+        for n, dtype in types.items():
+            if dtype != self.dtype:
+                continue
+            saved[n] = modules[n].weight
+            modules[n].weight = torch.nn.Parameter(self.fake_weight(saved[n].detach()), requires_grad=False)
+        return saved
+
+    # ---- its own output
+
+    def recognise(self, path: Path) -> list[Recognised]:
+        return recognise(path, type(self.codec.config()).__name__)
+
+    def load(self, path: Path, compute_dtype: torch.dtype) -> torch.nn.Module:
+        return load(path, compute_dtype)
+
+    def load_target(self, folder: Path, name: str, comp: dict) -> Path:
+        return folder / name
+
+    def check_stored(self, folder: Path, name: str, comp: dict, manifest_: dict) -> tuple[list[str], list[str]]:
+        return check_stored(folder, name, comp, self.codec.layout, self.label)
+
+    def check_loaded(self, folder: Path, comp: dict, m) -> list[str]:
+        return check_loaded(folder, comp, m, self.label)
+
+    # ---- inspect, load-time quantization
+
+    def torchao_config(self):
+        """The torchao config diffusers applies at load time (`load.pipeline_quantization_config`)."""
+        return self.codec.config()
+
+    def fit_rows(self) -> list[FitRow]:
+        return [FitRow(self.default_recipe, resolve(self.default_recipe))]

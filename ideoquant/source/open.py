@@ -32,7 +32,8 @@ from typing import Callable
 
 from .. import model
 from ..errors import IdeoquantError
-from .tensors import DTYPE_BYTES, FLOAT_DTYPES, FP8_DTYPES, STORED_DTYPES, SourceTensor, StoredTensor, will_need
+from .tensors import (DTYPE_BYTES, FLOAT_DTYPES, FP8_DTYPES, STORED_DTYPES, ReadBehind, SourceTensor, StoredTensor,
+                      will_need)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -87,6 +88,7 @@ class Source:
     commit: str | None = None
     file_hashes: dict[str, str] = field(default_factory=dict)  # known without reading (Hub LFS etags)
     notes: list[str] = field(default_factory=list)
+    reads: ReadBehind = field(default_factory=ReadBehind, repr=False, compare=False)  # what a job is done reading
 
     def describe(self) -> dict:
         given = self.spec if isinstance(self.spec, str) else ", ".join(self.spec)
@@ -101,6 +103,35 @@ class Source:
         if notes:
             d["notes"] = notes
         return d
+
+    def files(self) -> dict[str, Path]:
+        """Every file of the source an output records (its path under `path` -> the file): the weights, each
+        component folder's sidecars (config.json and the shard index, when there) and model_index.json."""
+        if self.kind == "file":
+            return {self.path.name: self.path}
+        files: dict[str, Path] = {}
+        if (self.path / "model_index.json").is_file():
+            files["model_index.json"] = self.path / "model_index.json"
+        for c in self.components.values():
+            folder = c.files[0].parent
+            side = [folder / "config.json", folder / INDEX_NAME]
+            if self.kind == "files":  # several paths given: a config next to a file given alone is not part of it
+                given = [Path(p).expanduser().absolute() for p in self.spec]
+                side = [f for f in side if any(g == folder or g in folder.parents for g in given)]
+            for f in [*c.files, *side]:
+                if f.is_file():
+                    files[str(f.relative_to(self.path))] = f
+        return files
+
+    def protected_paths(self) -> list[Path]:
+        """Everything of the source an output must not touch: its folder (or file), every file read and, for a Hub
+        source, the repo's folder in the Hugging Face cache (snapshots link into its blobs/)."""
+        paths = [self.path, *self.files().values()]
+        for c in self.components.values():
+            paths += c.files
+        if self.kind == "hub":
+            paths.append(self.path.parent.parent)  # .../models--ORG--NAME/snapshots/<commit>
+        return paths
 
 
 @dataclass

@@ -10,7 +10,9 @@ quantizer can produce get a list (levels 0..2 on the 2-bit grids, every code on 
 its own code only.
 
 ``kmap[u] >= 0``: the grid index; ``kmap[u] = -(off + 1)``: ``neighbours[off]`` is the count and
-``neighbours[off + 1 : off + 1 + count]`` the indices (ggml's layout).
+``neighbours[off + 1 : off + 1 + count]`` the indices (ggml's layout). ``neighbour_values`` lays out, for a table of
+the quantizer's value per level, the values of every list's points coordinate by coordinate, so that a search
+computes all of a list's distances as vector lanes.
 """
 
 from __future__ import annotations
@@ -133,3 +135,31 @@ def lattice(qtype: str) -> Lattice:
     kmap[codes] = np.arange(G, dtype=np.int32)
     neighbours = _build_neighbours(levels, bits, nwant, reach, kmap)
     return Lattice(levels, kmap, neighbours)
+
+
+@jit
+def neighbour_values(neighbours, levels, level_values):
+    """float32 [len(neighbours) * n]: for the list at off with count c, V[(off+1)*n + i*c + j] is the value
+    (level_values[level]) of coordinate i of its j-th point."""
+    n = levels.shape[1]
+    V = np.zeros(neighbours.shape[0] * n, np.float32)
+    off = 0
+    while off < neighbours.shape[0]:
+        c = neighbours[off]
+        for j in range(c):
+            g = neighbours[off + 1 + j]
+            for i in range(n):
+                V[(off + 1) * n + i * c + j] = level_values[levels[g, i]]
+        off += 1 + c
+    return V
+
+
+def lattice_values(qtype: str, level_values: np.ndarray) -> np.ndarray:
+    """``neighbour_values`` of ``qtype``'s lattice for the float32 value of each level (computed once per pair)."""
+    return _lattice_values(qtype, tuple(np.asarray(level_values, np.float32).tolist()))
+
+
+@cache
+def _lattice_values(qtype: str, level_values: tuple[float, ...]) -> np.ndarray:
+    lat = lattice(qtype)
+    return neighbour_values(lat.neighbours, lat.levels, np.asarray(level_values, np.float32))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from .common import F32, ONE, ZERO, fp16_bits, jit, nearest_int, put_fp16
-from .grids import lattice
-from .iquants import find_best_neighbour, superblock_sumx2
+from .grids import lattice, lattice_values
+from .iquants import find_best_neighbour, put_levels, superblock_sumx2
 
 QK_K = 256
 HALF = F32(0.5)
@@ -82,46 +82,70 @@ def split_search_s(xr, base, weight, idx, sumx, sumw, mx):
 
 
 @jit
-def split_search_m(xr, base, weight, idx, sqx, sq2, mx):
-    """IQ1_M's exhaustive search over the cut points of the sorted block of 16 and the 4 shift combinations of
-    its two groups of 8 (k: 0 (+, +), 1 (+, -), 2 (-, +), 3 (-, -)); sums from scratch per pair, as ggml does:
-    (i1, i2, k or -1 for none, scale)."""
+def split_search_m(xr, base, weight, idx, mx, CX, CQ, AX, AQ):
+    """IQ1_M's exhaustive search over the cut points (i1, i2) of the sorted block of 16 and the 4 shift combinations
+    k of its two groups of 8 (0: (+, +), 1: (+, -), 2: (-, +), 3: (-, -)): (i1, i2, k or -1 for none, scale).
+
+    ggml sums each pair's sumqx[k] and sumq2[k] from zero over the sorted values, level 0 below i1, 1 below i2, 2
+    from there. The same additions in the same order here, shared where they are the same: the level-0 prefix once
+    per i1, then all i2 at once as lanes (AX, AQ [4, 17]), each adding its level-1 or level-2 term per value.
+    CX, CQ [4, 3, 16]: the term of sorted value j at level lv in sumqx[k] and sumq2[k]."""
     B = 16
+    for j in range(B):
+        i = idx[j]
+        w = weight[i]
+        v = xr[base + i]
+        second = i >= B // 2  # combination k shifts the first group by k >> 1, the second by k & 1 (0: +, 1: -)
+        for lv in range(3):
+            wpx = (w * X_P[lv]) * v
+            wmx = (w * X_M[lv]) * v
+            wpp = (w * X_P[lv]) * X_P[lv]
+            wmm = (w * X_M[lv]) * X_M[lv]
+            CX[0, lv, j] = wpx
+            CQ[0, lv, j] = wpp
+            CX[1, lv, j] = wmx if second else wpx
+            CQ[1, lv, j] = wmm if second else wpp
+            CX[2, lv, j] = wpx if second else wmx
+            CQ[2, lv, j] = wpp if second else wmm
+            CX[3, lv, j] = wmx
+            CQ[3, lv, j] = wmm
     best = -FLT_MAX
     scale = mx
     b1 = -1
     b2 = -1
     bk = -1
+    px0 = px1 = px2 = px3 = ZERO  # the level-0 prefix sums of the 4 combinations
+    pq0 = pq1 = pq2 = pq3 = ZERO
     for i1 in range(B + 1):
         for i2 in range(i1, B + 1):
+            AX[0, i2], AX[1, i2], AX[2, i2], AX[3, i2] = px0, px1, px2, px3
+            AQ[0, i2], AQ[1, i2], AQ[2, i2], AQ[3, i2] = pq0, pq1, pq2, pq3
+        for j in range(i1, B):
             for k in range(4):
-                sqx[k] = ZERO
-                sq2[k] = ZERO
-            for j in range(B):
-                i = idx[j]
-                lv = 0 if j < i1 else 1 if j < i2 else 2
-                w = weight[i]
-                v = xr[base + i]
-                p = X_P[lv]
-                m = X_M[lv]
-                wpx = (w * p) * v
-                wmx = (w * m) * v
-                wpp = (w * p) * p
-                wmm = (w * m) * m
-                second = i >= B // 2  # the + / - of combination k for this value: k >> 1 first group, k & 1 second
-                sqx[0] += wpx
-                sq2[0] += wpp
-                sqx[1 if second else 2] += wmx
-                sq2[1 if second else 2] += wmm
-                sqx[2 if second else 1] += wpx
-                sq2[2 if second else 1] += wpp
-                sqx[3] += wmx
-                sq2[3] += wmm
+                c1x = CX[k, 1, j]
+                c2x = CX[k, 2, j]
+                c1q = CQ[k, 1, j]
+                c2q = CQ[k, 2, j]
+                for i2 in range(i1, B + 1):
+                    AX[k, i2] += c1x if j < i2 else c2x
+                    AQ[k, i2] += c1q if j < i2 else c2q
+        for i2 in range(i1, B + 1):
             for k in range(4):
-                if sq2[k] > ZERO and sqx[k] * sqx[k] > best * sq2[k]:
-                    scale = sqx[k] / sq2[k]
-                    best = scale * sqx[k]
+                sqx = AX[k, i2]
+                sq2 = AQ[k, i2]
+                if sq2 > ZERO and sqx * sqx > best * sq2:
+                    scale = sqx / sq2
+                    best = scale * sqx
                     b1, b2, bk = i1, i2, k
+        if i1 < B:
+            px0 += CX[0, 0, i1]
+            px1 += CX[1, 0, i1]
+            px2 += CX[2, 0, i1]
+            px3 += CX[3, 0, i1]
+            pq0 += CQ[0, 0, i1]
+            pq1 += CQ[1, 0, i1]
+            pq2 += CQ[2, 0, i1]
+            pq3 += CQ[3, 0, i1]
     return b1, b2, bk, scale
 
 
@@ -135,7 +159,7 @@ def _encoder(is_m):
     nb = QK_K // B
 
     @jit
-    def encode_rows(x, imat, weighted, out, levels, kmap, neighbours):
+    def encode_rows(x, imat, weighted, out, gp, gm, vp, vm, levels, kmap, neighbours):
         rows, cols = x.shape
         weight = np.empty(B, np.float32)
         sumx = np.zeros(B + 1, np.float32)
@@ -145,6 +169,11 @@ def _encoder(is_m):
         index = np.zeros(B // 8, np.int64)
         scales = np.zeros(nb, np.float32)
         shifts = np.zeros(nb, np.int64)
+        d2 = np.empty(levels.shape[0], np.float32)
+        CX = np.zeros((4, 3, B), np.float32)  # IQ1_M's search tables
+        CQ = np.zeros((4, 3, B), np.float32)
+        AX = np.zeros((4, B + 1), np.float32)
+        AQ = np.zeros((4, B + 1), np.float32)
         for r in range(rows):
             xr = x[r]
             o = out[r]
@@ -163,7 +192,7 @@ def _encoder(is_m):
                         continue
                     stable_order(xr, base, B, idx)
                     if is_m:
-                        b1, b2, shift, scale = split_search_m(xr, base, weight, idx, sumx, sumw, mx)
+                        b1, b2, shift, scale = split_search_m(xr, base, weight, idx, mx, CX, CQ, AX, AQ)
                     else:
                         b1, b2, shift, scale = split_search_s(xr, base, weight, idx, sumx, sumw, mx)
                     if b1 < 0 or b2 < 0 or shift == (-1 if is_m else 0):
@@ -175,12 +204,8 @@ def _encoder(is_m):
                             L[j] = 2 - L[j]
                         scale = -scale
                         shift = 3 - shift if is_m else -shift
-                    if is_m:
-                        xx0 = X_P if shift < 2 else X_M
-                        xx1 = X_P if shift % 2 == 0 else X_M
-                    else:
-                        xx0 = X_P if shift == 1 else X_M
-                        xx1 = xx0
+                    plus0 = shift < 2 if is_m else shift == 1  # the shift of each group of 8: +delta or -delta
+                    plus1 = shift % 2 == 0 if is_m else plus0
                     all_on = True
                     for k in range(B // 8):
                         u = 0
@@ -189,14 +214,16 @@ def _encoder(is_m):
                         gi = kmap[u]
                         if gi < 0:
                             all_on = False
-                            gi = find_best_neighbour(neighbours, -gi - 1, levels, xx0 if k == 0 else xx1, xr,
-                                                     base + 8 * k, weight, 8 * k, 8, scale, L)
+                            plus = plus0 if k == 0 else plus1
+                            gi = find_best_neighbour(neighbours, -gi - 1, gp if plus else gm, vp if plus else vm,
+                                                     xr, base + 8 * k, weight, 8 * k, 8, scale, d2)
+                            put_levels(levels, gi, L, 8 * k, 8)
                         index[k] = gi
                     if not all_on:  # refit the scale to the grid points
                         sumqx = ZERO
                         sumq2 = ZERO
                         for k in range(B // 8):
-                            xx = xx0 if k == 0 else xx1
+                            xx = X_P if (plus0 if k == 0 else plus1) else X_M
                             for j in range(8):
                                 w = weight[8 * k + j]
                                 q = xx[levels[index[k], j]]
@@ -254,7 +281,8 @@ def _encoder(is_m):
 
     def encode(x, imat, weighted, out):
         lat = lattice("IQ1_S")
-        encode_rows(x, imat, weighted, out, lat.levels, lat.kmap, lat.neighbours)
+        encode_rows(x, imat, weighted, out, X_P[lat.levels], X_M[lat.levels], lattice_values("IQ1_S", X_P),
+                    lattice_values("IQ1_S", X_M), lat.levels, lat.kmap, lat.neighbours)
 
     return encode
 

@@ -17,37 +17,60 @@ from __future__ import annotations
 import numpy as np
 
 from .common import F32, GROUP_MAX_EPS, ONE, ZERO, jit, make_qp_quants, nearest_int, put_fp16
-from .grids import lattice
+from .grids import lattice, lattice_values
 
 QK_K = 256
 HALF = F32(0.5)
 FLT_MAX = F32(3.4028234663852886e38)
+SHORT_LIST = 12  # neighbour lists shorter than this are searched point by point
 ODD = np.arange(1, 16, 2).astype(np.float32)  # ggml's lattice coordinate 2*level + 1
 
 IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S = range(5)
 
 
 @jit
-def find_best_neighbour(neighbours, off, levels, qvals, x, xbase, w, wbase, n, scale, L):
-    """ggml's iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2: of the neighbour list at ``off``, the grid
-    point with the smallest sum w*(scale*q - x)^2 over its n values, q = qvals[level] (the first on ties); its levels
-    go to L[wbase:wbase+n]."""
-    best_d2 = FLT_MAX
-    gi = -1
-    for j in range(1, neighbours[off] + 1):
-        g = neighbours[off + j]
-        d2 = ZERO
-        for i in range(n):
-            diff = scale * qvals[levels[g, i]] - x[xbase + i]
-            d2 += (w[wbase + i] * diff) * diff
-        if d2 < best_d2:
-            best_d2 = d2
-            gi = g
-    if gi < 0:  # only NaN distances get here (ggml asserts); keep the first neighbour
+def find_best_neighbour(neighbours, off, values, V, x, xbase, w, wbase, n, scale, d2):
+    """ggml's iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2: the point of the neighbour list at ``off``
+    with the smallest sum w*(scale*q - x)^2 over its n values q (values [G, n]; the same laid out by
+    ``grids.neighbour_values`` in V), the first on ties. Each point's sum is added in ggml's order; on a long list
+    the points are vector lanes (d2: scratch)."""
+    c = neighbours[off]
+    vb = (off + 1) * n
+    if c < SHORT_LIST:  # too few lanes to pay for the vector loop: one point at a time
+        best = FLT_MAX
         gi = neighbours[off + 1]
+        for j in range(c):
+            g = neighbours[off + 1 + j]
+            dist = ZERO
+            for i in range(n):
+                diff = scale * values[g, i] - x[xbase + i]
+                dist += (w[wbase + i] * diff) * diff
+            if dist < best:
+                best = dist
+                gi = g
+        return gi
+    acc = d2[:c]
+    acc[:] = ZERO
     for i in range(n):
-        L[wbase + i] = levels[gi, i]
+        xi = x[xbase + i]
+        wi = w[wbase + i]
+        row = V[vb + i * c: vb + (i + 1) * c]
+        for j in range(c):
+            diff = scale * row[j] - xi
+            acc[j] += (wi * diff) * diff
+    best = FLT_MAX
+    gi = neighbours[off + 1]  # kept only when every distance is NaN (ggml asserts then)
+    for j in range(c):
+        if d2[j] < best:
+            best = d2[j]
+            gi = neighbours[off + 1 + j]
     return gi
+
+
+@jit
+def put_levels(levels, g, L, base, n):
+    for i in range(n):
+        L[base + i] = levels[g, i]
 
 
 @jit
@@ -76,29 +99,57 @@ def level_sums(weight, xval, L, B):
 
 
 @jit
-def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux, ongrid, ongrid_aux,
-                is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
-    """The trial scan and last pass shared by the five types; returns the block scale, L holds its levels."""
+def grid_search(xval, weight, waux, B, n, bits, kmaxq, values, V, levels, kmap, neighbours, d2, L, LA, U, IDV, SX,
+                SQ, ongrid, OG, is_lo, is_hi, step, denom, scale, best, ongrid_start, final_all, final_needs_offgrid):
+    """The trial scan and last pass shared by the five types; returns the block scale, L holds its levels.
+
+    The trials do not depend on each other until ggml picks the best, so they run side by side as vector lanes
+    t (LA [B, T] levels, U [T] codes, IDV [T] inverse scales, SX / SQ [T] sums, OG [groups, T] on-grid flags),
+    each lane's sums added in ggml's order; the pick then goes through them in ggml's order."""
     ng = B // n
+    T = is_hi - is_lo + 1
+    for t in range(T):
+        IDV[t] = (F32(2 * kmaxq - 1) + F32(is_lo + t) * step) / denom
+    lo = np.int32(0)
+    hi = np.int32(kmaxq - 1)
     for k in range(ng):
-        ongrid[k] = ongrid_start
-    for is_ in range(is_lo, is_hi + 1):
-        idv = (F32(2 * kmaxq - 1) + F32(is_) * step) / denom
-        this_scale = ONE / idv
-        for k in range(ng):
-            u = round_group(xval, n * k, n, bits, kmaxq, idv, Laux)
-            gi = kmap[u]
-            ongrid_aux[k] = gi >= 0
+        for t in range(T):
+            U[t] = 0
+        for i in range(n):
+            xv = xval[n * k + i]
+            sh = np.int32(bits * i)
+            for t in range(T):
+                l = max(lo, min(hi, nearest_int(HALF * (IDV[t] * xv - ONE))))
+                LA[n * k + i, t] = l
+                U[t] |= l << sh
+        for t in range(T):
+            gi = kmap[U[t]]
+            OG[k, t] = gi >= 0
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, this_scale, Laux)
-        sumqx, sumq2 = level_sums(weight, xval, Laux, B)
-        if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
-            scale = sumqx / sumq2
-            best = scale * sumqx
-            for i in range(B):
-                L[i] = Laux[i]
-            for k in range(ng):
-                ongrid[k] = ongrid_aux[k]
+                g = find_best_neighbour(neighbours, -gi - 1, values, V, xval, n * k, waux, n * k, n, ONE / IDV[t], d2)
+                for i in range(n):
+                    LA[n * k + i, t] = levels[g, i]
+    for t in range(T):
+        SX[t] = ZERO
+        SQ[t] = ZERO
+    for i in range(B):
+        w = weight[i]
+        wx = w * xval[i]
+        for t in range(T):
+            q = F32(2 * LA[i, t] + 1)
+            SX[t] += wx * q
+            SQ[t] += (w * q) * q
+    tb = -1
+    for t in range(T):
+        if SQ[t] > ZERO and SX[t] * SX[t] > best * SQ[t]:
+            scale = SX[t] / SQ[t]
+            best = scale * SX[t]
+            tb = t
+    for k in range(ng):
+        ongrid[k] = ongrid_start if tb < 0 else OG[k, tb]
+    if tb >= 0:
+        for i in range(B):
+            L[i] = LA[i, tb]
     n_off = 0
     for k in range(ng):
         n_off += 0 if ongrid[k] else 1
@@ -110,7 +161,8 @@ def grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours,
             u = round_group(xval, n * k, n, bits, kmaxq, idv, L)
             gi = kmap[u]
             if gi < 0:
-                find_best_neighbour(neighbours, -gi - 1, levels, ODD, xval, n * k, waux, n * k, n, scale, L)
+                g = find_best_neighbour(neighbours, -gi - 1, values, V, xval, n * k, waux, n * k, n, scale, d2)
+                put_levels(levels, g, L, n * k, n)
         sumqx, sumq2 = level_sums(weight, xval, L, B)
         if sumq2 > ZERO:
             scale = sumqx / sumq2
@@ -189,15 +241,21 @@ def _encoder(t):
     name = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")[t]
 
     @jit
-    def encode_rows(x, imat, weighted, out, levels, kmap, neighbours):
+    def encode_rows(x, imat, weighted, out, values, V, levels, kmap, neighbours):
         rows, cols = x.shape
         weight = np.empty(B, np.float32)
         waux = np.empty(B, np.float32)
+        d2 = np.empty(levels.shape[0], np.float32)
         xval = np.empty(B, np.float32)
         L = np.zeros(B, np.int32)
-        Laux = np.zeros(B, np.int32)
+        T = is_hi - is_lo + 1  # the trials, side by side in grid_search
+        LA = np.zeros((B, T), np.int32)
+        U = np.zeros(T, np.int32)
+        IDV = np.zeros(T, np.float32)
+        SX = np.zeros(T, np.float32)
+        SQ = np.zeros(T, np.float32)
+        OG = np.zeros((ng, T), np.bool_)
         ongrid = np.zeros(ng, np.bool_)
-        ongrid_aux = np.zeros(ng, np.bool_)
         signs = np.zeros(B // 8, np.int32)
         scales = np.zeros(nb, np.float32)
         # IQ2_XXS starts every block from make_qp_quants(32, 4, xval, L, weight), run on the super-block's lanes
@@ -260,9 +318,9 @@ def _encoder(t):
                     else:
                         denom = mx
                         scale = mx / F32(2 * kmaxq - 1)
-                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, levels, kmap, neighbours, L, Laux,
-                                        ongrid, ongrid_aux, is_lo, is_hi, step, denom, scale, ZERO, ongrid_start,
-                                        final_all, final_needs_offgrid)
+                    scale = grid_search(xval, weight, waux, B, n, bits, kmaxq, values, V, levels, kmap, neighbours, d2,
+                                        L, LA, U, IDV, SX, SQ, ongrid, OG, is_lo, is_hi, step, denom, scale, ZERO,
+                                        ongrid_start, final_all, final_needs_offgrid)
                     if scale < ZERO:
                         scale = -scale
                         for k in range(B // 8):
@@ -322,7 +380,8 @@ def _encoder(t):
 
     def encode(x, imat, weighted, out):
         lat = lattice(name)
-        encode_rows(x, imat, weighted, out, lat.levels, lat.kmap, lat.neighbours)
+        encode_rows(x, imat, weighted, out, ODD[lat.levels], lattice_values(name, ODD), lat.levels, lat.kmap,
+                    lat.neighbours)
 
     return encode
 
