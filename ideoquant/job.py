@@ -98,14 +98,16 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
         raise IdeoquantError("one pass writes outputs of one format")
     reporter = reporter or Reporter()
     source_files = src.files()
-    with Hasher() as hasher, Pool(threads) as pool, staged_output(out, overwrite) as staging:
-        # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded.
+    # Exits in reverse order: the source reads end (the hash no longer waits for the encoders) before the hasher.
+    with Hasher() as hasher, src.reads, Pool(threads) as pool, staged_output(out, overwrite) as staging:
+        # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded, a bounded
+        # distance ahead of the encoders, and each range leaves the page cache once both have read it.
         for rel, path in source_files.items():
             known = src.file_hashes.get(rel) or hf_cache_sha256(path)
             if known:
                 src.file_hashes[rel] = known
             else:
-                hasher.add("source:" + rel, path)
+                hasher.add("source:" + rel, path, *src.reads.hashing(path))
         records: list[dict] = [{} for _ in outputs]
         for o in outputs:
             (staging / o.folder).mkdir(parents=True, exist_ok=True)
@@ -128,6 +130,7 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
             seconds = time.perf_counter() - t0
             for k, (tensors, files) in enumerate(written):
                 records[k][name] = manifest.component_record(plans[k], tensors, files, seconds)
+        src.reads.finish()  # bytes no encoder reads (headers, another component's half of a file) are hashed now
         for o in outputs:
             (staging / o.folder / "model_index.json").write_text(_model_index(src))
             hasher.add(f"{o.folder}/model_index.json" if o.folder else "model_index.json",

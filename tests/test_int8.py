@@ -278,7 +278,7 @@ def test_hf_cache_snapshot_source_hashes_from_blob_names(bf16_source, tmp_path, 
     from ideoquant.write import hashing
 
     real = hashing.sha256_file
-    monkeypatch.setattr(hashing, "sha256_file", lambda p: (hashed.append(Path(p).name), real(p))[1])
+    monkeypatch.setattr(hashing, "sha256_file", lambda p, *a: (hashed.append(Path(p).name), real(p, *a))[1])
     m = ideoquant.convert(str(snapshot), tmp_path / "out", components=["transformer"])
     assert hashed and not any(h.endswith(".safetensors") for h in hashed)  # only the small git files were read
     for rel, info in m["source"]["files"].items():

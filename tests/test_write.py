@@ -67,3 +67,69 @@ def test_shard_writer_abort_stops_the_hash_thread(tmp_path):
     w.write("t", torch.zeros(2, 4))
     w.abort()
     assert not w._file._hasher.is_alive() and w.sha256 is None
+
+
+def test_positional_file_write_behind_keeps_every_byte(tmp_path, monkeypatch):
+    """Writeback and page-cache drops run behind the hash while blocks still arrive out of order: the file read back
+    and its sha256 (from hashlib) are those of the bytes written."""
+    from ideoquant.write import positional
+
+    monkeypatch.setattr(positional, "WRITEBACK_LAG", 1 << 20)  # drops start after 2 MiB, not 128 MiB
+    rng = random.Random(3)
+    data = rng.randbytes(24 << 20)
+    f = positional.PositionalFile(tmp_path / "out.bin", len(data) + 16, 16, b"h" * 16)
+    blocks = [(a, data[a:a + (1 << 20)]) for a in range(0, len(data), 1 << 20)]
+    rng.shuffle(blocks[4:])  # the first blocks in order, then any order
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda b: f.write_at(16 + b[0], b[1]), blocks))
+    digest = f.close(len(data))
+    on_disk = (tmp_path / "out.bin").read_bytes()
+    assert on_disk == b"h" * 16 + data
+    assert digest == hashlib.sha256(on_disk).hexdigest()
+
+
+def test_read_behind_drops_what_encoders_and_hash_are_done_with(tmp_path):
+    """A source range leaves the page cache once both the encoders (`FileMaps.release`) and the source hash are done
+    with it, in either order; the hash waits while it is `lead` bytes ahead of the encoders, and its digest is
+    hashlib's. Residency is the page cache's own answer: a non-blocking read of a dropped page fails (EAGAIN)."""
+    import os
+    import threading
+
+    from ideoquant.source.tensors import FileMaps, ReadBehind, SourceTensor, StoredTensor
+
+    mib = 1 << 20
+    data = random.Random(5).randbytes(8 * mib)
+    path = tmp_path / "src.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # clean pages: dropping them needs no writeback
+    blocks = [SourceTensor(f"t{i}", (1, mib), StoredTensor(path, f"t{i}", "U8", (1, mib), i * mib)) for i in range(8)]
+    probe = bytearray(4096)
+
+    def cached(block: int) -> bool:
+        try:
+            return os.preadv(fd, [probe], block * mib + 64 * 1024, os.RWF_NOWAIT) == len(probe)
+        except BlockingIOError:
+            return False
+
+    try:
+        with ReadBehind(lead=2 * mib) as reads:
+            ready, hashed = reads.hashing(path)
+            maps = FileMaps(reads)
+            order = [3, 0, 1, 2, 5, 4, 6, 7]  # not file order: block 3 is done before the hash reaches it
+            result = {}
+            hasher = threading.Thread(target=lambda: result.update(
+                sha256=sha256_file(path, None, ready, lambda a, b: (result.setdefault("ends", []).append(b),
+                                                                   hashed(a, b))[1])))
+            hasher.start()
+            for i in order:
+                t = blocks[i]
+                assert bytes(maps.view(path, t.stored.offset, mib).numpy()) == data[i * mib:(i + 1) * mib]
+                maps.release(t, None)
+            hasher.join(10)
+            maps.close()
+        assert not hasher.is_alive()
+        assert result["sha256"] == hashlib.sha256(data).hexdigest()
+        assert not any(cached(i) for i in range(8))
+    finally:
+        os.close(fd)

@@ -546,7 +546,7 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         for k, s in enumerate(t.sources):
             offsets[i, k] = row
             row += s.shape[0] if s.shape else 0
-    maps = FileMaps()
+    maps = FileMaps(first.sink.source.reads)
     exact_sqnr = [numel(t.shape) <= EXACT_SQNR_ELEMENTS for t in first.tensors]
 
     def blocks():

@@ -256,7 +256,7 @@ def stream_tensors(tensors: list, writer: ShardWriter, component: str, sink, enc
     Returns the manifest records, in order."""
     pool = sink.pool
     row_elements = [math.prod(t.shape[1:]) if len(t.shape) > 1 else 0 for t in tensors]  # byte offsets of blocks
-    maps = FileMaps()
+    maps = FileMaps(sink.source.reads)
 
     def one(block) -> tuple[int, ErrorStats]:
         i, src, rows = block

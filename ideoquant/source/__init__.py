@@ -5,7 +5,7 @@ safetensors headers alone; `SourceTensor.read` reads rows on demand.
 """
 
 from .open import Component, Source, hf_cache_sha256, open_source
-from .tensors import FileMaps, ReadAhead, SourceTensor, StoredTensor
+from .tensors import FileMaps, ReadAhead, ReadBehind, SourceTensor, StoredTensor
 
-__all__ = ["Component", "FileMaps", "ReadAhead", "Source", "SourceTensor", "StoredTensor", "hf_cache_sha256",
+__all__ = ["Component", "FileMaps", "ReadAhead", "ReadBehind", "Source", "SourceTensor", "StoredTensor", "hf_cache_sha256",
            "open_source"]

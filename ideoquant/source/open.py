@@ -32,7 +32,8 @@ from typing import Callable
 
 from .. import model
 from ..errors import IdeoquantError
-from .tensors import DTYPE_BYTES, FLOAT_DTYPES, FP8_DTYPES, STORED_DTYPES, SourceTensor, StoredTensor, will_need
+from .tensors import (DTYPE_BYTES, FLOAT_DTYPES, FP8_DTYPES, STORED_DTYPES, ReadBehind, SourceTensor, StoredTensor,
+                      will_need)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -87,6 +88,7 @@ class Source:
     commit: str | None = None
     file_hashes: dict[str, str] = field(default_factory=dict)  # known without reading (Hub LFS etags)
     notes: list[str] = field(default_factory=list)
+    reads: ReadBehind = field(default_factory=ReadBehind, repr=False, compare=False)  # what a job is done reading
 
     def describe(self) -> dict:
         given = self.spec if isinstance(self.spec, str) else ", ".join(self.spec)

@@ -17,19 +17,21 @@ class Cancelled(Exception):
     """The hash was abandoned (the job stopped)."""
 
 
-def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
+def sha256_file(path: Path, cancel: threading.Event | None = None, ready=None, hashed=None) -> str:
     with open(path, "rb") as f:
-        return sha256_mapped(f.fileno(), os.fstat(f.fileno()).st_size, cancel=cancel)
+        return sha256_mapped(f.fileno(), os.fstat(f.fileno()).st_size, ready, cancel=cancel, hashed=hashed)
 
 
-def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20, cancel: threading.Event | None = None) -> str:
+def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20, cancel: threading.Event | None = None,
+                  hashed=None) -> str:
     """sha256 of the first `size` bytes of a file, hashed from a memory map.
 
     Mapped, the page cache is hashed in place; read() would first copy every byte (measured: the copies cost
     more CPU than half the hash itself). Each chunk is unmapped once hashed, so the resident size stays one
-    chunk. ready(pos) -> end: for a file still being written, blocks until bytes up to `end` (> pos) exist.
-    cancel: once set, the hash stops at the next chunk (raises Cancelled): an interrupted job does not wait for
-    the rest of an 18 GB file.
+    chunk. ready(pos) -> end: blocks until the bytes up to `end` (> pos) may be hashed (a file still being
+    written: until they exist). hashed(pos, end): called once bytes [pos, end) are hashed and unmapped (the
+    caller may then let the page cache drop them). cancel: once set, the hash stops at the next chunk (raises
+    Cancelled): an interrupted job does not wait for the rest of an 18 GB file.
     """
     h = hashlib.sha256()
     if size == 0:
@@ -50,6 +52,8 @@ def sha256_mapped(fd: int, size: int, ready=None, chunk: int = 8 << 20, cancel: 
                 start = pos - pos % mmap.PAGESIZE
                 if drop:
                     mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+                if hashed is not None:
+                    hashed(pos, end)
                 pos = end
         finally:
             view.release()
@@ -74,8 +78,9 @@ class Hasher:
             self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def add(self, key: str, path: Path) -> None:
-        self._jobs[key] = (path, self._pool.submit(sha256_file, path))
+    def add(self, key: str, path: Path, ready=None, hashed=None) -> None:
+        """Hash `path` on the thread, in order of `add`; ready and hashed as `sha256_mapped` takes them."""
+        self._jobs[key] = (path, self._pool.submit(sha256_file, path, None, ready, hashed))
 
     def add_known(self, key: str, path: Path, sha256: str) -> None:
         """A file whose digest was computed while it was written."""
