@@ -370,3 +370,21 @@ def test_space_folder_runs_this_app():
     calls = [n for n in ast.walk(ast.parse(app_py.read_text())) if isinstance(n, ast.ImportFrom)]
     assert [(n.module, [a.name for a in n.names]) for n in calls] == [("ideoquant.webapp.page", ["launch"])]
     assert "ideoquant[app]" in (REPO / "space" / "requirements.txt").read_text().split()
+
+
+def test_shutdown_stops_running_jobs_and_cleans_up(hub_env, sources, tmp_path):
+    """What the app does when it is stopped (Ctrl-C, SIGTERM): every running job cancelled, its cleanup waited for."""
+    from ideoquant.webapp import jobs
+
+    target = f"user/{_uid('shutdown')}"
+    job = jobs.Job(jobs.Request(sources["slow"], ["int8", "q4_k_m"], target), TEST_TOKEN, tmp_path / "work",
+                   threads=1).start()
+    deadline = time.time() + 120
+    while time.time() < deadline and job.phase in ("queued", "checking") and not job.done.is_set():
+        time.sleep(0.01)
+    jobs.stop_all()
+    snap = job.snapshot()
+    assert job.done.is_set() and snap["phase"] == "stopped", snap
+    assert snap["error"] == "the app shut down: nothing was uploaded, work files removed"
+    assert f"model/{target}" not in hub_env.hub.repos
+    assert not any(p.is_file() for p in (tmp_path / "work").rglob("*"))

@@ -223,9 +223,11 @@ def test_bad_input_is_one_line(setup, tmp_path, monkeypatch):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     r = _run(_args(setup, setup["int8"], setup["int8"], extra=["--overwrite"]))
     assert r.exit_code == 2 and "source" in r.output and (setup["int8"] / "ideoquant.json").is_file()
+    r = _run(_args(setup, tmp_path / "r3", setup["int8"], extra=["--size", "33", "--limit", "1", "--metrics", "psnr"]))
+    assert r.exit_code == 2 and "the pipeline refused prompt fox" in r.output and r.output.count("\n") == 1
     monkeypatch.setitem(sys.modules, "lpips", None)  # the extra not installed
     r = _run(_args(setup, tmp_path / "r2", setup["int8"], extra=["--metrics", "lpips"]))
-    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and not (tmp_path / "r2" / "images").exists()
     assert 'the lpips metric needs the bench extra: pip install "ideoquant[bench]" (missing: lpips)' in r.output
 
 

@@ -77,3 +77,11 @@ def test_dequantized_forward_matches_source(nvfp4_out, bf16_source, inputs):
             mod.weight = torch.nn.Parameter(mod.weight.dequantize(torch.bfloat16), requires_grad=False)
     sq = sqnr_db(velocity(load_reference(bf16_source), inputs), velocity(q, inputs))
     assert sq > NVFP4_FORWARD_FLOOR_DB, sq
+
+
+def test_eval_on_the_cpu_says_where_it_runs(nvfp4_out, bf16_source):
+    """torchao's NVFP4 linear cannot run on the CPU (it needs Blackwell): eval says so in one line."""
+    from ideoquant.evaluation.evaluate import evaluate
+
+    with pytest.raises(ideoquant.IdeoquantError, match="Blackwell"):
+        evaluate(str(bf16_source), [nvfp4_out[0]], baselines=(), steps=1, tokens=8, grid=4)

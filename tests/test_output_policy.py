@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ideoquant import IdeoquantError, model, testing
+from ideoquant import IdeoquantError, manifest, model, testing
 from ideoquant.write.target import output_file, source_paths
 from tests.test_safety import REPO, _cli, _debris, _read_only_folder, _tree
 
@@ -313,3 +313,34 @@ def test_the_policy_is_checked_before_the_work(tmp_path):
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert hashlib.sha256((src / "a.bin").read_bytes()).digest() == hashlib.sha256(OLD).digest()
+
+
+# ---------------------------------------------------------------- demo (writes a folder, reads no input)
+
+
+def test_demo_folder_follows_the_policy(tmp_path, monkeypatch, one_torch_thread):
+    from ideoquant import demo
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_bytes(OLD)
+    before = _tree(out)
+    _cli(["demo", "--out", out], 2, "already exists", "--overwrite")
+    assert _tree(out) == before and _debris(tmp_path) == []
+
+    def fails(*args, **kwargs):  # a failure midway, after the INT8 conversion was written
+        raise IdeoquantError("the GGUF conversion failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(demo, "convert_gguf", fails)
+        _cli(["demo", "--out", out, "--overwrite"], 2, "the GGUF conversion failed")
+    assert _tree(out) == before and _debris(tmp_path) == []
+
+    monkeypatch.setattr(demo, "BENCH_MODULES", ("not_an_installed_module",))  # the bench: tests/test_cli.py
+    r = _cli(["demo", "--out", out, "--overwrite"], 0)
+    assert 'pip install "ideoquant[bench]"' in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert not (out / "notes.txt").exists() and (out / ".ideoquant-demo").is_file()
+    # The records name the folders where they are now, not where they were made.
+    for variant in ("int8", "gguf-q8_0", "gguf-q4_k", "gguf-q4_k_m"):
+        assert manifest.read(out / variant)["source"]["spec"] == str(out / "source")

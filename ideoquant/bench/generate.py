@@ -140,7 +140,11 @@ def generate(report: Path, variants: list[BenchVariant], jobs: list[Job], source
             for job in todo[v.name]:
                 _sync(device)
                 t0 = time.perf_counter()
-                image = pipe(**_call(job, gen)).images[0]
+                try:
+                    image = pipe(**_call(job, gen)).images[0]
+                except ValueError as e:  # the pipeline's own input checks (size multiple, prompt too long)
+                    raise IdeoquantError(f"the pipeline refused prompt {job.prompt_id}: {' '.join(str(e).split())}") \
+                        from None
                 _sync(device)
                 seconds = time.perf_counter() - t0
                 save_png(image, image_path(report, v.name, job.prompt_id, job.seed), {

@@ -76,6 +76,20 @@ def need(module: str, metric: str):
                              f"{module.split('.')[0]})") from None
 
 
+MODULES = {"psnr": "torchmetrics.functional.image", "ssim": "torchmetrics.functional.image", "lpips": "lpips",
+           "clip": "torchmetrics.functional.multimodal", "pick": "transformers",
+           "ocr_ned": "rapidocr_onnxruntime", "ocr_exact": "rapidocr_onnxruntime"}
+
+
+def check_extras(metrics: list[str]) -> None:
+    """Every library the metrics need imports (one error line naming the extra otherwise): checked before any
+    image is generated, so a missing extra never costs a run."""
+    for m in metrics:
+        need(MODULES[m], m)
+    if any(m.startswith("ocr") for m in metrics):
+        need("torchmetrics.functional.text", "ocr_ned")
+
+
 def to_tensor(image) -> torch.Tensor:
     """A PIL image -> uint8 [3, H, W]."""
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
@@ -130,7 +144,7 @@ def lpips_model(path: str, device: str = "cpu"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if path == DEFAULT_MODELS["lpips"]:
-            net = lpips.LPIPS(net="alex", verbose=False)
+            net = _load("LPIPS AlexNet (torchvision)", path, lambda: lpips.LPIPS(net="alex", verbose=False))
         else:
             net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
             state = _read_state(path)

@@ -14,8 +14,8 @@ from ..write.staging import output_lock
 from ..write.target import check_target, source_paths
 from . import results as res
 from .generate import Generation, Job, generate, jobs_for, png_text, read_timings, readable
-from .metrics import (AGAINST_REFERENCE, DEFAULT_MODELS, HIGHER_IS_BETTER, OCR_READ, parse_metric_models,
-                      parse_metrics, scorers)
+from .metrics import (AGAINST_REFERENCE, DEFAULT_MODELS, HIGHER_IS_BETTER, OCR_READ, check_extras,
+                      parse_metric_models, parse_metrics, scorers)
 from .prompts import load_prompts
 from .report import write_report
 from .stats import summarize
@@ -46,6 +46,7 @@ def bench(source: str, variants: list[str], out: str | Path, *, base: str | None
     device = str(state.device) if distributed else check_device(device or _default_device())
     metric_names = parse_metrics(metrics if not isinstance(metrics, list) else ",".join(metrics))
     models = parse_metric_models(metric_models)
+    check_extras(metric_names)
     prompt_list = _select(load_prompts(Path(prompts) if prompts else None), limit)
     bench_vars = bench_variants(list(variants))
     src = open_source(source, revision=revision, token=token)

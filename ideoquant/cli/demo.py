@@ -10,13 +10,14 @@ from rich.table import Table
 
 from . import render
 from .app import app, job_runtime, quiet_diffusers
-from .options import Json
+from .options import Json, Overwrite
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Working folder (replaced on each run).")]
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="The demo's folder.")]
     = Path("ideoquant-demo"),
+    overwrite: Overwrite = False,
     as_json: Json = False,
 ):
     """Run the whole job offline on a tiny Ideogram 4 that ideoquant builds itself."""
@@ -24,7 +25,7 @@ def demo(
     from ..demo import run_demo
 
     with job_runtime():
-        report = render.with_progress(lambda rep: run_demo(out, reporter=rep), as_json)
+        report = render.with_progress(lambda rep: run_demo(out, reporter=rep, overwrite=overwrite), as_json)
     if as_json:
         return render.print_json(report)
     t = Table(title=f"tiny Ideogram 4 ({report['params']:,} params per backbone) → {out}", title_justify="left")

@@ -92,7 +92,11 @@ def resolve_variants(paths) -> list[Variant]:
 
 
 def _load_quantized(v: Variant):
+    fmt = formats.get(v.kind)
+
     def load(component: str, source_component, device: str):
+        if device == "cpu" and not getattr(fmt, "runs_on_cpu", True):
+            raise IdeoquantError(f"{v.name}: {fmt.runs_on} (give --device cuda on one)")
         m = load_transformer(v.paths[component], torch.bfloat16, device=device)
         return m, stored_bytes(m)
 

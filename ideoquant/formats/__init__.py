@@ -157,7 +157,8 @@ class Format(Protocol):
     def fit_rows(self) -> list[FitRow]: ...
 
     # Optional: `torchao_config()`, the torchao config diffusers applies at load time (torchao formats only);
-    # `smoothquant = True` where `calibrate` statistics and `convert --smoothquant` apply (INT8).
+    # `smoothquant = True` where `calibrate` statistics and `convert --smoothquant` apply (INT8);
+    # `runs_on_cpu = False` (and `runs_on`, where it does run) when its output cannot run a forward pass on the CPU.
 
     def card(self, manifest: dict, repo_id: str, base: str, device: str = ..., call: dict | None = None,
              folder: str = "") -> CardText:

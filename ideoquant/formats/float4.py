@@ -31,6 +31,8 @@ class NVFP4Format(torchao_common.TorchaoFormat):
     default_recipe = "nvfp4-w4a4"
     codec = nvfp4
     whole_tensors = True  # the per-tensor scale needs the whole weight's absmax
+    runs_on_cpu = False  # torchao's NVFP4 linear needs its Triton kernels (mslk) and a Blackwell GPU
+    runs_on = "torchao runs NVFP4 matmuls on Blackwell GPUs only"
 
     def scheme(self, r) -> str:
         return ("nvfp4 weights (torchao NVFP4DynamicActivationNVFP4WeightConfig), dequantized: the CPU cannot run "

@@ -41,6 +41,21 @@ INT8_RECIPE = "int8-w8a8"
 GGUF_LAYOUT = "original"  # what ComfyUI and stable-diffusion.cpp read
 
 
+_RUNNING: set["Job"] = set()  # this process's jobs between start() and the end of their cleanup
+_RUNNING_LOCK = threading.Lock()
+
+
+def stop_all(timeout: float | None = 60) -> None:
+    """Cancel every running job and wait for its cleanup: the app calls it when it shuts down (Ctrl-C, SIGTERM),
+    so that no job dies with the process half-way, its work files left behind."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for job in running:
+        job.cancel("shutdown")
+    for job in running:
+        job.wait(timeout)
+
+
 class Cancelled(BaseException):
     """Raised in a job's thread by Cancel or the time limit; like KeyboardInterrupt, no `except Exception` stops it."""
 
@@ -150,6 +165,8 @@ class Job:
         self._thread = threading.Thread(target=self._main, name="ideoquant-app-job", daemon=True)
         with self._lock:
             self._interruptible = True
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
         self._thread.start()
         if self.time_limit:
             self._timer = threading.Timer(self.time_limit, self.cancel, args=("time limit",))
@@ -182,8 +199,9 @@ class Job:
                     self._interruptible = False
         except Cancelled:
             self.phase = "stopped"
-            self.error = ("the job ran past the time limit and was stopped" if self.stopped == "time limit"
-                          else "cancelled") + ": nothing was uploaded, work files removed"
+            self.error = {"time limit": "the job ran past the time limit and was stopped",
+                          "shutdown": "the app shut down"}.get(self.stopped, "cancelled") + (
+                              ": nothing was uploaded, work files removed")
         except IdeoquantError as e:
             self.phase, self.error = "failed", str(e)
         except OSError as e:
@@ -198,6 +216,8 @@ class Job:
                 self._timer.cancel()
             self._cleanup(cached_before)
             self.ended = time.monotonic()
+            with _RUNNING_LOCK:
+                _RUNNING.discard(self)
             self.done.set()
 
     def _run(self) -> None:

@@ -208,7 +208,10 @@ def _view(snapshot: dict) -> tuple[str, str, str, str]:
 
 
 def launch(*, host: str = "127.0.0.1", port: int | None = None, **options) -> None:
-    """Serve the page until interrupted."""
+    """Serve the page until interrupted; a job still running then is cancelled and cleaned up first."""
     theme = gr.themes.Default(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
-    build(**options).queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, theme=theme, ssr_mode=False, footer_links=["api"], show_error=True)
+    try:
+        build(**options).queue(default_concurrency_limit=1).launch(
+            server_name=host, server_port=port, theme=theme, ssr_mode=False, footer_links=["api"], show_error=True)
+    finally:
+        jobs.stop_all()

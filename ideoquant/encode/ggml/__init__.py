@@ -8,8 +8,9 @@ file of tests/data/ggml.
 
 Layout: ``registry`` (the type table, plain data), ``api`` (encode / decode / quantize and the name helpers),
 ``common`` (float32 helpers, nearest_int, fp16, the make_*_quants searches), ``legacy`` (Q4_0 .. Q8_0), ``kquants``
-(Q2_K .. Q6_K), ``floats`` (F16, BF16), ``iq4`` (IQ4_NL, IQ4_XS), ``fp4`` (MXFP4, NVFP4), ``grids`` (the IQ lattices: gguf-py's grids and the neighbour maps ggml
-derives from them), ``iquants`` (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS), ``iq1`` (IQ1_S, IQ1_M).
+(Q2_K .. Q6_K), ``floats`` (F16, BF16), ``iq4`` (IQ4_NL, IQ4_XS), ``fp4`` (MXFP4, NVFP4), ``grids`` (the IQ
+lattices: gguf-py's grids and the neighbour maps ggml derives from them), ``iquants`` (IQ3_S, IQ3_XXS, IQ2_S,
+IQ2_XS, IQ2_XXS), ``iq1`` (IQ1_S, IQ1_M).
 
 ``encode`` is a pure function of its arguments: no threads, no I/O, no global state, and the kernels release the
 GIL, so a caller may run it from several threads on disjoint row slices (rows are independent).
