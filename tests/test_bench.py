@@ -313,3 +313,17 @@ def test_reference_runs_the_fp8_release_as_released(fp8_source):
     assert nbytes < sum(p.numel() * 2 for p in source_model(comp).parameters()) and nbytes >= stored
     inputs = sample_inputs(TINY_CONFIG)
     assert torch.equal(velocity(released, inputs), velocity(source_model(comp), inputs))
+
+
+def test_an_interrupted_bench_says_its_images_are_kept(monkeypatch, tmp_path):
+    """Unlike a conversion, an interrupted bench keeps every finished image for the next run: its line says so
+    rather than "nothing was written"."""
+    import ideoquant.bench.run
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ideoquant.bench.run, "bench", interrupted)
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "src"), "int8", "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 130, r.output
+    assert "images made so far are kept in" in r.output and "nothing was written" not in r.output

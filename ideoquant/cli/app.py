@@ -35,6 +35,24 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+class KeptInterrupt(Exception):
+    """An interrupt in a command that keeps its finished work (bench's images). Not a KeyboardInterrupt, so that
+    typer does not turn it into a bare exit code: the interrupt's line says what was kept."""
+
+    def __init__(self, signum: int, kept: str):
+        super().__init__(kept)
+        self.signum, self.kept = signum, kept
+
+
+@contextlib.contextmanager
+def interrupt_keeps(kept: str):
+    """Around the work of a command that keeps what it finished when interrupted."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise KeptInterrupt(getattr(e, "signum", signal.SIGINT), kept) from e
+
+
 @contextlib.contextmanager
 def signals_as_interrupts():
     """For the command's duration (CLI only: the library never touches signal handling): SIGINT, SIGTERM and SIGHUP
@@ -101,6 +119,8 @@ class _App(TyperGroup):
             code = EXIT_USAGE
         except (KeyboardInterrupt, typer.Abort) as e:
             code = self._interrupted(fired[0] if fired else getattr(e, "signum", signal.SIGINT), as_json)
+        except KeptInterrupt as e:
+            code = self._interrupted(fired[0] if fired else e.signum, as_json, e.kept)
         except IdeoquantError as e:
             render.error(str(e), as_json, EXIT_USAGE)
             code = EXIT_USAGE
@@ -118,12 +138,13 @@ class _App(TyperGroup):
         return code
 
     @staticmethod
-    def _interrupted(signum: int, as_json: bool) -> int:
-        """Ctrl-C, SIGTERM or SIGHUP: the job has cleaned up by now. Exit code 128 + the signal's number."""
+    def _interrupted(signum: int, as_json: bool, kept: str | None = None) -> int:
+        """Ctrl-C, SIGTERM or SIGHUP: the job has cleaned up by now. Exit code 128 + the signal's number. A command
+        that keeps its finished work on an interrupt (bench's images) says so through the interrupt's `kept`."""
         signum = int(signum)
         code = 128 + signum
-        render.error(f"interrupted ({signal.Signals(signum).name}): nothing was written, an existing output is "
-                     "unchanged", as_json, code)
+        done = kept or "nothing was written, an existing output is unchanged"
+        render.error(f"interrupted ({signal.Signals(signum).name}): {done}", as_json, code)
         return code
 
 

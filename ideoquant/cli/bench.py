@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import IdeoquantError
 from . import render
-from .app import app, job_runtime, quiet_diffusers
+from .app import app, interrupt_keeps, job_runtime, quiet_diffusers
 from .options import Json, Overwrite, Revision, Token
 
 SIZE_HELP = "Image size, WxH or N for NxN."
@@ -75,12 +75,13 @@ def bench(
 
     args = list(args or [])
     main_process = process_state(device).is_main_process
+    kept = f"the images made so far are kept in {out}; the same command resumes"  # what an interrupt leaves
     if images is not None:
         if args:
             raise IdeoquantError("--images scores images made elsewhere: give no SOURCE or VARIANT")
         if prompts is None:
             raise IdeoquantError("--images needs --prompts FILE (the prompts the images were made from)")
-        with job_runtime():
+        with job_runtime(), interrupt_keeps(kept):
             result = render.with_progress(lambda rep: score_images(
                 images, prompts, out, metrics=metrics, metric_models=metric_model, device=device,
                 overwrite=overwrite, reporter=rep), as_json, steps=True)
@@ -88,7 +89,7 @@ def bench(
         if len(args) < 2:
             raise IdeoquantError("give SOURCE and at least one VARIANT (an ideoquant output, or nf4 / "
                                  "w8a8-unprotected)")
-        with job_runtime():
+        with job_runtime(), interrupt_keeps(kept):
             result = render.with_progress(lambda rep: run_bench(
                 args[0], args[1:], out, base=base, prompts=prompts, seeds=seeds, steps=steps, guidance=guidance,
                 size=_size(size), max_sequence_length=max_sequence_length, limit=limit, metrics=metrics,
