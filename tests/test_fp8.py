@@ -13,6 +13,7 @@ from ideoquant import formats, model
 from ideoquant.evaluation.runner import velocity
 from ideoquant.metrics import sqnr_db
 from tests.conftest import load_reference
+from tests.torchao_files import bits, stored
 
 # e4m3 keeps 3 mantissa bits: a round-off of at most 2^-4 of each value, weights and activations both; an end-to-end
 # velocity SQNR of 25 dB leaves room for both and is far above what a wrong scale or row order gives (< 5 dB).
@@ -31,17 +32,6 @@ def bf16_fp8_out(bf16_source, tmp_path_factory):
     return out, ideoquant.convert(str(bf16_source), out, recipe="fp8-w8a8", max_shard_size="1MB")
 
 
-def _stored(folder):
-    tensors, metadata = {}, {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            metadata = h.metadata()
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
-    return tensors, metadata
-
-
-def _bits(t):
-    return t.contiguous().view(torch.uint8)
 
 
 @pytest.fixture
@@ -80,7 +70,7 @@ def test_release_bytes_carried_over_unchanged(fp8_out, fp8_source, component):
             block = slice(i * rows, (i + 1) * rows)
             if name in quantized:
                 assert type(w).__name__ == "Float8Tensor", name
-                assert torch.equal(_bits(w.qdata), _bits(codes[block])), name
+                assert torch.equal(bits(w.qdata), bits(codes[block])), name
                 assert torch.equal(w.scale, scale[block].float().reshape(-1, 1)), name
                 checked += 1
             else:  # protected: the release's weight dequantized (diffusers' own FP8 rule), in bf16
@@ -111,12 +101,12 @@ def test_bf16_source_equals_torchao_quantize(bf16_fp8_out, bf16_source, inputs, 
                                           modules_to_not_convert=protected))
     stock = out.parent / f"stock-{component}"
     ref.save_pretrained(stock)
-    ours, ours_meta = _stored(out / component)
-    theirs, theirs_meta = _stored(stock)
+    ours, ours_meta = stored(out / component)
+    theirs, theirs_meta = stored(stock)
     assert ours.keys() == theirs.keys()
     assert any(k.endswith("._weight_qdata") for k in ours)
     for k in ours:
-        assert ours[k].dtype == theirs[k].dtype and torch.equal(_bits(ours[k]), _bits(theirs[k])), k
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(bits(ours[k]), bits(theirs[k])), k
     names = json.loads(theirs_meta["tensor_names"])
     assert sorted(json.loads(ours_meta["tensor_names"])) == sorted(names)
     for n in names:

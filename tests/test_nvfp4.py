@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 from diffusers import Ideogram4Transformer2DModel, TorchAoConfig
-from safetensors import safe_open
 
 import ideoquant
 from ideoquant import formats, model
 from ideoquant.evaluation.runner import velocity
 from ideoquant.metrics import sqnr_db
 from tests.conftest import load_reference
+from tests.torchao_files import bits, stored
 
 # e2m1 keeps one mantissa bit (a 16-value block's scale in e4m3): weight SQNR near 20 dB; a wrong scale, nibble
 # order or swizzle gives noise at or below 0 dB.
@@ -25,17 +25,6 @@ def nvfp4_out(bf16_source, tmp_path_factory):
     return out, ideoquant.convert(str(bf16_source), out, recipe="nvfp4-w4a4")
 
 
-def _stored(folder):
-    tensors, metadata = {}, {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            metadata = h.metadata()
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
-    return tensors, metadata
-
-
-def _bits(t):
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def test_equals_torchao_quantize_and_loads(nvfp4_out, bf16_source, monkeypatch):
@@ -54,11 +43,11 @@ def test_equals_torchao_quantize_and_loads(nvfp4_out, bf16_source, monkeypatch):
                                           modules_to_not_convert=m["components"][c]["protected_modules"]))
     stock = out.parent / "stock"
     ref.save_pretrained(stock)
-    ours, ours_meta = _stored(out / c)
-    theirs, theirs_meta = _stored(stock)
+    ours, ours_meta = stored(out / c)
+    theirs, theirs_meta = stored(stock)
     assert ours.keys() == theirs.keys() and any(k.endswith("._weight_per_tensor_scale") for k in ours)
     for k in ours:
-        assert ours[k].dtype == theirs[k].dtype and torch.equal(_bits(ours[k]), _bits(theirs[k])), k
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(bits(ours[k]), bits(theirs[k])), k
     for n in json.loads(theirs_meta["tensor_names"]):
         assert json.loads(ours_meta[n]) == json.loads(theirs_meta[n]), n
     config = json.loads((out / c / "config.json").read_text())["quantization_config"]

@@ -68,9 +68,14 @@ class TensorLayout:
 
 def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> TensorLayout:
     """Keys, dtypes, shapes and metadata for `name`, from a meta-device Float8Tensor and torchao's flattener."""
+    return flattened_layout(name, _meta(tuple(shape), dtype))
+
+
+def flattened_layout(name: str, tensor: torch.Tensor) -> TensorLayout:
+    """What torchao's safetensors flattener stores for one quantized tensor (a meta-device one: no data needed)."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    tensors, metadata = flatten_tensor_state_dict({name: _meta(tuple(shape), dtype)})
+    tensors, metadata = flatten_tensor_state_dict({name: tensor})
     return TensorLayout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata[name])
 
 

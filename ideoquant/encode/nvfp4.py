@@ -47,12 +47,9 @@ def quantize(weight: torch.Tensor):
 
 def layout(name: str, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16):
     """Keys, dtypes, shapes and metadata for `name`, from a meta-device NVFP4Tensor and torchao's flattener."""
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from .float8 import flattened_layout
 
-    from .float8 import TensorLayout
-
-    tensors, metadata = flatten_tensor_state_dict({name: _meta(tuple(shape), dtype)})
-    return TensorLayout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata[name])
+    return flattened_layout(name, _meta(tuple(shape), dtype))
 
 
 @lru_cache(maxsize=64)
