@@ -34,6 +34,7 @@ from ..source.hub import allow_patterns, check_repo_id, hub_error, hub_exception
 from ..formatting import human_bytes
 from ..write.staging import _existing_ancestor
 from ..write.target import check_target, source_paths
+from ..write.target import hub_cache_folder as cache_folder
 
 INT8 = "int8"
 OUTPUTS = (INT8, *catalog.GGUF_CHOICES)  # what a job can write: "int8" and every `ideoquant gguf --type`
@@ -128,13 +129,6 @@ def parse_outputs(outputs) -> tuple[bool, list[str]]:
 def default_target(user: str | None, source: str) -> str:
     name = str(source or model.DEFAULT_SOURCE).strip().rstrip("/").split("/")[-1]
     return f"{user}/{name}-ideoquant" if user else ""
-
-
-def cache_folder(repo_id: str) -> Path:
-    """The source repo's folder in the Hugging Face cache (and its lock folder)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
 
 
 class Job:

@@ -44,10 +44,17 @@ def source_paths(*specs) -> list[Path]:
             continue
         parts = spec.split("/")
         if len(parts) == 2 and all(parts):
-            from huggingface_hub import constants
-
-            paths.append(Path(constants.HF_HUB_CACHE) / f"models--{parts[0]}--{parts[1]}")
+            paths.append(hub_cache_folder(spec))
     return paths
+
+
+def hub_cache_folder(repo_id: str) -> Path:
+    """A model repo's folder in the Hugging Face cache (its snapshots link into its blobs), named by
+    huggingface_hub's own rule."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def check_target(out, sources=(), *, overwrite: bool = False, option: str = "--out", folder: bool = False,
