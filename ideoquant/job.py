@@ -21,7 +21,7 @@ from .formats import Output
 from .plan import ComponentPlan
 from .progress import Reporter
 from .recipe import Recipe
-from .source import ReadAhead, Source, hf_cache_sha256, open_source
+from .source import ReadAhead, Source, open_source, recorded_sha256
 from .workers import Pool, thread_count
 from .write.hashing import Hasher
 from .write.staging import DISK_FULL, disk_full_error, output_lock, staged_output
@@ -103,7 +103,7 @@ def _run_outputs(src: Source, outputs: list[Output], out: Path, overwrite: bool,
         # The source is hashed on the hasher's thread (GIL-free) while the first component is encoded, a bounded
         # distance ahead of the encoders, and each range leaves the page cache once both have read it.
         for rel, path in source_files.items():
-            known = src.file_hashes.get(rel) or hf_cache_sha256(path)
+            known = src.file_hashes.get(rel) or recorded_sha256(path)
             if known:
                 src.file_hashes[rel] = known
             else:

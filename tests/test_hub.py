@@ -328,3 +328,46 @@ def test_default_source_is_the_official_fp8_release(hub_env, official_repo, fp8_
     hub_env.hub.reset_log()
     with pytest.raises(IdeoquantError, match=f"{repo} is gated: accept its licence"):
         ideoquant.convert(None, tmp_path / "anon", token=False, components=["transformer"])
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_local_dir_download_is_not_hashed_again(hub_env, seeded, source, tmp_path):
+    """`hf download --local-dir` records each LFS file's sha256 beside the download: a job takes the hash from that
+    record while the file is as downloaded (huggingface_hub's own test: mtime at most 1 s past the record), hashes
+    the file otherwise, and writes nothing into the folder."""
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    repo, _ = seeded
+    down = Path(snapshot_download(repo, local_dir=tmp_path / "dl", allow_patterns=[
+        "model_index.json", "*transformer/*.json", "*transformer/*.safetensors"]))
+    weights = sorted(p.relative_to(down).as_posix() for p in down.glob("*/*.safetensors"))
+    assert len(weights) >= 2
+    records = {rel: down / ".cache" / "huggingface" / "download" / f"{rel}.metadata" for rel in weights}
+    lines = {rel: rec.read_text().splitlines() for rel, rec in records.items()}
+    assert all(lines[rel][1] == _sha256(down / rel) for rel in weights)  # the library recorded the real sha256
+
+    # A stand-in digest in one record shows where the manifest's digest came from.
+    rel = weights[0]
+    stand_in = "0123456789abcdef" * 4
+    records[rel].write_text(f"{lines[rel][0]}\n{stand_in}\n{lines[rel][2]}\n")
+    before = _tree(down)
+    m = ideoquant.convert(down, tmp_path / "out")
+    files = m["source"]["files"]
+    assert files[rel]["sha256"] == stand_in
+    assert all(files[r]["sha256"] == _sha256(down / r) for r in files if r != rel)
+    assert _tree(down) == before  # no lock file, no folder: the source is read only
+
+    # A backbone folder inside the download finds the same records.
+    m = ideoquant.convert(down / rel.split("/")[0], tmp_path / "out_backbone")
+    assert m["source"]["files"][rel.split("/", 1)[1]]["sha256"] == stand_in
+
+    # Modified after the download (mtime past the record): hashed again.
+    later = float(lines[rel][2]) + 5
+    os.utime(down / rel, (later, later))
+    m = ideoquant.convert(down, tmp_path / "out2")
+    assert m["source"]["files"][rel]["sha256"] == _sha256(down / rel) != stand_in

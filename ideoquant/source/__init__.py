@@ -4,8 +4,8 @@
 safetensors headers alone; `SourceTensor.read` reads rows on demand.
 """
 
-from .open import Component, Source, hf_cache_sha256, open_source
+from .open import Component, Source, open_source, recorded_sha256
 from .tensors import FileMaps, ReadAhead, ReadBehind, SourceTensor, StoredTensor
 
-__all__ = ["Component", "FileMaps", "ReadAhead", "ReadBehind", "Source", "SourceTensor", "StoredTensor", "hf_cache_sha256",
-           "open_source"]
+__all__ = ["Component", "FileMaps", "ReadAhead", "ReadBehind", "Source", "SourceTensor", "StoredTensor", "open_source",
+           "recorded_sha256"]

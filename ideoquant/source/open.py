@@ -224,7 +224,13 @@ def open_source(
     return source
 
 
-def hf_cache_sha256(path: Path) -> str | None:
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 of a source file where a download already recorded it (the Hugging Face cache, a folder written
+    by `hf download --local-dir`), else None: the file is then hashed while it is read."""
+    return _hf_cache_sha256(path) or _hf_local_dir_sha256(path)
+
+
+def _hf_cache_sha256(path: Path) -> str | None:
     """The sha256 of a file in a Hugging Face cache snapshot, without reading it.
 
     Snapshot files link to `blobs/<sha256>` for LFS files (the weights): the name is the hash the Hub lists, which
@@ -233,9 +239,43 @@ def hf_cache_sha256(path: Path) -> str | None:
     if not path.is_symlink():
         return None
     target = path.resolve()
-    if target.parent.name == "blobs" and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+    if target.parent.name == "blobs" and _is_sha256(target.name):
         return target.name
     return None
+
+
+def _hf_local_dir_sha256(path: Path) -> str | None:
+    """The sha256 of a file that `hf download --local-dir DIR` wrote, from the record it kept, without reading the
+    file.
+
+    huggingface_hub records each downloaded file in `DIR/.cache/huggingface/download/<path in repo>.metadata`
+    (three lines: commit, etag, time of the download), and for an LFS file (the weights) the etag is its sha256.
+    The record holds only while the file is as downloaded: huggingface_hub's own test, the file's mtime at most a
+    second past the record, decides as it does when it skips a download. Read here without huggingface_hub's
+    reader, which creates folders and lock files in DIR (a source is never modified).
+    """
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    for root in path.parents:
+        download = root / ".cache" / "huggingface" / "download"
+        if not download.is_dir():
+            continue
+        record = download.joinpath(*path.relative_to(root).parts).with_name(path.name + ".metadata")
+        try:
+            lines = record.read_text(encoding="utf-8").splitlines()
+            etag, timestamp = lines[1].strip(), float(lines[2])
+        except (OSError, UnicodeDecodeError, IndexError, ValueError):
+            return None
+        if _is_sha256(etag) and mtime - 1 <= timestamp:
+            return etag
+        return None
+    return None
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _spec_items(spec) -> list[str]:
