@@ -10,6 +10,10 @@ of real magnitude); the bytes are streamed to disk a tensor at a time, so memory
 backbones at the real depth (9,289,722,624 bytes of tensor data each).
 
     python scripts/build_real_source.py /path/to/ideogram-4-fp8-like [--layers 34] [--components transformer]
+
+`--hf-download-records` also writes the records `hf download --local-dir` keeps beside a download (each file's
+sha256 as its etag, through huggingface_hub's own writer), as a folder downloaded that way has them; move
+`.cache/` away to benchmark a folder of unknown provenance again.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=34)
     ap.add_argument("--components", default=",".join(model.COMPONENTS))
+    ap.add_argument("--hf-download-records", action="store_true",
+                    help="write the records of `hf download --local-dir` (hashes every file once)")
     a = ap.parse_args(argv)
     config = {"num_layers": a.layers}
     t0 = time.perf_counter()
@@ -97,7 +103,23 @@ def main(argv=None) -> int:
                                                         "_diffusers_version": "0.42.0",
                                                         **{c: ["diffusers", model.MODEL_CLASS] for c in comps}},
                                                        indent=2))
+    if a.hf_download_records:
+        record_download(a.out)
     return 0
+
+
+def record_download(folder: Path) -> None:
+    """What `hf download REPO --local-dir folder` leaves beside the files, written by huggingface_hub itself."""
+    import hashlib
+
+    from huggingface_hub._local_folder import write_download_metadata
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+        write_download_metadata(folder, path.relative_to(folder).as_posix(), "0" * 40, h.hexdigest())
 
 
 if __name__ == "__main__":

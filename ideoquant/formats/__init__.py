@@ -34,7 +34,10 @@ if TYPE_CHECKING:  # the protocol's types; imported lazily so `ideoquant --help`
 
 # name -> module; modules are imported on first use (each pulls in torch and its encoder).
 _MODULES = {name: f".{name}" for name in NAMES}
-BLOCK_ELEMENTS = 1 << 20  # rows read, encoded and written at a time: bounds memory, keeps caches warm
+# Rows read, encoded and written at a time: bounds memory (a few blocks per worker). 4 M elements rather than 1 M
+# halves the per-block Python cost (measured, one 9.3 GB backbone: INT8 and Q8_0 2 CPU-s and 2-3 s less; 2 M and
+# 8 M do about as well as 4 M), with the same peak memory.
+BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass

@@ -504,9 +504,10 @@ def gguf_metadata(plan: ComponentPlan, src, recipe: Recipe, label: str) -> dict:
 # The manifest's per-tensor SQNR: exact (every row decoded) for a tensor of at most EXACT_SQNR_ELEMENTS elements,
 # where decoding costs about what encoding does (Q4_K: ~85 M elements per CPU-second, so ~12 ms for the largest;
 # this covers every tensor of the tiny models and the real model's norms and small projections); above it, an
-# estimate from SAMPLE_ROWS evenly spaced rows of every block, whose count the manifest records (sqnr_sample_rows).
+# estimate from every row block's rows 0, k, 2k, ... with k rows about SAMPLE_ELEMENTS elements (one row in 113 of a
+# 4608-wide tensor, whatever the block size), whose count the manifest records (sqnr_sample_rows).
 EXACT_SQNR_ELEMENTS = 1 << 20
-SAMPLE_ROWS = 2
+SAMPLE_ELEMENTS = 1 << 19
 
 
 class _Output:
@@ -635,11 +636,11 @@ def _encode_rows(data: torch.Tensor, x: np.ndarray, dtype: str, vec, dest: np.nd
 
 
 def _error_energies(x: np.ndarray, q: np.ndarray, dtype: str, exact: bool) -> tuple[float, float, int]:
-    """Signal and noise energies of the block's rows, and how many rows they cover: every row when `exact`, else at
-    most SAMPLE_ROWS evenly spaced ones. F32 is exact by construction: no noise, nothing measured."""
+    """Signal and noise energies of the block's rows, and how many rows they cover: every row when `exact`, else one
+    row per SAMPLE_ELEMENTS elements. F32 is exact by construction: no noise, nothing measured."""
     if dtype == "F32":
         return 0.0, 0.0, 0
-    step = 1 if exact else max(1, x.shape[0] // SAMPLE_ROWS)
+    step = 1 if exact else max(1, SAMPLE_ELEMENTS // x.shape[-1])
     ref = np.ascontiguousarray(x[::step])
     diff = (ggml.decode(np.ascontiguousarray(q[::step]), dtype).reshape(ref.shape) - ref).reshape(-1)
     rows = ref.shape[0]
