@@ -320,6 +320,30 @@ def test_fp8_dequantization_is_diffusers_own():
     assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
 
 
+def test_fp8_kept_as_bf16_is_diffusers_dequantization_rounded_by_torch():
+    """A protected FP8 weight goes to bf16 in one pass: the bits of diffusers' `dequantize_fp8r` converted by torch
+    (`.to(torch.bfloat16)`), every e4m3fn code under scales that round up, down, to even and past bf16's range;
+    the energies are those of the float64 difference; a NaN code or an overflow names the tensor."""
+    from diffusers.quantizers.bfl.utils import dequantize_fp8r as diffusers_dequantize
+
+    from ideoquant.encode.fp8 import fp8r_to_bf16
+
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = every[(every & 0x7F) != 0x7F].view(torch.float8_e4m3fn).repeat(6, 1)
+    scale = torch.tensor([1.0, 1.00390625, 1.0 + 3 * 2**-9, 3e-3, -0.3, 1e-30], dtype=torch.float32)
+    out = torch.empty(codes.shape, dtype=torch.bfloat16)
+    signal, noise = fp8r_to_bf16(codes, scale, out, "w")
+    ref = diffusers_dequantize(codes, scale)
+    assert torch.equal(out.view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
+    exact = ref.double()
+    assert signal == pytest.approx(float((exact ** 2).sum()), rel=1e-5)
+    assert noise == pytest.approx(float(((exact - out.double()) ** 2).sum()), rel=1e-5) and noise > 0
+    for bad_codes, bad_scale in ((every.view(torch.float8_e4m3fn)[None], torch.ones(1)),  # 0x7F, 0xFF: NaN
+                                 (codes[:1], torch.tensor([1e38]))):  # 448 * 1e38 overflows float32
+        with pytest.raises(ideoquant.IdeoquantError, match="tensor w contains NaN or Inf"):
+            fp8r_to_bf16(bad_codes, bad_scale, torch.empty(bad_codes.shape, dtype=torch.bfloat16), "w")
+
+
 def test_fp8_encoder_equals_torchao_on_diffusers_dequantized_weight():
     """The fused FP8 path (codes -> float32 -> int8 in one pass) gives what torchao gives for diffusers' dequantized
     float32 weight: every e4m3fn code, positive, negative, tiny and huge row scales."""

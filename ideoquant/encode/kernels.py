@@ -197,3 +197,45 @@ def dequantize_fp8(codes, row_scale, table, out):
         if codes.shape[1] and (m == 0x7F or not math.isfinite(table[m] * s)):
             finite = False
     return finite
+
+
+@_jit
+def fp8_to_bf16(codes, row_scale, table, out, energy):
+    """FP8 e4m3fn rows (uint8 codes [r, k], float32 scale per row [r]) -> their bf16 bits [r, k] (uint16) in one
+    pass: w = `table[code] * scale` as `dequantize_fp8` computes it, rounded to nearest-even as torch's
+    float32 -> bfloat16 conversion does (the bias 0x7FFF plus the kept bit's lowest). energy [2, r] float64: each
+    row's sum of w^2 and of (w - bf16(w))^2. Returns whether every w is finite (a NaN code, or an overflow)."""
+    k = codes.shape[1]
+    w = np.empty(k, np.float32)
+    kept = np.empty(k, np.uint32)
+    w_bits, kept_w = w.view(np.uint32), kept.view(np.float32)
+    finite = True
+    for r in range(codes.shape[0]):
+        s = row_scale[r]
+        m = np.uint8(0)
+        for j in range(k):
+            c = codes[r, j]
+            w[j] = table[c] * s
+            a = c & np.uint8(0x7F)  # 0x7F is NaN in e4m3fn; there is no Inf
+            m = a if a > m else m
+        if k and (m == 0x7F or not math.isfinite(table[m] * s)):
+            finite = False
+        for j in range(k):
+            b = w_bits[j]
+            h = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            out[r, j] = np.uint16(h)
+            kept[j] = h << np.uint32(16)
+        energy[0, r], energy[1, r] = _row_energies(w, kept_w)
+    return finite
+
+
+@_jit(fastmath={"reassoc"})
+def _row_energies(x, y):
+    # Reassociation only here, as in `_sum_squares`: an error statistic, summed in whatever order vectorizes.
+    signal = np.float32(0.0)
+    noise = np.float32(0.0)
+    for j in range(x.shape[0]):
+        d = x[j] - y[j]
+        signal += x[j] * x[j]
+        noise += d * d
+    return np.float64(signal), np.float64(noise)

@@ -17,6 +17,7 @@ import torch
 from .. import manifest, model
 from ..encode import int8
 from ..encode.finite import check_finite
+from ..encode.fp8 import fp8r_to_bf16
 from ..errors import IdeoquantError
 from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
@@ -265,6 +266,13 @@ def stream_tensors(tensors: list, writer: ShardWriter, component: str, sink, enc
         start = rows[0] if rows else 0
         if t.quantize:
             result = encode(i, src, rows, maps, ws, start, row)
+        elif src.scale is not None and rows is not None:  # FP8 kept as bf16: one pass, no float32 block
+            codes, row_scale = src.read_fp8(rows, maps)
+            kept = ws.take("kept", codes.shape, torch.bfloat16)
+            stats = ErrorStats()
+            stats.add_energies(*fp8r_to_bf16(codes, row_scale, kept, t.name))
+            writer.write(t.name, kept, start * row * 2)
+            result = codes.numel(), stats
         else:
             stats = ErrorStats()
             data = read_block(src, rows, maps, ws)
