@@ -134,18 +134,30 @@ def quantize_fp8(codes, row_scale, table, qdata, scale, energy):
 
     max|w| comes from the largest code magnitude: rounding is monotonic, so max|c * s| = |max|c| * s|.
     """
-    rows, k = codes.shape
-    y = np.empty(k, np.float32)
-    for r in range(rows):
-        rs = row_scale[r]
-        m = np.uint8(0)
-        for j in range(k):
-            c = codes[r, j]
-            y[j] = table[c] * rs
-            a = c & np.uint8(0x7F)  # 0x7F is NaN in e4m3fn; there is no Inf
-            m = a if a > m else m
-        absmax = abs(table[m] * rs) if m != 0x7F else np.float32(np.nan)
+    y = np.empty(codes.shape[1], np.float32)
+    for r in range(codes.shape[0]):
+        absmax = _fp8_absmax(_dequantize_fp8_row(codes[r], row_scale[r], table, y), row_scale[r], table)
         scale[r], energy[0, r], energy[1, r] = _quantize_row(y, absmax, ROUND_NONE, qdata[r])
+
+
+@_jit
+def _dequantize_fp8_row(codes, s, table, y):
+    """One FP8 e4m3fn row (uint8 codes [k]): y = `table[code] * s`, one float32 multiply per value, as torch's
+    `weight.float() * scale` computes it. Returns the largest code magnitude, for `_fp8_absmax`."""
+    m = np.uint8(0)
+    for j in range(codes.shape[0]):
+        c = codes[j]
+        y[j] = table[c] * s
+        a = c & np.uint8(0x7F)  # 0x7F is NaN in e4m3fn; there is no Inf
+        m = a if a > m else m
+    return m
+
+
+@_jit
+def _fp8_absmax(m, s, table):
+    """max|w| of a row whose largest code magnitude is m (NaN for a NaN code): rounding is monotonic, so
+    max|c * s| = |max|c| * s|."""
+    return abs(table[m] * s) if m != 0x7F else np.float32(np.nan)
 
 
 @_jit
@@ -184,17 +196,11 @@ def widen_bf16(bits, out):
 def dequantize_fp8(codes, row_scale, table, out):
     """FP8 e4m3fn rows (uint8 codes [r, k], float32 scale per row [r]) -> float32 [r, k]: `table[code] * scale`,
     one float32 multiply per value, as torch's `weight.float() * scale[:, None]` computes it. Returns whether every
-    value is finite, from each row's largest code magnitude (rounding is monotonic: max|c * s| = |max|c| * s|)."""
+    value is finite, from each row's largest code magnitude."""
     finite = True
     for r in range(codes.shape[0]):
-        s = row_scale[r]
-        m = np.uint8(0)
-        for j in range(codes.shape[1]):
-            c = codes[r, j]
-            out[r, j] = table[c] * s
-            a = c & np.uint8(0x7F)  # 0x7F is NaN in e4m3fn; there is no Inf
-            m = a if a > m else m
-        if codes.shape[1] and (m == 0x7F or not math.isfinite(table[m] * s)):
+        m = _dequantize_fp8_row(codes[r], row_scale[r], table, out[r])
+        if codes.shape[1] and not math.isfinite(_fp8_absmax(m, row_scale[r], table)):
             finite = False
     return finite
 
@@ -211,14 +217,8 @@ def fp8_to_bf16(codes, row_scale, table, out, energy):
     w_bits, kept_w = w.view(np.uint32), kept.view(np.float32)
     finite = True
     for r in range(codes.shape[0]):
-        s = row_scale[r]
-        m = np.uint8(0)
-        for j in range(k):
-            c = codes[r, j]
-            w[j] = table[c] * s
-            a = c & np.uint8(0x7F)  # 0x7F is NaN in e4m3fn; there is no Inf
-            m = a if a > m else m
-        if k and (m == 0x7F or not math.isfinite(table[m] * s)):
+        m = _dequantize_fp8_row(codes[r], row_scale[r], table, w)
+        if k and not math.isfinite(_fp8_absmax(m, row_scale[r], table)):
             finite = False
         for j in range(k):
             b = w_bits[j]
