@@ -13,3 +13,8 @@ class IdeoquantError(Exception):
         if any(c < " " or c == "\x7f" for c in text):
             text = "".join(c if c >= " " and c != "\x7f" else repr(c)[1:-1] for c in text)
         super().__init__(text)
+
+
+def damaged_tensor(name: str) -> IdeoquantError:
+    """The error for a NaN or Inf found in a source tensor, whichever pass finds it."""
+    return IdeoquantError(f"tensor {name} contains NaN or Inf; the source checkpoint is damaged")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import IdeoquantError
+from ..errors import damaged_tensor
 from . import kernels
 from .int8 import numpy_bits
 
@@ -25,4 +25,4 @@ def check_finite(name: str, block: torch.Tensor) -> None:
     else:
         bad = not bool(torch.isfinite(block).all())
     if bad:
-        raise IdeoquantError(f"tensor {name} contains NaN or Inf; the source checkpoint is damaged")
+        raise damaged_tensor(name)

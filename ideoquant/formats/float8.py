@@ -19,7 +19,7 @@ import torch
 from .. import model
 from ..encode import float8
 from ..encode.finite import check_finite
-from ..errors import IdeoquantError
+from ..errors import damaged_tensor
 from ..metrics import ErrorStats
 from ..plan import TensorPlan
 from . import CardText, torchao_common, usage
@@ -83,7 +83,7 @@ def _encoder(tensors: list[TensorPlan], writer):
         if src.scale is not None:  # the release's codes and scales are the Float8Tensor's: copied, error zero
             qdata, scale = src.read_fp8(rows, maps)
             if float8.has_nan(qdata) or not bool(torch.isfinite(scale).all()):
-                raise IdeoquantError(f"tensor {t.name} contains NaN or Inf; the source checkpoint is damaged")
+                raise damaged_tensor(t.name)
             scale = scale.reshape(-1, 1)
         else:
             data = torchao_common.read_block(src, rows, maps, ws)

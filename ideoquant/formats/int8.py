@@ -16,7 +16,7 @@ import torch
 
 from .. import model
 from ..encode import int8
-from ..errors import IdeoquantError
+from ..errors import damaged_tensor
 from ..metrics import ErrorStats
 from ..plan import ComponentPlan, TensorPlan
 from ..write.safetensors import ShardWriter
@@ -134,7 +134,7 @@ def _write_tensors(tensors: list[TensorPlan], writer: ShardWriter, component: st
             qdata, scale, zero_point, signal, noise = int8.quantize(data if sm is None else sm.smooth(data),
                                                                     device, ws)
         if not math.isfinite(signal):  # a NaN or Inf in a row makes its scale, and so the signal, non-finite
-            raise IdeoquantError(f"tensor {t.name} contains NaN or Inf; the source checkpoint is damaged")
+            raise damaged_tensor(t.name)
         if sm is None:
             stats.add_energies(signal, noise)
         else:  # SmoothQuant: W * s was quantized; the weight in effect is dequant / s
