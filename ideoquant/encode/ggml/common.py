@@ -169,6 +169,168 @@ def fp16_bits(f):
     return sign | h
 
 
+# ---------------------------------------------------------------- one search trial on a tile of lanes
+#
+# The searches below loop over the position i outside and the lane k inside, so every per-lane running sum is a
+# load and a store per element. For make_qkx_quants' trials (21 or 16 per group, two passes each, most of a
+# Q4_K or Q5_K encode) the two passes are written here as LLVM IR on a tile of `width` lanes: the tile's sums stay
+# in registers across the n positions, and each position is a handful of vector operations. Each operation is the
+# float32 (or int32) operation the loops above perform, in the same order per lane, so the bytes do not change.
+
+def _lane_tile_ptr(context, builder, aryty, ary, row, k0, width):
+    """Pointer to the <width x elt> at ary[row, k0] (2-D) or ary[k0] (1-D) of a C-contiguous array."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    idx = k0 if aryty.ndim == 1 else builder.add(builder.mul(row, builder.extract_value(arr.shape, 1)), k0)
+    ptr = builder.gep(arr.data, [idx])
+    return builder.bitcast(ptr, ir.VectorType(context.get_data_type(aryty.dtype), width).as_pointer())
+
+
+def _tile_args(arrays, k0, dims):
+    return (all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 and a.ndim == d
+                for a, d in zip(arrays, dims)) and isinstance(k0, types.Integer))
+
+
+def _trial_tile_kernels(width):
+    """(levels_and_sums, error_sum): the two passes of one make_qkx_quants trial over lanes k0 .. k0 + width."""
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vf, vi = ir.VectorType(f32, width), ir.VectorType(i32, width)
+    zero64 = ir.Constant(ir.IntType(64), 0)
+
+    def splat_f(v):
+        return ir.Constant(vf, [v] * width)
+
+    def splat_i(v):
+        return ir.Constant(vi, [v] * width)
+
+    @intrinsic
+    def levels_and_sums(typingctx, X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nmax):
+        """Per lane k: l_i = clamp(nearest_int(isc * (x_i - mn)), 0, nmax) into Laux[i, k] (as float32), and the
+        running sums sum w_i*l_i, sum (w_i*l_i)*l_i, sum (w_i*l_i)*x_i over i = 0 .. n-1 into sum_l, sum_l2, sum_xl."""
+        if not (_tile_args((X, W, Laux, isc, mn, sum_l, sum_l2, sum_xl), k0, (2, 2, 2, 1, 1, 1, 1, 1))
+                and nmax == types.int32):
+            return None
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            k = context.cast(builder, args[3], tys[3], types.intp)
+
+            def tile(j, row):
+                return _lane_tile_ptr(context, builder, tys[j], args[j], row, k, width)
+
+            isc_v, mn_v = builder.load(tile(4, zero64), align=4), builder.load(tile(5, zero64), align=4)
+            top = builder.shuffle_vector(builder.insert_element(ir.Constant(vi, None), args[9], ir.Constant(i32, 0)),
+                                         ir.Constant(vi, None), ir.Constant(vi, [0] * width))
+            sums = [cgutils.alloca_once_value(builder, splat_f(0.0)) for _ in range(3)]
+            n = builder.extract_value(context.make_array(tys[0])(context, builder, args[0]).shape, 0)
+            with cgutils.for_range(builder, n) as loop:
+                i = loop.index
+                x, w = builder.load(tile(0, i), align=4), builder.load(tile(1, i), align=4)
+                bits = builder.bitcast(builder.fadd(builder.fmul(isc_v, builder.fsub(x, mn_v)), splat_f(12582912.0)), vi)
+                q = builder.sub(builder.and_(bits, splat_i(0x007FFFFF)), splat_i(0x00400000))  # nearest_int
+                q = builder.select(builder.icmp_signed(">", q, splat_i(0)), q, splat_i(0))
+                q = builder.select(builder.icmp_signed("<", q, top), q, top)
+                lf = builder.sitofp(q, vf)
+                builder.store(lf, tile(2, i), align=4)
+                wl = builder.fmul(w, lf)
+                for acc, term in zip(sums, (wl, builder.fmul(wl, lf), builder.fmul(wl, x))):
+                    builder.store(builder.fadd(builder.load(acc), term), acc)
+            for acc, j in zip(sums, (6, 7, 8)):
+                builder.store(builder.load(acc), tile(j, zero64), align=4)
+            return context.get_dummy_value()
+
+        return types.void(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nmax), codegen
+
+    @intrinsic
+    def error_sum(typingctx, X, W, Laux, k0, t_scale, t_min, use_mad, cur):
+        """Per lane k: cur[k] = sum over i of w_i * e_i, e = d*d (or |d| with use_mad), d = (t_scale * l_i + t_min) - x_i,
+        added in order i = 0 .. n-1 from 0."""
+        if not (_tile_args((X, W, Laux, t_scale, t_min, cur), k0, (2, 2, 2, 1, 1, 1))
+                and isinstance(use_mad, types.Boolean)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            k = context.cast(builder, args[3], tys[3], types.intp)
+
+            def tile(j, row):
+                return _lane_tile_ptr(context, builder, tys[j], args[j], row, k, width)
+
+            ts_v, tm_v = builder.load(tile(4, zero64), align=4), builder.load(tile(5, zero64), align=4)
+            mad = context.cast(builder, args[6], tys[6], types.boolean)
+            fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]), f"llvm.fabs.v{width}f32")
+            acc = cgutils.alloca_once_value(builder, splat_f(0.0))
+            n = builder.extract_value(context.make_array(tys[0])(context, builder, args[0]).shape, 0)
+            with cgutils.for_range(builder, n) as loop:
+                i = loop.index
+                x, w, lf = (builder.load(tile(j, i), align=4) for j in (0, 1, 2))
+                d = builder.fsub(builder.fadd(builder.fmul(ts_v, lf), tm_v), x)
+                e = builder.select(mad, builder.call(fabs, [d]), builder.fmul(d, d))
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(w, e)), acc)
+            builder.store(builder.load(acc), tile(7, zero64), align=4)
+            return context.get_dummy_value()
+
+        return types.void(X, W, Laux, k0, t_scale, t_min, use_mad, cur), codegen
+
+    return levels_and_sums, error_sum
+
+
+# Tiles of 32 lanes (four 256-bit vectors: independent sum chains keep the core busy), then 16 .. 1 for the rest.
+_sums32, _error32 = _trial_tile_kernels(32)
+_sums16, _error16 = _trial_tile_kernels(16)
+_sums8, _error8 = _trial_tile_kernels(8)
+_sums4, _error4 = _trial_tile_kernels(4)
+_sums2, _error2 = _trial_tile_kernels(2)
+_sums1, _error1 = _trial_tile_kernels(1)
+
+
+@jit
+def _trial_sums(X, W, Laux, isc, mn, sum_l, sum_l2, sum_xl, nm):
+    """`levels_and_sums` over every lane of X [n, g], in tiles."""
+    g = X.shape[1]
+    k0 = 0
+    while g - k0 >= 32:
+        _sums32(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
+        k0 += 32
+    if g - k0 >= 16:
+        _sums16(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
+        k0 += 16
+    if g - k0 >= 8:
+        _sums8(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
+        k0 += 8
+    if g - k0 >= 4:
+        _sums4(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
+        k0 += 4
+    if g - k0 >= 2:
+        _sums2(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
+        k0 += 2
+    if g - k0 >= 1:
+        _sums1(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
+
+
+@jit
+def _trial_errors(X, W, Laux, t_scale, t_min, use_mad, cur):
+    """`error_sum` over every lane of X [n, g], in tiles."""
+    g = X.shape[1]
+    k0 = 0
+    while g - k0 >= 32:
+        _error32(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
+        k0 += 32
+    if g - k0 >= 16:
+        _error16(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
+        k0 += 16
+    if g - k0 >= 8:
+        _error8(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
+        k0 += 8
+    if g - k0 >= 4:
+        _error4(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
+        k0 += 4
+    if g - k0 >= 2:
+        _error2(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
+        k0 += 2
+    if g - k0 >= 1:
+        _error1(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
+
+
 @jit
 def fp16_value(h):
     """IEEE binary16 bits (int32) -> float32, exact."""
@@ -409,19 +571,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
         c = (rmin + rdelta * F32(step)) + fn
         for k in range(g):
             isc[k] = c / (mx[k] - mn[k])
-            sum_l[k] = ZERO
-            sum_l2[k] = ZERO
-            sum_xl[k] = ZERO
-            cur[k] = ZERO
-        for i in range(n):
-            for k in range(g):
-                x = X[i, k]
-                l = F32(min(max(nearest_int(isc[k] * (x - mn[k])), z0), nm))
-                Laux[i, k] = l
-                wl = W[i, k] * l
-                sum_l[k] += wl
-                sum_l2[k] += wl * l
-                sum_xl[k] += wl * x
+        _trial_sums(X, W, Laux, isc, mn, sum_l, sum_l2, sum_xl, nm)
         for k in range(g):
             D = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k]
             ts = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / D
@@ -431,16 +581,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
                 ts = sum_xl[k] / sum_l2[k]
             t_scale[k] = ts
             t_min[k] = tm if D > ZERO else F32(np.nan)  # a NaN error never wins: the trial is skipped
-        if use_mad:
-            for i in range(n):
-                for k in range(g):
-                    diff = (t_scale[k] * Laux[i, k] + t_min[k]) - X[i, k]
-                    cur[k] += W[i, k] * abs(diff)
-        else:
-            for i in range(n):
-                for k in range(g):
-                    diff = (t_scale[k] * Laux[i, k] + t_min[k]) - X[i, k]
-                    cur[k] += W[i, k] * (diff * diff)
+        _trial_errors(X, W, Laux, t_scale, t_min, use_mad, cur)
         for k in range(g):
             if cur[k] < best[k]:
                 best[k] = cur[k]
