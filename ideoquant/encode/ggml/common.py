@@ -169,166 +169,184 @@ def fp16_bits(f):
     return sign | h
 
 
-# ---------------------------------------------------------------- one search trial on a tile of lanes
+# ---------------------------------------------------------------- search passes on tiles of lanes
 #
 # The searches below loop over the position i outside and the lane k inside, so every per-lane running sum is a
-# load and a store per element. For make_qkx_quants' trials (21 or 16 per group, two passes each, most of a
-# Q4_K or Q5_K encode) the two passes are written here as LLVM IR on a tile of `width` lanes: the tile's sums stay
-# in registers across the n positions, and each position is a handful of vector operations. Each operation is the
-# float32 (or int32) operation the loops above perform, in the same order per lane, so the bytes do not change.
+# load and a store per element. Their hot passes (make_qkx_quants' trials: 21 or 16 per group, two passes each,
+# most of a Q4_K or Q5_K encode; make_qx_quants' 19 trials, most of Q6_K) are written here as LLVM IR over tiles
+# of lanes instead: a tile's sums stay in registers across the n positions, and each position is a handful of
+# vector operations. Each operation is the float32 (or int32) operation of the loop it replaces, in the same
+# order per lane, so the bytes do not change.
 
-def _lane_tile_ptr(context, builder, aryty, ary, row, k0, width):
-    """Pointer to the <width x elt> at ary[row, k0] (2-D) or ary[k0] (1-D) of a C-contiguous array."""
-    arr = context.make_array(aryty)(context, builder, ary)
-    idx = k0 if aryty.ndim == 1 else builder.add(builder.mul(row, builder.extract_value(arr.shape, 1)), k0)
-    ptr = builder.gep(arr.data, [idx])
-    return builder.bitcast(ptr, ir.VectorType(context.get_data_type(aryty.dtype), width).as_pointer())
+_F32, _I32 = ir.FloatType(), ir.IntType(32)
+_TILE = 32  # lanes per tile: four 256-bit vectors, whose independent sum chains keep the core busy
 
 
-def _tile_args(arrays, k0, dims):
-    return (all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 and a.ndim == d
-                for a, d in zip(arrays, dims)) and isinstance(k0, types.Integer))
+def _splat(value, width, ty):
+    return ir.Constant(ir.VectorType(ty, width), [value] * width)
 
 
-def _trial_tile_kernels(width):
-    """(levels_and_sums, error_sum): the two passes of one make_qkx_quants trial over lanes k0 .. k0 + width."""
-    f32, i32 = ir.FloatType(), ir.IntType(32)
-    vf, vi = ir.VectorType(f32, width), ir.VectorType(i32, width)
-    zero64 = ir.Constant(ir.IntType(64), 0)
-
-    def splat_f(v):
-        return ir.Constant(vf, [v] * width)
-
-    def splat_i(v):
-        return ir.Constant(vi, [v] * width)
-
-    @intrinsic
-    def levels_and_sums(typingctx, X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nmax):
-        """Per lane k: l_i = clamp(nearest_int(isc * (x_i - mn)), 0, nmax) into Laux[i, k] (as float32), and the
-        running sums sum w_i*l_i, sum (w_i*l_i)*l_i, sum (w_i*l_i)*x_i over i = 0 .. n-1 into sum_l, sum_l2, sum_xl."""
-        if not (_tile_args((X, W, Laux, isc, mn, sum_l, sum_l2, sum_xl), k0, (2, 2, 2, 1, 1, 1, 1, 1))
-                and nmax == types.int32):
-            return None
-
-        def codegen(context, builder, signature, args):
-            tys = signature.args
-            k = context.cast(builder, args[3], tys[3], types.intp)
-
-            def tile(j, row):
-                return _lane_tile_ptr(context, builder, tys[j], args[j], row, k, width)
-
-            isc_v, mn_v = builder.load(tile(4, zero64), align=4), builder.load(tile(5, zero64), align=4)
-            top = builder.shuffle_vector(builder.insert_element(ir.Constant(vi, None), args[9], ir.Constant(i32, 0)),
-                                         ir.Constant(vi, None), ir.Constant(vi, [0] * width))
-            sums = [cgutils.alloca_once_value(builder, splat_f(0.0)) for _ in range(3)]
-            n = builder.extract_value(context.make_array(tys[0])(context, builder, args[0]).shape, 0)
-            with cgutils.for_range(builder, n) as loop:
-                i = loop.index
-                x, w = builder.load(tile(0, i), align=4), builder.load(tile(1, i), align=4)
-                bits = builder.bitcast(builder.fadd(builder.fmul(isc_v, builder.fsub(x, mn_v)), splat_f(12582912.0)), vi)
-                q = builder.sub(builder.and_(bits, splat_i(0x007FFFFF)), splat_i(0x00400000))  # nearest_int
-                q = builder.select(builder.icmp_signed(">", q, splat_i(0)), q, splat_i(0))
-                q = builder.select(builder.icmp_signed("<", q, top), q, top)
-                lf = builder.sitofp(q, vf)
-                builder.store(lf, tile(2, i), align=4)
-                wl = builder.fmul(w, lf)
-                for acc, term in zip(sums, (wl, builder.fmul(wl, lf), builder.fmul(wl, x))):
-                    builder.store(builder.fadd(builder.load(acc), term), acc)
-            for acc, j in zip(sums, (6, 7, 8)):
-                builder.store(builder.load(acc), tile(j, zero64), align=4)
-            return context.get_dummy_value()
-
-        return types.void(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nmax), codegen
-
-    @intrinsic
-    def error_sum(typingctx, X, W, Laux, k0, t_scale, t_min, use_mad, cur):
-        """Per lane k: cur[k] = sum over i of w_i * e_i, e = d*d (or |d| with use_mad), d = (t_scale * l_i + t_min) - x_i,
-        added in order i = 0 .. n-1 from 0."""
-        if not (_tile_args((X, W, Laux, t_scale, t_min, cur), k0, (2, 2, 2, 1, 1, 1))
-                and isinstance(use_mad, types.Boolean)):
-            return None
-
-        def codegen(context, builder, signature, args):
-            tys = signature.args
-            k = context.cast(builder, args[3], tys[3], types.intp)
-
-            def tile(j, row):
-                return _lane_tile_ptr(context, builder, tys[j], args[j], row, k, width)
-
-            ts_v, tm_v = builder.load(tile(4, zero64), align=4), builder.load(tile(5, zero64), align=4)
-            mad = context.cast(builder, args[6], tys[6], types.boolean)
-            fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]), f"llvm.fabs.v{width}f32")
-            acc = cgutils.alloca_once_value(builder, splat_f(0.0))
-            n = builder.extract_value(context.make_array(tys[0])(context, builder, args[0]).shape, 0)
-            with cgutils.for_range(builder, n) as loop:
-                i = loop.index
-                x, w, lf = (builder.load(tile(j, i), align=4) for j in (0, 1, 2))
-                d = builder.fsub(builder.fadd(builder.fmul(ts_v, lf), tm_v), x)
-                e = builder.select(mad, builder.call(fabs, [d]), builder.fmul(d, d))
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(w, e)), acc)
-            builder.store(builder.load(acc), tile(7, zero64), align=4)
-            return context.get_dummy_value()
-
-        return types.void(X, W, Laux, k0, t_scale, t_min, use_mad, cur), codegen
-
-    return levels_and_sums, error_sum
+def _splat_value(builder, v, width):
+    """A vector of `width` copies of the scalar v."""
+    vty = ir.VectorType(v.type, width)
+    one = builder.insert_element(ir.Constant(vty, None), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vty, None), ir.Constant(ir.VectorType(_I32, width), [0] * width))
 
 
-# Tiles of 32 lanes (four 256-bit vectors: independent sum chains keep the core busy), then 16 .. 1 for the rest.
-_sums32, _error32 = _trial_tile_kernels(32)
-_sums16, _error16 = _trial_tile_kernels(16)
-_sums8, _error8 = _trial_tile_kernels(8)
-_sums4, _error4 = _trial_tile_kernels(4)
-_sums2, _error2 = _trial_tile_kernels(2)
-_sums1, _error1 = _trial_tile_kernels(1)
+class _Lanes:
+    """Tiles of C-contiguous float32 lane arrays: 2-D [n, g] (position, lane) and 1-D [g] (per lane)."""
+
+    def __init__(self, context, builder, tys, args):
+        self.context, self.builder = context, builder
+        self.arrays = [context.make_array(t)(context, builder, a) for t, a in zip(tys, args)]
+        self.n, self.g = (builder.extract_value(self.arrays[0].shape, d) for d in (0, 1))
+
+    def ptr(self, j, k0, width, row=None):
+        """Pointer to the <width x float> at array j's [row, k0] (2-D) or [k0] (1-D)."""
+        arr = self.arrays[j]
+        idx = k0 if row is None else self.builder.add(self.builder.mul(row, self.g), k0)
+        vty = ir.VectorType(_F32, width)
+        return self.builder.bitcast(self.builder.gep(arr.data, [idx]), vty.as_pointer())
+
+    def load(self, j, k0, width, row=None):
+        return self.builder.load(self.ptr(j, k0, width, row), align=4)
+
+    def store(self, v, j, k0, width, row=None):
+        self.builder.store(v, self.ptr(j, k0, width, row), align=4)
+
+    def positions(self, width, step, init):
+        """Run step(i, accs) -> new accs for i = 0 .. n-1 with `len(init)` vector accumulators held in registers
+        (allocas that LLVM promotes); returns their final values."""
+        b = self.builder
+        accs = [cgutils.alloca_once_value(b, v) for v in init]
+        with cgutils.for_range(b, self.n) as loop:
+            for acc, v in zip(accs, step(loop.index, [b.load(a) for a in accs])):
+                b.store(v, acc)
+        return [b.load(a) for a in accs]
+
+    def tiles(self, emit):
+        """emit(k0, width) over every lane: tiles of _TILE, then one each of 16, 8, 4, 2, 1 for the rest."""
+        b = self.builder
+        full = b.udiv(self.g, ir.Constant(self.g.type, _TILE))
+        with cgutils.for_range(b, full) as loop:
+            emit(b.mul(loop.index, ir.Constant(self.g.type, _TILE)), _TILE)
+        k0 = cgutils.alloca_once_value(b, b.mul(full, ir.Constant(self.g.type, _TILE)))
+        width = _TILE // 2
+        while width >= 1:
+            k = b.load(k0)
+            with b.if_then(b.icmp_signed(">=", b.sub(self.g, k), ir.Constant(self.g.type, width))):
+                emit(k, width)
+                b.store(b.add(k, ir.Constant(self.g.type, width)), k0)
+            width //= 2
 
 
-@jit
-def _trial_sums(X, W, Laux, isc, mn, sum_l, sum_l2, sum_xl, nm):
-    """`levels_and_sums` over every lane of X [n, g], in tiles."""
-    g = X.shape[1]
-    k0 = 0
-    while g - k0 >= 32:
-        _sums32(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
-        k0 += 32
-    if g - k0 >= 16:
-        _sums16(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
-        k0 += 16
-    if g - k0 >= 8:
-        _sums8(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
-        k0 += 8
-    if g - k0 >= 4:
-        _sums4(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
-        k0 += 4
-    if g - k0 >= 2:
-        _sums2(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
-        k0 += 2
-    if g - k0 >= 1:
-        _sums1(X, W, Laux, k0, isc, mn, sum_l, sum_l2, sum_xl, nm)
+def _lane_arrays(arrays, dims):
+    return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32 and a.ndim == d
+               for a, d in zip(arrays, dims))
 
 
-@jit
-def _trial_errors(X, W, Laux, t_scale, t_min, use_mad, cur):
-    """`error_sum` over every lane of X [n, g], in tiles."""
-    g = X.shape[1]
-    k0 = 0
-    while g - k0 >= 32:
-        _error32(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
-        k0 += 32
-    if g - k0 >= 16:
-        _error16(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
-        k0 += 16
-    if g - k0 >= 8:
-        _error8(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
-        k0 += 8
-    if g - k0 >= 4:
-        _error4(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
-        k0 += 4
-    if g - k0 >= 2:
-        _error2(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
-        k0 += 2
-    if g - k0 >= 1:
-        _error1(X, W, Laux, k0, t_scale, t_min, use_mad, cur)
+def _nearest_int_clamped(b, t, lo, hi, width):
+    """min(max(nearest_int(t), lo), hi) on int32 lanes, as `nearest_int` computes it."""
+    bits = b.bitcast(b.fadd(t, _splat(12582912.0, width, _F32)), ir.VectorType(_I32, width))
+    q = b.sub(b.and_(bits, _splat(0x007FFFFF, width, _I32)), _splat(0x00400000, width, _I32))
+    q = b.select(b.icmp_signed(">", q, lo), q, lo)
+    return b.select(b.icmp_signed("<", q, hi), q, hi)
+
+
+@intrinsic
+def qkx_trial_sums(typingctx, X, W, Laux, isc, mn, nmax, sum_l, sum_l2, sum_xl):
+    """One make_qkx_quants trial's first pass on every lane k of X [n, g]: l_i = clamp(nearest_int(isc * (x_i -
+    mn)), 0, nmax) into Laux[i, k] (as float32), and the sums over i = 0 .. n-1, in order, of w*l, (w*l)*l and
+    (w*l)*x into sum_l, sum_l2, sum_xl."""
+    if not (_lane_arrays((X, W, Laux, isc, mn, sum_l, sum_l2, sum_xl), (2, 2, 2, 1, 1, 1, 1, 1))
+            and nmax == types.int32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        lanes = _Lanes(context, b, signature.args[:5] + signature.args[6:], args[:5] + args[6:])
+
+        def tile(k0, width):
+            isc_v, mn_v = lanes.load(3, k0, width), lanes.load(4, k0, width)
+            lo, hi = _splat(0, width, _I32), _splat_value(b, args[5], width)
+
+            def step(i, sums):
+                x, w = lanes.load(0, k0, width, i), lanes.load(1, k0, width, i)
+                lf = b.sitofp(_nearest_int_clamped(b, b.fmul(isc_v, b.fsub(x, mn_v)), lo, hi, width),
+                              ir.VectorType(_F32, width))
+                lanes.store(lf, 2, k0, width, i)
+                wl = b.fmul(w, lf)
+                return [b.fadd(sums[0], wl), b.fadd(sums[1], b.fmul(wl, lf)), b.fadd(sums[2], b.fmul(wl, x))]
+
+            for j, total in zip((5, 6, 7), lanes.positions(width, step, [_splat(0.0, width, _F32)] * 3)):
+                lanes.store(total, j, k0, width)
+
+        lanes.tiles(tile)
+        return context.get_dummy_value()
+
+    return types.void(X, W, Laux, isc, mn, nmax, sum_l, sum_l2, sum_xl), codegen
+
+
+@intrinsic
+def qkx_trial_errors(typingctx, X, W, Laux, t_scale, t_min, use_mad, cur):
+    """One make_qkx_quants trial's second pass on every lane k of X [n, g]: cur[k] = the sum over i = 0 .. n-1, in
+    order from 0, of w*(d*d) (w*|d| with use_mad), d = (t_scale * l_i + t_min) - x_i with l_i from Laux."""
+    if not (_lane_arrays((X, W, Laux, t_scale, t_min, cur), (2, 2, 2, 1, 1, 1))
+            and isinstance(use_mad, types.Boolean)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        lanes = _Lanes(context, b, signature.args[:5] + signature.args[6:], args[:5] + args[6:])
+        mad = args[5]
+
+        def tile(k0, width):
+            vf = ir.VectorType(_F32, width)
+            fabs = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf]), f"llvm.fabs.v{width}f32")
+            ts_v, tm_v = lanes.load(3, k0, width), lanes.load(4, k0, width)
+
+            def step(i, acc):
+                x, w, lf = (lanes.load(j, k0, width, i) for j in (0, 1, 2))
+                d = b.fsub(b.fadd(b.fmul(ts_v, lf), tm_v), x)
+                return [b.fadd(acc[0], b.fmul(w, b.select(mad, b.call(fabs, [d]), b.fmul(d, d))))]
+
+            lanes.store(lanes.positions(width, step, [_splat(0.0, width, _F32)])[0], 5, k0, width)
+
+        lanes.tiles(tile)
+        return context.get_dummy_value()
+
+    return types.void(X, W, Laux, t_scale, t_min, use_mad, cur), codegen
+
+
+@intrinsic
+def qx_trial_sums(typingctx, X, W, WX, isc, nmax, sumlx, suml2):
+    """One make_qx_quants trial on every lane k of X [n, g]: l_i = clamp(nearest_int(isc * x_i), -nmax, nmax - 1)
+    and the sums over i = 0 .. n-1, in order, of wx_i*l and (w_i*l)*l into sumlx, suml2."""
+    if not _lane_arrays((X, W, WX, isc, sumlx, suml2), (2, 2, 2, 1, 1, 1)) or nmax != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        lanes = _Lanes(context, b, signature.args[:4] + signature.args[5:], args[:4] + args[5:])
+
+        def tile(k0, width):
+            isc_v = lanes.load(3, k0, width)
+            hi = _splat_value(b, args[4], width)
+            lo = b.sub(_splat(0, width, _I32), hi)
+            hi = b.sub(hi, _splat(1, width, _I32))
+
+            def step(i, sums):
+                x, w, wx = (lanes.load(j, k0, width, i) for j in (0, 1, 2))
+                lf = b.sitofp(_nearest_int_clamped(b, b.fmul(isc_v, x), lo, hi, width), ir.VectorType(_F32, width))
+                return [b.fadd(sums[0], b.fmul(wx, lf)), b.fadd(sums[1], b.fmul(b.fmul(w, lf), lf))]
+
+            for j, total in zip((4, 5), lanes.positions(width, step, [_splat(0.0, width, _F32)] * 2)):
+                lanes.store(total, j, k0, width)
+
+        lanes.tiles(tile)
+        return context.get_dummy_value()
+
+    return types.void(X, W, WX, isc, nmax, sumlx, suml2), codegen
 
 
 @jit
@@ -427,16 +445,7 @@ def make_qx_quants(X, W, nmax, L, scale):
             c = fn + TENTH * F32(step)
             for k in range(g):
                 isc[k] = (-c) / mx[k]
-        for k in range(g):
-            sumlx[k] = ZERO
-            suml2[k] = ZERO
-        for i in range(n):
-            for k in range(g):
-                l = nearest_int(isc[k] * X[i, k])
-                l = min(max(l, lo), hi)
-                fl = F32(l)
-                sumlx[k] += WX[i, k] * fl
-                suml2[k] += (W[i, k] * fl) * fl
+        qx_trial_sums(X, W, WX, isc, np.int32(nmax), sumlx, suml2)
         if step == -10:  # the first, unconditional pass
             for k in range(g):
                 s = sumlx[k] / suml2[k] if suml2[k] != ZERO else ZERO
@@ -571,7 +580,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
         c = (rmin + rdelta * F32(step)) + fn
         for k in range(g):
             isc[k] = c / (mx[k] - mn[k])
-        _trial_sums(X, W, Laux, isc, mn, sum_l, sum_l2, sum_xl, nm)
+        qkx_trial_sums(X, W, Laux, isc, mn, nm, sum_l, sum_l2, sum_xl)
         for k in range(g):
             D = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k]
             ts = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / D
@@ -581,7 +590,7 @@ def make_qkx_quants(X, W, nmax, rmin, rdelta, nstep, use_mad, L, scale, the_min)
                 ts = sum_xl[k] / sum_l2[k]
             t_scale[k] = ts
             t_min[k] = tm if D > ZERO else F32(np.nan)  # a NaN error never wins: the trial is skipped
-        _trial_errors(X, W, Laux, t_scale, t_min, use_mad, cur)
+        qkx_trial_errors(X, W, Laux, t_scale, t_min, use_mad, cur)
         for k in range(g):
             if cur[k] < best[k]:
                 best[k] = cur[k]
