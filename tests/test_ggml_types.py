@@ -95,6 +95,52 @@ def test_weighted_rows_are_independent(qtype):
     same(got, q, qtype + " act, row slices")
 
 
+@pytest.mark.parametrize("flavour", ["", "_imat_act"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_kquant_column_prefixes(qtype, flavour):
+    """K-quant super-blocks are independent (a weighted one takes sigma2 from its own 256 values), so the first m
+    super-blocks of a row are ggml's first m. 1, 3, 5 and 7 of them give chunks of 8-112 lanes: the searches' lane
+    tiles of 32 and every narrower tail (a whole 4096-wide row is 128 or 256 lanes, whole tiles only)."""
+    x, q, _, w = load(qtype.lower() + flavour + ".npz")
+    bpb = SIZES[qtype][1]
+    for m in (1, 3, 5, 7):
+        cols = m * 256
+        got = ggml.encode(np.ascontiguousarray(x[:, :cols]), qtype, None if w is None else w[:cols])
+        same(got, q[:, :m * bpb], f"{qtype}{flavour} first {m} super-blocks")
+
+
+def test_search_lanes_do_not_depend_on_their_tile():
+    """make_qkx_quants and make_qx_quants give each lane (group) the same result whatever tile of lanes it runs in:
+    37 lanes (tiles of 32, 4 and 1) equal the first 37 of 64 (two whole tiles, which the reference files check
+    against ggml's bytes), degenerate lanes (all zero, constant, one value) included."""
+    from ideoquant.encode.ggml import common
+
+    rng = np.random.default_rng(7)
+    X = (rng.standard_normal((32, 64)) * 0.02).astype(np.float32)
+    X[:, 3] = 0.0
+    X[:, 5] = 0.25
+    X[1:, 9] = 0.0
+    X[:, 33:36] = np.abs(X[:, 33:36])
+    W = (np.sqrt(np.mean(X * X, axis=0)) + np.abs(X)).astype(np.float32)
+
+    def qkx(g, nmax, use_mad):
+        L, scale, the_min = np.empty((32, g), np.int32), np.empty(g, np.float32), np.empty(g, np.float32)
+        common.make_qkx_quants(np.ascontiguousarray(X[:, :g]), np.ascontiguousarray(W[:, :g]), nmax,
+                               np.float32(-1.0), np.float32(0.1), 20, use_mad, L, scale, the_min)
+        return L, scale, the_min
+
+    def qx(g, nmax):
+        L, scale = np.empty((32, g), np.int32), np.empty(g, np.float32)
+        common.make_qx_quants(np.ascontiguousarray(X[:, :g]), np.ascontiguousarray(W[:, :g]), nmax, L, scale)
+        return L, scale
+
+    for whole, part in [(qkx(64, 15, False), qkx(37, 15, False)), (qkx(64, 3, True), qkx(37, 3, True)),
+                        (qx(64, 32), qx(37, 32))]:
+        for a, b in zip(whole, part):
+            assert np.array_equal(a[..., :37].view(np.uint32) if a.dtype == np.float32 else a[..., :37],
+                                  b.view(np.uint32) if b.dtype == np.float32 else b)
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "F16", "BF16", *FP4])
 def test_types_without_weighted_path_ignore_imatrix(qtype):
     x, q, _, _ = load(qtype.lower() + ".npz")
