@@ -2,10 +2,11 @@
 
 torchao's per-row INT8 math is a handful of elementwise steps; done as torch ops each step is a pass over the
 block and a call that takes the GIL, and the encoder threads share it. Here each row is widened to float32 once
-(bf16 bits shifted, FP8 codes' values built from their bits and scaled), quantized and measured in cache, with the GIL released for
-the whole block. The arithmetic is the same IEEE float32 operations in the same order as torch's (no fast-math
-on anything that feeds the result), so the bits equal torchao's: tests/test_int8.py checks them against torchao
-itself. Compiled on first use (a few seconds) and cached on disk by numba, so later runs load them in about 0.5 s.
+(bf16 bits shifted, FP8 values built from their codes' bits and scaled), quantized and measured in cache, with
+the GIL released for the whole block. The arithmetic is the same IEEE float32 operations in the same order as
+torch's (no fast-math on anything that feeds the result), so the bits equal torchao's: tests/test_int8.py checks
+them against torchao itself. Compiled on first use (a few seconds) and cached on disk by numba, so later runs load
+them in about 0.5 s.
 """
 
 from __future__ import annotations
