@@ -219,6 +219,35 @@ def test_fp8_source_to_gguf(fp8_source, tmp_path):
     assert m["components"]["transformer"]["weight_sqnr_db_min"] > 35
 
 
+def test_fp8_rows_to_q8_0_in_cache_sized_slices():
+    """The GGUF route's FP8 read with Q8_0 encoded slice by slice in the same call: the float32 rows are those of
+    the plain dequantization, the bytes gguf-py's Q8_0 of them, over several slices and a partial last one; a NaN
+    code in a later slice still names the tensor."""
+    from ideoquant.encode import fp8_q8_0
+    from ideoquant.encode.fp8 import dequantize_fp8r
+
+    cols = 4096
+    rows = 2 * (fp8_q8_0.SLICE_ELEMENTS // cols) + 3
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.int32).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x7E
+    codes[1] = 0  # an all-zero row
+    codes[2, :32] = 1
+    weights = codes.view(torch.float8_e4m3fn)
+    scale = torch.exp(torch.randn(rows, generator=g) * 4).to(torch.float32)
+    scale[2] = 1e-36  # row 2's first block is the smallest subnormal: d is a float32 subnormal, 1/d overflows
+    plain = dequantize_fp8r(weights, scale)
+    q8_0 = np.empty((rows, cols // 32 * 34), np.uint8)
+    fused = dequantize_fp8r(weights, scale, torch.empty(rows, cols), "w", q8_0=q8_0)
+    assert torch.equal(fused.view(torch.int32), plain.view(torch.int32))
+    with np.errstate(all="ignore"):  # gguf-py's 1/d of row 2's first block
+        want = gguf.quants.quantize(plain.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(q8_0, want)
+    codes[-1, 7] = 0xFF
+    with pytest.raises(ideoquant.IdeoquantError, match="tensor w contains NaN or Inf"):
+        dequantize_fp8r(codes.view(torch.float8_e4m3fn), scale, torch.empty(rows, cols), "w", q8_0=q8_0)
+
+
 def test_dequantize_round_trip():
     x = np.random.default_rng(0).normal(0, 0.02, (4, 512)).astype(np.float32)
     for qtype, floor in (("Q8_0", 40), ("Q6_K", 28), ("Q5_K", 22), ("Q4_K", 16)):

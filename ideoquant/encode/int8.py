@@ -119,14 +119,13 @@ def quantize(block: torch.Tensor, device: str = "cpu", ws: Workspace | None = No
 def quantize_fp8(codes: torch.Tensor, row_scale: torch.Tensor, ws: Workspace | None = None):
     """FP8 e4m3fn rows (codes [r, K] as stored, float32 per-row scale [r]) -> as `quantize`, of the weight that
     diffusers' fp8r dequantization gives (`weight.float() * weight_scale[:, None]`), without materializing it."""
-    from .fp8 import FP8_E4M3_VALUES
     from . import kernels
 
     ws = ws or Workspace()
     rows, k = codes.shape
     qdata, scale, energy = _outputs(ws, rows, k)
     kernels.quantize_fp8(numpy_bits(codes, torch.uint8), numpy_bits(row_scale.to(torch.float32), torch.float32),
-                         FP8_E4M3_VALUES.numpy(), qdata.numpy(), scale.numpy(), energy)
+                         qdata.numpy(), scale.numpy(), energy)
     return _finish(qdata, scale, energy)
 
 

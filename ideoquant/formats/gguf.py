@@ -18,6 +18,7 @@ import torch
 from .. import __version__, manifest, model
 from ..encode import ggml, kernels
 from ..encode.finite import check_finite
+from ..encode.fp8 import dequantize_fp8r
 from ..errors import IdeoquantError
 from ..metrics import ErrorStats
 from ..plan import PROTECTED_DTYPE, ComponentPlan, TensorPlan, numel, protected_modules, row_blocks
@@ -561,9 +562,16 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
         ws = pool.workspace()
         name = first.tensors[i].name
         fp8 = src.scale is not None and rows is not None
+        q8_0 = None  # FP8 rows' Q8_0 bytes, encoded in the dequantization's call while each slice is in cache
         if fp8:
             shape = (rows[1] - rows[0], *src.shape[1:])
-            data = src.read(rows, maps, ws.take("fp8", shape, torch.float32))
+            out = ws.take("fp8", shape, torch.float32)
+            wants_q8_0 = next((o for o in outputs if o.tensors[i].dtype == "Q8_0"), None)
+            if wants_q8_0 is not None and len(shape) == 2 and ggml.can_quantize("Q8_0", shape[1]):
+                q8_0 = ws.take("gguf Q8_0 from fp8", (shape[0], wants_q8_0.row_bytes(i)), torch.uint8).numpy()
+                data = dequantize_fp8r(*src.read_fp8(rows, maps), out, src.name, q8_0=q8_0)
+            else:
+                data = src.read(rows, maps, out)
         else:
             data = src.read(rows, maps)
         if src.scale is None:  # FP8 is checked for NaN/Inf as it is dequantized
@@ -577,8 +585,11 @@ def _write_tensors(jobs: list[tuple[ComponentPlan, Sink]], files: list[GGUFFile]
             rb = o.row_bytes(i)
             key = (t.dtype, id(vec))
             if key not in done_types:  # outputs wanting the same bytes share one encode
-                dest = ws.take(f"gguf {t.dtype} {len(done_types)}", (x.shape[0], rb), torch.uint8).numpy()
-                _encode_rows(data, x, t.dtype, vec, dest)
+                if t.dtype == "Q8_0" and q8_0 is not None:  # Q8_0 has no weighted path: vec makes no difference
+                    dest = q8_0
+                else:
+                    dest = ws.take(f"gguf {t.dtype} {len(done_types)}", (x.shape[0], rb), torch.uint8).numpy()
+                    _encode_rows(data, x, t.dtype, vec, dest)
                 done_types[key] = (dest, *_error_energies(x, dest, t.dtype, exact_sqnr[i]))
             dest, signal, noise, measured = done_types[key]
             o.file.write(t.name, dest, start * rb)

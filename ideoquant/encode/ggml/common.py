@@ -111,6 +111,21 @@ def absmax_keys32(typingctx, xr, base):
 
 
 @intrinsic
+def abs_bits_max32(typingctx, xr, base):
+    """max |b| (b & 0x7FFFFFFF, int32) over the 32 float32 bit patterns of xr[base:base+32] (C-contiguous 1-D
+    float32): the bits of max |x| for finite values, above 0x7F800000 - 1 for an Inf or NaN. One vector reduction,
+    for a type that needs only the unsigned maximum (Q8_0)."""
+    if not _block32_args(xr, base):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = _load_i32x32(context, builder, signature.args[0], args[0], args[1])
+        return _reduce_i32x32(builder, "smax", builder.and_(v, ir.Constant(v.type, [0x7FFFFFFF] * 32)))
+
+    return types.int32(xr, base), codegen
+
+
+@intrinsic
 def minmax_keys32(typingctx, xr, base):
     """(min k, max k) over k = b ^ ((b >> 31) & 0x7FFFFFFF), b the bits of xr[base:base+32]: keys that order like
     the finite float32 values (-0 just below +0)."""
@@ -155,7 +170,7 @@ def fp16_bits(f):
     if x >= np.int32(0x477FF000):
         return sign | np.int32(0x7C00)
     if x >= np.int32(0x38800000):  # normal half
-        return sign | ((x - np.int32(0x38000000) + np.int32(0xFFF) + ((x >> 13) & np.int32(1))) >> 13)
+        return sign | fp16_normal_bits(x)
     if x < np.int32(0x33000000):  # below 2**-25 (a tie with 0 at exactly 2**-25 goes to 0 as well)
         return sign
     e = x >> 23
@@ -347,6 +362,14 @@ def qx_trial_sums(typingctx, X, W, WX, isc, nmax, sumlx, suml2):
         return context.get_dummy_value()
 
     return types.void(X, W, WX, isc, nmax, sumlx, suml2), codegen
+
+
+@jit
+def fp16_normal_bits(x):
+    """`fp16_bits` of a positive float32 whose bits x (int32) are in [0x38800000, 0x477FF000), i.e. that rounds to
+    a normal half: the exponent rebased and the mantissa rounded to nearest even. Branch-free, so a loop over many
+    scales vectorizes; the caller sends the other values (zero, subnormal, inf, NaN) to `fp16_bits`."""
+    return (x - np.int32(0x38000000) + np.int32(0xFFF) + ((x >> 13) & np.int32(1))) >> 13
 
 
 @jit
