@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from . import kernels
 from .ggml import legacy
+from .ggml.common import jit
 
 SLICE_ELEMENTS = 1 << 16
 
 
-@kernels._jit
+@jit
 def dequantize_fp8_q8_0(codes, row_scale, out, q8_0):
     """FP8 e4m3fn rows (uint8 codes [r, k], float32 scale per row [r]) -> float32 `out` [r, k] as
     `kernels.dequantize_fp8` gives it, and those rows' Q8_0 bytes `q8_0` [r, k / 32 * 34] (k a multiple of 32).

@@ -23,6 +23,10 @@ from numba.extending import intrinsic
 
 F32 = np.float32
 MAGIC = F32(12582912.0)  # 1.5 * 2**23: nearest_int's constant
+MANTISSA_MASK = np.int32(0x007FFFFF)  # nearest_int: the low bits of f + MAGIC ...
+MANTISSA_BIAS = np.int32(0x00400000)  # ... less 2**22 are the rounded f
+FP16_NORMAL_BITS = np.int32(0x38800000)  # the float32 bits from which fp16_bits rounds to a normal half ...
+FP16_INF_BITS = np.int32(0x477FF000)  # ... up to these, where it rounds to inf
 GROUP_MAX_EPS = F32(1e-15)
 ZERO = F32(0.0)
 ONE = F32(1.0)
@@ -148,7 +152,7 @@ def nearest_int(f):
     """ggml's nearest_int: bits(f + 12582912.f) & 0x7fffff - 0x400000 (round half to even for |f| <= 4194303,
     and the same wrap-around as C outside that range). int32 (numba would widen the bit arithmetic to int64, and
     int64 lanes halve the vector width of every loop that uses it)."""
-    return np.int32((f32_bits(f + MAGIC) & np.int32(0x007FFFFF)) - np.int32(0x00400000))
+    return np.int32((f32_bits(f + MAGIC) & MANTISSA_MASK) - MANTISSA_BIAS)
 
 
 @jit
@@ -167,9 +171,9 @@ def fp16_bits(f):
     x = b & np.int32(0x7FFFFFFF)
     if x > np.int32(0x7F800000):
         return sign | np.int32(0x7E00)
-    if x >= np.int32(0x477FF000):
+    if x >= FP16_INF_BITS:
         return sign | np.int32(0x7C00)
-    if x >= np.int32(0x38800000):  # normal half
+    if x >= FP16_NORMAL_BITS:  # normal half
         return sign | fp16_normal_bits(x)
     if x < np.int32(0x33000000):  # below 2**-25 (a tie with 0 at exactly 2**-25 goes to 0 as well)
         return sign
@@ -262,8 +266,8 @@ def _lane_arrays(arrays, dims):
 
 def _nearest_int_clamped(b, t, lo, hi, width):
     """min(max(nearest_int(t), lo), hi) on int32 lanes, as `nearest_int` computes it."""
-    bits = b.bitcast(b.fadd(t, _splat(12582912.0, width, _F32)), ir.VectorType(_I32, width))
-    q = b.sub(b.and_(bits, _splat(0x007FFFFF, width, _I32)), _splat(0x00400000, width, _I32))
+    bits = b.bitcast(b.fadd(t, _splat(float(MAGIC), width, _F32)), ir.VectorType(_I32, width))
+    q = b.sub(b.and_(bits, _splat(int(MANTISSA_MASK), width, _I32)), _splat(int(MANTISSA_BIAS), width, _I32))
     q = b.select(b.icmp_signed(">", q, lo), q, lo)
     return b.select(b.icmp_signed("<", q, hi), q, hi)
 
@@ -366,7 +370,7 @@ def qx_trial_sums(typingctx, X, W, WX, isc, nmax, sumlx, suml2):
 
 @jit
 def fp16_normal_bits(x):
-    """`fp16_bits` of a positive float32 whose bits x (int32) are in [0x38800000, 0x477FF000), i.e. that rounds to
+    """`fp16_bits` of a positive float32 whose bits x (int32) are in [FP16_NORMAL_BITS, FP16_INF_BITS): that rounds to
     a normal half: the exponent rebased and the mantissa rounded to nearest even. Branch-free, so a loop over many
     scales vectorizes; the caller sends the other values (zero, subnormal, inf, NaN) to `fp16_bits`."""
     return (x - np.int32(0x38000000) + np.int32(0xFFF) + ((x >> 13) & np.int32(1))) >> 13

@@ -16,6 +16,8 @@ import numpy as np
 
 from .common import (
     F32,
+    FP16_INF_BITS,
+    FP16_NORMAL_BITS,
     ONE,
     ZERO,
     abs_bits_max32,
@@ -158,12 +160,12 @@ def _q8_0_scales(amax_bits, inv_d, d_half):
         inv_d[b] = ONE / d if d != ZERO else ZERO
         db = f32_bits(d)
         d_half[b] = fp16_normal_bits(db)
-        others += (db < np.int32(0x38800000)) | (db >= np.int32(0x477FF000))
+        others += (db < FP16_NORMAL_BITS) | (db >= FP16_INF_BITS)
     if others:
         for b in range(amax_bits.shape[0]):
             d = bits_f32(amax_bits[b]) / F32(127)
             db = f32_bits(d)
-            if db < np.int32(0x38800000) or db >= np.int32(0x477FF000):
+            if db < FP16_NORMAL_BITS or db >= FP16_INF_BITS:
                 d_half[b] = fp16_bits(d)
 
 
